@@ -1,0 +1,37 @@
+# Quickstart: `make train` (set up and train the default example) and `make test` (set up and run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup dev train test bench clean
+
+# torch is installed first and pinned, so pip never resolves the multi-GB CUDA build from a bare `torch` requirement.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+dev: $(VENV)/.dev-installed
+
+train: setup
+	$(BIN)/python examples/quickstart.py
+
+test: dev
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache

@@ -1,0 +1,14 @@
+"""super_trainer: a PyTorch training SDK built around callback events."""
+from .callbacks.base import Callback, CallbackHandler, Phase, PhaseCallback, PhaseContext, Priority
+from .checkpoint import CheckpointError, load_checkpoint_to_model, transfer_weights
+from .trainer import Trainer, TrainingResult
+from . import models as _models  # noqa: F401  (registers the built-in models)
+from . import data as _data  # noqa: F401  (registers the built-in datasets)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback", "CallbackHandler", "Phase", "PhaseCallback", "PhaseContext", "Priority",
+    "Trainer", "TrainingResult", "CheckpointError", "load_checkpoint_to_model", "transfer_weights",
+    "__version__",
+]

@@ -1,0 +1,29 @@
+"""Callbacks: the event API (base) and the built-in callbacks, one small module each."""
+from .base import EVENTS, Callback, CallbackHandler, Phase, PhaseCallback, PhaseContext, Priority
+from .ema import EMAUpdate
+from .grad_clip import GradientClipping
+from .logging import BaseLogger, TensorBoardLogger
+from .lr import (
+    CosineLRSchedule,
+    ExpLRSchedule,
+    FunctionLRSchedule,
+    LinearBatchLRWarmup,
+    LinearEpochLRWarmup,
+    PolyLRSchedule,
+    StepLRSchedule,
+    TorchSchedulerCallback,
+)
+from .progress import ProgressBar
+from ..registry import CALLBACKS
+
+for _callback in (EMAUpdate, GradientClipping, BaseLogger, TensorBoardLogger, ProgressBar, LinearEpochLRWarmup,
+                  LinearBatchLRWarmup, StepLRSchedule, CosineLRSchedule, PolyLRSchedule, ExpLRSchedule,
+                  FunctionLRSchedule):
+    CALLBACKS.register(_callback)
+
+__all__ = [
+    "EVENTS", "Callback", "CallbackHandler", "Phase", "PhaseCallback", "PhaseContext", "Priority",
+    "EMAUpdate", "GradientClipping", "BaseLogger", "TensorBoardLogger", "ProgressBar",
+    "LinearEpochLRWarmup", "LinearBatchLRWarmup", "StepLRSchedule", "CosineLRSchedule", "PolyLRSchedule",
+    "ExpLRSchedule", "FunctionLRSchedule", "TorchSchedulerCallback",
+]

@@ -1,0 +1,384 @@
+"""Events, the context they carry, and the handler that dispatches them.
+
+The trainer fires these events, in this order (SPEC §1)::
+
+    on_training_start
+      for each epoch:
+        on_train_loader_start
+          for each train batch:
+            on_train_batch_start                 # batch on device: inputs, target, batch_idx set
+            on_train_batch_loss_end              # preds, loss, loss_log_items set
+            on_train_batch_backward_end          # after backward()
+            on_train_batch_gradient_step_start   # only on stepping batches; before optimizer.step
+            on_train_batch_gradient_step_end     # only on stepping batches; after optimizer.step
+            on_train_batch_end
+        on_train_loader_end                      # metrics_dict holds this epoch's train metrics
+        on_validation_loader_start               # only on validation epochs
+          for each valid batch: on_validation_batch_start, on_validation_batch_end
+        on_validation_loader_end                 # metrics_dict holds this epoch's validation metrics
+        on_validation_end_best_epoch             # only when metric_to_watch improved
+      on_test_loader_start                       # once per test loader, when test loaders were given
+        for each test batch: on_test_batch_start, on_test_batch_end
+      on_test_loader_end
+    on_training_end                              # always exactly once
+
+docs/events.md has the full table, including what a stop, an exception and Ctrl-C do.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+__all__ = [
+    "EVENTS",
+    "Callback",
+    "CallbackHandler",
+    "Phase",
+    "PhaseCallback",
+    "PhaseContext",
+    "Priority",
+    "resolve_priority",
+]
+
+#: Every event, in the order the trainer first fires them.
+EVENTS: Tuple[str, ...] = (
+    "on_training_start",
+    "on_train_loader_start",
+    "on_train_batch_start",
+    "on_train_batch_loss_end",
+    "on_train_batch_backward_end",
+    "on_train_batch_gradient_step_start",
+    "on_train_batch_gradient_step_end",
+    "on_train_batch_end",
+    "on_train_loader_end",
+    "on_validation_loader_start",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+    "on_validation_loader_end",
+    "on_validation_end_best_epoch",
+    "on_test_loader_start",
+    "on_test_batch_start",
+    "on_test_batch_end",
+    "on_test_loader_end",
+    "on_training_end",
+)
+
+
+class Priority(enum.IntEnum):
+    """Order in which callbacks receive an event: lower runs first. The default is NORMAL."""
+
+    VERY_HIGH = 10
+    HIGH = 30
+    ABOVE_NORMAL = 40
+    NORMAL = 50
+    BELOW_NORMAL = 60
+    LOW = 70
+    VERY_LOW = 90
+
+
+def resolve_priority(value: Any, owner: object = None) -> int:
+    """Turn a priority given as an int, a name ("HIGH", case-insensitive) or a Priority into an int."""
+    if isinstance(value, bool):  # bool is an int subclass, but True is never a meant priority
+        pass
+    elif isinstance(value, int):
+        return int(value)
+    elif isinstance(value, str) and value.upper() in Priority.__members__:
+        return int(Priority[value.upper()])
+    names = ", ".join(Priority.__members__)
+    who = f" of {type(owner).__name__}" if owner is not None else ""
+    raise ValueError(f"priority{who} must be an int or one of {names}; got {value!r}")
+
+
+class PhaseContext:
+    """The one mutable object every event receives.
+
+    Created once per ``Trainer.train()`` call. All fields are None until set (``stop_training`` is False);
+    ``epoch`` and ``batch_idx`` are 0-based, ``global_step`` counts optimizer steps taken. A callback may
+    write any field; later callbacks and the trainer see the write (replacing ``inputs`` at
+    on_train_batch_start changes what the model sees; ``stop_training = True`` stops training).
+    """
+
+    FIELDS: Tuple[str, ...] = (
+        "epoch", "batch_idx", "optimizer", "metrics_dict", "inputs", "preds", "target", "loss",
+        "loss_log_items", "criterion", "device", "stop_training", "experiment_name", "ckpt_dir", "net",
+        "sg_logger", "train_loader", "valid_loader", "test_loader", "training_params", "checkpoint_params",
+        "architecture", "arch_params", "metric_to_watch", "valid_metrics", "train_metrics", "ema_model",
+        "lr_warmup_epochs", "additional_batch_items", "global_step", "best_metric", "exception",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, None)
+        self.stop_training = False
+        self.stop_reason: Optional[str] = None
+        self.update_context(**kwargs)
+
+    def update_context(self, **kwargs: Any) -> None:
+        """Set any attributes, known fields or new ones."""
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("epoch", "batch_idx", "global_step", "loss"))
+        return f"PhaseContext({shown})"
+
+
+class Callback:
+    """Base class of everything that reacts to training events.
+
+    Override only the events you need: the handler sends an event only to callbacks that override it,
+    so an idle callback costs nothing per batch. Each method receives the shared :class:`PhaseContext`.
+
+    Optional attributes and methods:
+
+    - ``priority`` (class or instance attribute): int, name or :class:`Priority`; lower runs first.
+    - ``state_dict()`` / ``load_state_dict(state)``: state saved in every checkpoint and restored on
+      resume, stored under ``state_key`` (default: the class name; override it when you train with two
+      stateful instances of one class). State must be made of tensors, numbers, strings, lists, dicts.
+    """
+
+    priority: Union[int, str, Priority] = Priority.NORMAL
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint's ``callbacks`` dict."""
+        return type(self).__qualname__
+
+    def on_training_start(self, context: PhaseContext) -> None:
+        """Once, before the first epoch. optimizer, net, criterion, loaders, ckpt_dir, sg_logger,
+        training_params, metric_to_watch, device are set; epoch is the first epoch to run (>0 on resume)."""
+
+    def on_train_loader_start(self, context: PhaseContext) -> None:
+        """At the start of each epoch's training pass (epoch-based warmup sets the lr here)."""
+
+    def on_train_batch_start(self, context: PhaseContext) -> None:
+        """Batch already on the device: inputs, target, batch_idx, additional_batch_items set.
+        Replacing context.inputs / context.target changes what the model and loss see."""
+
+    def on_train_batch_loss_end(self, context: PhaseContext) -> None:
+        """After forward and loss: preds, loss (unscaled criterion value), loss_log_items set."""
+
+    def on_train_batch_backward_end(self, context: PhaseContext) -> None:
+        """After loss.backward() (gradients accumulated, not yet applied)."""
+
+    def on_train_batch_gradient_step_start(self, context: PhaseContext) -> None:
+        """Only on stepping batches, before optimizer.step. Gradients are unscaled (AMP): clip or inspect here."""
+
+    def on_train_batch_gradient_step_end(self, context: PhaseContext) -> None:
+        """Only on stepping batches, after optimizer.step and zero_grad; global_step already counts this step."""
+
+    def on_train_batch_end(self, context: PhaseContext) -> None:
+        """After every train batch (also a batch where a stop was requested)."""
+
+    def on_train_loader_end(self, context: PhaseContext) -> None:
+        """After the epoch's training pass; metrics_dict holds the epoch's train metrics (loss averages first)."""
+
+    def on_validation_loader_start(self, context: PhaseContext) -> None:
+        """Before the validation pass of a validation epoch."""
+
+    def on_validation_batch_start(self, context: PhaseContext) -> None:
+        """Validation batch on the device: inputs, target, batch_idx set."""
+
+    def on_validation_batch_end(self, context: PhaseContext) -> None:
+        """After forward, loss and metric update of a validation batch: preds, loss set."""
+
+    def on_validation_loader_end(self, context: PhaseContext) -> None:
+        """metrics_dict holds this epoch's validation metrics."""
+
+    def on_validation_end_best_epoch(self, context: PhaseContext) -> None:
+        """Only when metric_to_watch strictly improved this epoch; best_metric holds the new best."""
+
+    def on_test_loader_start(self, context: PhaseContext) -> None:
+        """Before each test loader's pass; test_loader is set to it."""
+
+    def on_test_batch_start(self, context: PhaseContext) -> None:
+        """Test batch on the device: inputs, target, batch_idx set."""
+
+    def on_test_batch_end(self, context: PhaseContext) -> None:
+        """After forward, loss and metric update of a test batch."""
+
+    def on_test_loader_end(self, context: PhaseContext) -> None:
+        """metrics_dict holds this test loader's metrics."""
+
+    def on_training_end(self, context: PhaseContext) -> None:
+        """Always exactly once, last; also after a stop, Ctrl-C, or an exception (context.exception set)."""
+
+
+class Phase(str, enum.Enum):
+    """The older phase names; each maps to one event (see PhaseCallback)."""
+
+    PRE_TRAINING = "PRE_TRAINING"
+    TRAIN_EPOCH_START = "TRAIN_EPOCH_START"
+    TRAIN_BATCH_END = "TRAIN_BATCH_END"
+    TRAIN_BATCH_STEP = "TRAIN_BATCH_STEP"
+    TRAIN_EPOCH_END = "TRAIN_EPOCH_END"
+    VALIDATION_BATCH_END = "VALIDATION_BATCH_END"
+    VALIDATION_EPOCH_END = "VALIDATION_EPOCH_END"
+    VALIDATION_END_BEST_EPOCH = "VALIDATION_END_BEST_EPOCH"
+    TEST_BATCH_END = "TEST_BATCH_END"
+    TEST_END = "TEST_END"
+    POST_TRAINING = "POST_TRAINING"
+
+
+#: The event each Phase runs on. TRAIN_BATCH_END is on_train_batch_loss_end, as in the reference
+#: implementation (its overview diagram places it beside on_train_batch_backward_end).
+PHASE_EVENTS: Dict[Phase, str] = {
+    Phase.PRE_TRAINING: "on_training_start",
+    Phase.TRAIN_EPOCH_START: "on_train_loader_start",
+    Phase.TRAIN_BATCH_END: "on_train_batch_loss_end",
+    Phase.TRAIN_BATCH_STEP: "on_train_batch_gradient_step_end",
+    Phase.TRAIN_EPOCH_END: "on_train_loader_end",
+    Phase.VALIDATION_BATCH_END: "on_validation_batch_end",
+    Phase.VALIDATION_EPOCH_END: "on_validation_loader_end",
+    Phase.VALIDATION_END_BEST_EPOCH: "on_validation_end_best_epoch",
+    Phase.TEST_BATCH_END: "on_test_batch_end",
+    Phase.TEST_END: "on_test_loader_end",
+    Phase.POST_TRAINING: "on_training_end",
+}
+
+
+class PhaseCallback(Callback):
+    """A callback that runs ``__call__(context)`` on exactly one event, chosen by ``phase``.
+
+    ``phase`` is a :class:`Phase` or its name (``PhaseCallback("TRAIN_EPOCH_END")``). Subclasses override
+    ``__call__``.
+    """
+
+    def __init__(self, phase: Union[Phase, str]) -> None:
+        if not isinstance(phase, Phase):
+            try:
+                phase = Phase(str(phase).upper())
+            except ValueError:
+                raise ValueError(
+                    f"unknown phase {phase!r}; valid phases: {', '.join(p.value for p in Phase)}"
+                ) from None
+        self.phase = phase
+        # The instance attribute shadows the no-op event method, so the handler sees this event overridden.
+        setattr(self, PHASE_EVENTS[phase], self.__call__)
+
+    def __call__(self, context: PhaseContext) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(context)")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.phase.value})"
+
+
+def _receives(callback: object, event: str) -> bool:
+    """True when ``callback`` overrides ``event`` (a no-op inherited from Callback does not count)."""
+    method = getattr(callback, event, None)
+    if method is None or not callable(method):
+        return False
+    return getattr(method, "__func__", method) is not getattr(Callback, event)
+
+
+def _forward(event: str) -> Callable[["CallbackHandler", PhaseContext], None]:
+    def forward(self: "CallbackHandler", context: PhaseContext) -> None:
+        for receive in self._dispatch[event]:
+            receive(context)
+
+    forward.__name__ = event
+    forward.__doc__ = f"Send {event} to the callbacks that override it, in priority order."
+    return forward
+
+
+class CallbackHandler(Callback):
+    """Forwards each event to the callbacks that override it, lowest priority value first.
+
+    The per-event dispatch tuples are computed once here, so firing an event nobody listens to is a loop
+    over an empty tuple. Among equal priorities the given order is kept.
+    """
+
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
+        self.callbacks: List[Callback] = []
+        self._dispatch: Dict[str, Tuple[Callable[[PhaseContext], None], ...]] = {e: () for e in EVENTS}
+        self.add(*callbacks)
+
+    def add(self, *callbacks: Callback) -> None:
+        """Add callbacks and recompute the dispatch table (call before training, not per batch)."""
+        for callback in callbacks:
+            if not isinstance(callback, Callback) and not any(_receives(callback, e) for e in EVENTS):
+                raise TypeError(f"{callback!r} is not a Callback: callbacks subclass super_trainer.Callback")
+            resolve_priority(getattr(callback, "priority", Priority.NORMAL), callback)
+        self.callbacks.extend(callbacks)
+        ordered = sorted(  # sorted() is stable, so equal priorities keep the given order
+            self.callbacks, key=lambda cb: resolve_priority(getattr(cb, "priority", Priority.NORMAL), cb)
+        )
+        self.callbacks = ordered
+        self._dispatch = {
+            event: tuple(getattr(cb, event) for cb in ordered if _receives(cb, event)) for event in EVENTS
+        }
+        self.state_keys()  # fail now, not at the first checkpoint, on colliding state keys
+
+    def receivers(self, event: str) -> Tuple[Callable[[PhaseContext], None], ...]:
+        """The bound methods that receive ``event``, in call order."""
+        return self._dispatch[event]
+
+    def state_keys(self) -> Dict[str, Callback]:
+        """Stateful callbacks by their ``state_key``; two with the same key raise ValueError."""
+        keyed: Dict[str, Callback] = {}
+        for callback in self.callbacks:
+            if not callable(getattr(callback, "state_dict", None)):
+                continue
+            key = getattr(callback, "state_key", type(callback).__qualname__)
+            if key in keyed:
+                raise ValueError(
+                    f"two stateful callbacks share the state_key {key!r} ({keyed[key]!r} and {callback!r}); "
+                    "give one a distinct `state_key` so resume restores each its own state"
+                )
+            keyed[key] = callback
+        return keyed
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Each stateful callback's state, keyed by its state_key."""
+        return {key: cb.state_dict() for key, cb in self.state_keys().items()}
+
+    def load_state_dict(self, states: Dict[str, Any]) -> List[str]:
+        """Restore callback states; returns the saved keys that no callback claimed."""
+        keyed = self.state_keys()
+        for key, state in states.items():
+            if key in keyed:
+                keyed[key].load_state_dict(state)
+        return [key for key in states if key not in keyed]
+
+    def describe(self) -> str:
+        """A table: for each event, the callbacks that receive it, in call order, with priority."""
+        width = max(len(e) for e in EVENTS)
+        lines = [f"{'event'.ljust(width)}  callbacks (priority)"]
+        for event in EVENTS:
+            names = []
+            for receive in self._dispatch[event]:
+                owner = getattr(receive, "__self__", receive)
+                prio = resolve_priority(getattr(owner, "priority", Priority.NORMAL), owner)
+                names.append(f"{_display_name(owner)}({prio})")
+            lines.append(f"{event.ljust(width)}  {', '.join(names) if names else '-'}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"CallbackHandler({[_display_name(cb) for cb in self.callbacks]})"
+
+    on_training_start = _forward("on_training_start")
+    on_train_loader_start = _forward("on_train_loader_start")
+    on_train_batch_start = _forward("on_train_batch_start")
+    on_train_batch_loss_end = _forward("on_train_batch_loss_end")
+    on_train_batch_backward_end = _forward("on_train_batch_backward_end")
+    on_train_batch_gradient_step_start = _forward("on_train_batch_gradient_step_start")
+    on_train_batch_gradient_step_end = _forward("on_train_batch_gradient_step_end")
+    on_train_batch_end = _forward("on_train_batch_end")
+    on_train_loader_end = _forward("on_train_loader_end")
+    on_validation_loader_start = _forward("on_validation_loader_start")
+    on_validation_batch_start = _forward("on_validation_batch_start")
+    on_validation_batch_end = _forward("on_validation_batch_end")
+    on_validation_loader_end = _forward("on_validation_loader_end")
+    on_validation_end_best_epoch = _forward("on_validation_end_best_epoch")
+    on_test_loader_start = _forward("on_test_loader_start")
+    on_test_batch_start = _forward("on_test_batch_start")
+    on_test_batch_end = _forward("on_test_batch_end")
+    on_test_loader_end = _forward("on_test_loader_end")
+    on_training_end = _forward("on_training_end")
+
+
+def _display_name(callback: object) -> str:
+    if isinstance(callback, PhaseCallback):
+        return repr(callback)
+    return type(callback).__name__
+

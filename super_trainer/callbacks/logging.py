@@ -1,0 +1,169 @@
+"""Experiment loggers: ``experiment.log`` (BaseLogger) and TensorBoard event files (TensorBoardLogger).
+
+The logger in use is ``context.sg_logger``; other callbacks may call its ``add_scalar``/``add_scalars``/
+``add_text``. Tags (SPEC §5): ``Train/<name>``, ``Valid/<name>``, ``LR/<param group>`` and
+``Test/<loader>/<name>`` with the 0-based epoch as step; every ``log_interval`` optimizer steps also
+``Step/Train/loss`` and ``Step/LR/<param group>`` with the global step as step. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from ..distributed import is_main_process
+from .base import Callback, PhaseContext, Priority
+
+__all__ = ["BaseLogger", "TensorBoardLogger", "param_group_names"]
+
+
+def param_group_names(optimizer: torch.optim.Optimizer) -> List[str]:
+    """Display names of the optimizer's param groups: their ``name`` entry, else ``default`` / ``group_<i>``."""
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return [groups[0].get("name", "default")]
+    return [g.get("name", f"group_{i}") for i, g in enumerate(groups)]
+
+
+def _scalar(value: Any) -> Optional[float]:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class BaseLogger(Callback):
+    """Writes metrics and lifecycle lines to ``<experiment dir>/experiment.log`` (appending on resume)."""
+
+    priority = Priority.LOW  # log what other callbacks may have added to metrics_dict
+
+    def __init__(self, log_dir: Optional[str] = None) -> None:
+        self.log_dir: Optional[Path] = Path(log_dir) if log_dir else None
+        self.enabled = False
+        self.log_interval = 50
+        self._file: Optional[Any] = None
+
+    # ---- the API other callbacks use -------------------------------------------------------------
+    def add_scalars(self, scalars: Mapping[str, Any], step: int, unit: str = "step") -> None:
+        """Log several scalars at ``step`` (``unit`` only labels the experiment.log line); values that are
+        not single numbers are skipped."""
+        if not self.enabled:
+            return
+        values = {tag: v for tag, v in ((t, _scalar(x)) for t, x in scalars.items()) if v is not None}
+        if values:
+            self._write_scalars(values, step, unit)
+
+    def add_scalar(self, tag: str, value: Any, step: int) -> None:
+        self.add_scalars({tag: value}, step)
+
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self.log_line(f"{tag} (step {step}): {text}")
+
+    def log_line(self, text: str) -> None:
+        if self._file is not None:
+            self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            self._file.flush()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _write_scalars(self, values: Dict[str, float], step: int, unit: str) -> None:
+        shown = "  ".join(f"{tag}={_fmt(v)}" for tag, v in values.items())
+        self.log_line(f"{unit} {step}  {shown}")
+
+    # ---- events ------------------------------------------------------------------------------------
+    def on_training_start(self, context: PhaseContext) -> None:
+        self.enabled = is_main_process()
+        if self.log_dir is None:
+            self.log_dir = Path(context.ckpt_dir)
+        if context.training_params is not None:
+            self.log_interval = int(context.training_params.get("log_interval", 50))
+        if not self.enabled:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._open()
+        self.log_line(f"training {context.experiment_name!r} from epoch {context.epoch} on {context.device}")
+
+    def _open(self) -> None:
+        self._file = open(self.log_dir / "experiment.log", "a", encoding="utf-8")
+
+    def on_train_batch_gradient_step_end(self, context: PhaseContext) -> None:
+        if self.enabled and context.global_step % self.log_interval == 0:
+            scalars: Dict[str, Any] = {"Step/Train/loss": context.loss}
+            for name, group in zip(param_group_names(context.optimizer), context.optimizer.param_groups):
+                scalars[f"Step/LR/{name}"] = group["lr"]
+            self.add_scalars(scalars, context.global_step)
+
+    def on_train_loader_end(self, context: PhaseContext) -> None:
+        scalars = {f"Train/{k}": v for k, v in (context.metrics_dict or {}).items()}
+        for name, group in zip(param_group_names(context.optimizer), context.optimizer.param_groups):
+            scalars[f"LR/{name}"] = group["lr"]
+        self.add_scalars(scalars, context.epoch, unit="epoch")
+
+    def on_validation_loader_end(self, context: PhaseContext) -> None:
+        self.add_scalars({f"Valid/{k}": v for k, v in (context.metrics_dict or {}).items()}, context.epoch, "epoch")
+
+    def on_test_loader_end(self, context: PhaseContext) -> None:
+        loader = getattr(context, "test_loader_name", None) or "test"
+        step = context.epoch if context.epoch is not None else 0
+        self.add_scalars({f"Test/{loader}/{k}": v for k, v in (context.metrics_dict or {}).items()}, step, "epoch")
+
+    def on_training_end(self, context: PhaseContext) -> None:
+        if self.enabled:
+            reason = getattr(context, "stop_reason", None) or "completed"
+            if context.exception is not None:
+                reason = f"exception {type(context.exception).__name__}: {context.exception}"
+            self.log_line(f"training ended: {reason}")
+        self.close()
+
+
+class TensorBoardLogger(BaseLogger):
+    """BaseLogger plus TensorBoard event files in the experiment dir."""
+
+    def __init__(self, log_dir: Optional[str] = None) -> None:
+        super().__init__(log_dir)
+        self.writer: Optional[Any] = None
+
+    def _open(self) -> None:
+        super()._open()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def _write_scalars(self, values: Dict[str, float], step: int, unit: str) -> None:
+        super()._write_scalars(values, step, unit)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        super().add_text(tag, text, step)
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        super().flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        super().close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _fmt(value: float) -> str:
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e12:
+        return str(int(value))
+    return f"{value:.6g}"

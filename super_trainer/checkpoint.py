@@ -1,0 +1,226 @@
+"""Writing and reading checkpoints (SPEC §3).
+
+A checkpoint is a dict with at least ``net`` (unwrapped model state_dict), ``epoch`` (completed epochs),
+``acc`` (metric_to_watch of the last validation), ``best_metric``, ``optimizer_state_dict``,
+``scaler_state_dict``, ``ema_net``, ``callbacks``, ``rng_state``, ``lr_scheduler_state`` (plus
+``global_step`` and ``format``). Writes go to a temp file in the same directory, are fsynced, then renamed
+over the target, so a crash leaves either the old file or the new one, never a truncated one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "CheckpointError",
+    "REQUIRED_KEYS",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_checkpoint_to_model",
+    "transfer_weights",
+    "get_rng_state",
+    "set_rng_state",
+    "unwrap_model",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Keys every super_trainer training checkpoint has.
+REQUIRED_KEYS: Tuple[str, ...] = (
+    "net", "epoch", "acc", "best_metric", "optimizer_state_dict", "scaler_state_dict", "ema_net",
+    "callbacks", "rng_state", "lr_scheduler_state",
+)
+FORMAT = "super_trainer/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, or not a super_trainer checkpoint. The message names the path."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            torch.save(dict(state), tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk; not every OS lets us open a dir.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(
+    path: PathLike,
+    weights_only: bool = True,
+    map_location: Any = "cpu",
+    required_keys: Iterable[str] = REQUIRED_KEYS,
+) -> Dict[str, Any]:
+    """Load a checkpoint dict; CheckpointError naming the path when missing, unreadable or foreign.
+
+    ``weights_only=True`` (the default) refuses pickled code; pass False only for files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # truncated zip, wrong format, refused global, ...
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first_line} (truncated, not written by torch.save, or "
+            "holding objects weights_only=True refuses)"
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is not a super_trainer checkpoint: expected a dict with keys {list(REQUIRED_KEYS)}, "
+            f"got {type(state).__name__}"
+        )
+    missing = [k for k in required_keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a super_trainer checkpoint: missing keys {missing}")
+    return state
+
+
+def _strip_prefixes(state_dict: Mapping[str, Any], model_keys: Iterable[str]) -> Dict[str, Any]:
+    """Drop DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes that the model does not have."""
+    model_keys = set(model_keys)
+    result = dict(state_dict)
+    for prefix in ("module.", "_orig_mod."):
+        if result and all(k.startswith(prefix) for k in result) and not any(k.startswith(prefix) for k in model_keys):
+            result = {k[len(prefix):]: v for k, v in result.items()}
+    return result
+
+
+def load_checkpoint_to_model(
+    net: nn.Module,
+    path: PathLike,
+    strict: bool = True,
+    load_ema_as_net: bool = False,
+    weights_only: bool = True,
+) -> Dict[str, Any]:
+    """Load the weights of a checkpoint into ``net`` (in place) and return the checkpoint dict.
+
+    Accepts a super_trainer checkpoint (``net`` key, or ``ema_net`` with ``load_ema_as_net=True``) or a bare
+    state_dict file. ``strict=False`` allows missing/unexpected keys (shapes must still match).
+    """
+    path = Path(path)
+    key = "ema_net" if load_ema_as_net else "net"
+    state = read_checkpoint(path, weights_only=weights_only, required_keys=())
+    if key in state:
+        weights = state[key]
+        if weights is None:
+            raise CheckpointError(f"{path} has no {key!r} weights (was the run trained with ema: true?)")
+    elif not load_ema_as_net and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        weights = state  # a bare state_dict file
+    else:
+        raise CheckpointError(f"{path} is not a super_trainer checkpoint: it has no {key!r} key")
+    target = unwrap_model(net)
+    weights = _strip_prefixes(weights, target.state_dict().keys())
+    try:
+        target.load_state_dict(weights, strict=strict)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights in {path} do not fit {type(target).__name__}: {err}") from err
+    return state
+
+
+def transfer_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """Copy tensors whose name and shape match into ``model``; return the names that were skipped."""
+    target = unwrap_model(model)
+    own = target.state_dict()
+    state_dict = _strip_prefixes(state_dict, own.keys())
+    skipped = []
+    matched = {}
+    for name, tensor in state_dict.items():
+        if name in own and own[name].shape == tensor.shape:
+            matched[name] = tensor
+        else:
+            skipped.append(name)
+    target.load_state_dict(matched, strict=False)
+    return skipped
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch and CUDA RNG states, made of types ``weights_only`` loading accepts."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what get_rng_state() returned."""
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            warnings.warn(
+                f"checkpoint has {len(cuda_states)} CUDA RNG states but {torch.cuda.device_count()} GPUs are "
+                "visible; CUDA RNG not restored",
+                stacklevel=2,
+            )

@@ -1,0 +1,164 @@
+"""Metrics: building torchmetrics objects from training_params, naming them, averaging losses.
+
+``metrics_dict`` keys are the loss names first, then metric titles (SPEC §2):
+
+- loss: the loss's class name (``CrossEntropyLoss``), or ``LossClass/<component>`` for each component when
+  the loss returns ``(loss, components)``; component names come from ``loss_logging_items_names``, else the
+  loss's ``component_names`` attribute, else ``loss_0``, ``loss_1``, …
+- metrics: the registry name for metrics built by name, the mapping key for ``{title: Metric}``, else the
+  metric's class name.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torchmetrics import Metric, MetricCollection
+
+from .registry import METRICS, parse_spec
+
+__all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values"]
+
+
+@METRICS.register("Accuracy")
+class Accuracy(Metric):
+    """Top-k classification accuracy from logits ``(N, C)`` and class indices ``(N,)`` (or one-hot ``(N, C)``).
+
+    Needs no ``num_classes``; states are sums, so torchmetrics syncs them across ranks.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, top_k: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.top_k = top_k
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if target.dim() == preds.dim() and target.dim() > 1:  # one-hot or soft labels
+            target = target.argmax(dim=1)
+        if preds.dim() == target.dim():  # already class indices
+            correct = preds.eq(target).sum()
+        else:
+            top = preds.topk(self.top_k, dim=1).indices
+            correct = top.eq(target.unsqueeze(1)).any(dim=1).sum()
+        self.correct += correct
+        self.total += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+@METRICS.register("Top5")
+class Top5(Accuracy):
+    """Top-5 accuracy."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("top_k", 5)
+        super().__init__(**kwargs)
+
+
+def build_metrics(spec: Any, key: str) -> Dict[str, Metric]:
+    """Build ``{title: Metric}`` from a training_params metrics list (``key`` names it in errors).
+
+    Items may be Metric instances (titled by class name), registry names, ``{Name: params}`` (titled by
+    Name); the whole value may also be one mapping ``{title: Metric instance}``.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping) and spec and all(isinstance(v, Metric) for v in spec.values()):
+        return dict(spec)
+    if isinstance(spec, (str, Mapping, Metric)):
+        spec = [spec]
+    metrics: Dict[str, Metric] = {}
+    for item in spec:
+        if isinstance(item, Metric):
+            title, metric = type(item).__name__, item
+        elif isinstance(item, Mapping) and item and all(isinstance(v, Metric) for v in item.values()):
+            for title, metric in item.items():
+                _add_metric(metrics, str(title), metric, key)
+            continue
+        else:
+            name, params = parse_spec(item, "metric")
+            if name is None:
+                raise ValueError(
+                    f"{key}: {item!r} is not a metric; give a torchmetrics Metric, a registered name "
+                    "(e.g. 'Accuracy') or {Name: {params}}"
+                )
+            try:
+                metric = METRICS.build({name: params}) if name != "_target_" else METRICS.build(params)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+            title = name if name != "_target_" else type(metric).__name__
+        _add_metric(metrics, title, metric, key)
+    return metrics
+
+
+def _add_metric(metrics: Dict[str, Metric], title: str, metric: Metric, key: str) -> None:
+    if title in metrics:
+        raise ValueError(f"{key}: two metrics are titled {title!r}; give them distinct titles as {{title: Metric}}")
+    metrics[title] = metric
+
+
+def loss_names(criterion: Any, component_names: Optional[Sequence[str]] = None, n_components: int = 0) -> List[str]:
+    """The metrics_dict keys of a loss: its class name, or ``LossClass/<component>`` per component."""
+    base = getattr(criterion, "__name__", None) or type(criterion).__name__
+    names = component_names or getattr(criterion, "component_names", None)
+    if names:
+        return [f"{base}/{n}" for n in names]
+    if n_components:
+        return [f"{base}/loss_{i}" for i in range(n_components)]
+    return [base]
+
+
+def metric_values(computed: Mapping[str, Any]) -> Dict[str, Any]:
+    """Plain Python numbers (lists for non-scalar results) from a torchmetrics compute()."""
+    values: Dict[str, Any] = {}
+    for title, value in computed.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item() if value.numel() == 1 else value.tolist()
+        values[title] = value
+    return values
+
+
+def make_collection(metrics: Dict[str, Metric], device: torch.device) -> Optional[MetricCollection]:
+    """One MetricCollection on ``device`` (None when there are no metrics)."""
+    if not metrics:
+        return None
+    return MetricCollection(metrics, compute_groups=False).to(device)
+
+
+class LossAverager:
+    """Running mean of per-batch loss items, kept on the device so no batch syncs the host."""
+
+    def __init__(self) -> None:
+        self._sum: Optional[torch.Tensor] = None
+        self._count = 0
+
+    def reset(self) -> None:
+        self._sum = None
+        self._count = 0
+
+    def add(self, items: torch.Tensor) -> None:
+        """Add one batch's detached loss items (shape ``(K,)``)."""
+        if self._sum is None:
+            self._sum = items.to(torch.float64, copy=True)
+        else:
+            self._sum.add_(items)
+        self._count += 1
+
+    def average(self) -> List[float]:
+        """The mean over batches (and over ranks when distributed); one host sync."""
+        if self._sum is None:
+            return []
+        total = self._sum.clone()
+        count = torch.tensor(float(self._count), dtype=torch.float64, device=total.device)
+        if dist.is_available() and dist.is_initialized():
+            packed = torch.cat([total, count.reshape(1)])
+            dist.all_reduce(packed)
+            total, count = packed[:-1], packed[-1]
+        return (total / count).tolist()

@@ -1,0 +1,172 @@
+"""Name → object registries used to build models, losses, metrics, optimizers, callbacks and datasets.
+
+Objects are looked up by exact name, then case-insensitively, then in the registry's fallback namespaces
+(e.g. every ``torch.nn`` loss, every ``torch.optim`` optimizer, every torchmetrics metric). An unknown name
+raises ``ValueError`` naming the close matches.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from types import ModuleType
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+__all__ = ["Registry", "MODELS", "LOSSES", "METRICS", "OPTIMIZERS", "CALLBACKS", "DATASETS", "close_matches"]
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> List[str]:
+    """Candidates that look like ``word`` (case-insensitive), best first."""
+    by_lower: Dict[str, str] = {}
+    for candidate in candidates:
+        by_lower.setdefault(candidate.lower(), candidate)
+    found = difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.5)
+    return [by_lower[f] for f in found]
+
+
+class Registry:
+    """A named collection of factories (classes or functions).
+
+    ``fallbacks`` are ``(module, predicate)`` pairs searched for names not registered here, so that e.g.
+    every torch.nn loss class is available without listing it.
+    """
+
+    def __init__(self, kind: str, fallbacks: Tuple[Tuple[ModuleType, Callable[[Any], bool]], ...] = ()) -> None:
+        self.kind = kind
+        self._entries: Dict[str, Any] = {}
+        self._fallbacks = fallbacks
+
+    def register(self, name_or_obj: Any = None) -> Any:
+        """Register a factory; usable as ``@REG.register``, ``@REG.register("Name")`` or ``REG.register(obj)``."""
+        if name_or_obj is None or isinstance(name_or_obj, str):
+            name = name_or_obj
+
+            def decorator(obj: Any) -> Any:
+                self._entries[name or obj.__name__] = obj
+                return obj
+
+            return decorator
+        self._entries[name_or_obj.__name__] = name_or_obj
+        return name_or_obj
+
+    def names(self) -> List[str]:
+        """All names this registry resolves, registered ones first."""
+        names = list(self._entries)
+        for module, accept in self._fallbacks:
+            names.extend(n for n, obj in vars(module).items() if not n.startswith("_") and accept(obj))
+        return list(dict.fromkeys(names))
+
+    def get(self, name: str) -> Any:
+        """The factory registered under ``name``; ValueError with close matches when unknown."""
+        if name in self._entries:
+            return self._entries[name]
+        for module, accept in self._fallbacks:
+            obj = getattr(module, name, None)
+            if obj is not None and accept(obj):
+                return obj
+        lowered = name.lower()
+        for candidate in self.names():
+            if candidate.lower() == lowered:
+                return self.get(candidate)
+        hint = close_matches(name, self.names())
+        suggestion = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+        raise ValueError(f"unknown {self.kind} {name!r}{suggestion}")
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except ValueError:
+            return False
+        return True
+
+    def build(self, spec: Any, **defaults: Any) -> Any:
+        """Build an object from ``"Name"``, ``{"Name": {params}}`` or a Hydra ``{"_target_": ...}`` mapping.
+
+        Anything else (an already-built object) is returned as is.
+        """
+        name, params = parse_spec(spec, self.kind)
+        if name is None:
+            return spec
+        if name == "_target_":
+            from hydra.utils import instantiate
+
+            return instantiate(params)
+        factory = self.get(name)
+        return factory(**{**defaults, **params})
+
+
+def parse_spec(spec: Any, kind: str) -> Tuple[Optional[str], Dict[str, Any]]:
+    """Split a build spec into (name, params); (None, {}) for an object that is already built."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        spec = _plain(spec)
+        if "_target_" in spec:
+            return "_target_", spec
+        if len(spec) != 1:
+            raise ValueError(
+                f"a {kind} given as a mapping must have exactly one key, its name ({{Name: {{params}}}}), "
+                f"or a _target_; got keys {list(spec)}"
+            )
+        (name, params), = spec.items()
+        if params is None:
+            params = {}
+        if not isinstance(params, Mapping):
+            raise ValueError(f"the params of {kind} {name!r} must be a mapping, got {params!r}")
+        return str(name), dict(params)
+    return None, {}
+
+
+def _plain(mapping: Mapping) -> Dict[str, Any]:
+    """A DictConfig (or any mapping) as a plain dict, so factories get ordinary Python values."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(mapping, DictConfig):
+            return OmegaConf.to_container(mapping, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(mapping)
+
+
+def _is_loss_class(obj: Any) -> bool:
+    import torch.nn as nn
+
+    return inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__name__.endswith("Loss")
+
+
+def _is_optimizer_class(obj: Any) -> bool:
+    import torch.optim as optim
+
+    return inspect.isclass(obj) and issubclass(obj, optim.Optimizer) and obj is not optim.Optimizer
+
+
+def _is_metric_class(obj: Any) -> bool:
+    from torchmetrics import Metric
+
+    return inspect.isclass(obj) and issubclass(obj, Metric) and obj is not Metric
+
+
+def _fallbacks_losses() -> Tuple[Tuple[ModuleType, Callable[[Any], bool]], ...]:
+    import torch.nn as nn
+
+    return ((nn, _is_loss_class),)
+
+
+def _fallbacks_optimizers() -> Tuple[Tuple[ModuleType, Callable[[Any], bool]], ...]:
+    import torch.optim as optim
+
+    return ((optim, _is_optimizer_class),)
+
+
+def _fallbacks_metrics() -> Tuple[Tuple[ModuleType, Callable[[Any], bool]], ...]:
+    import torchmetrics
+
+    return ((torchmetrics, _is_metric_class),)
+
+
+MODELS = Registry("model")
+LOSSES = Registry("loss", _fallbacks_losses())
+METRICS = Registry("metric", _fallbacks_metrics())
+OPTIMIZERS = Registry("optimizer", _fallbacks_optimizers())
+CALLBACKS = Registry("callback")
+DATASETS = Registry("dataset")

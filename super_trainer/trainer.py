@@ -1,0 +1,797 @@
+"""The Trainer: builds a run from training_params, then runs the loop that fires the events of SPEC §1.
+
+Reading order: ``train`` → ``_prepare`` (build everything, restore a checkpoint) → ``_fit`` (the epoch loop)
+→ ``_train_epoch`` / ``_validate`` / ``_test`` (each fires its events in diagram order, one per line).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+from .callbacks.base import Callback, CallbackHandler, PhaseContext
+from .callbacks.ema import EMAUpdate
+from .callbacks.grad_clip import GradientClipping
+from .callbacks.logging import BaseLogger, TensorBoardLogger, param_group_names
+from .callbacks.lr import TorchSchedulerCallback, build_lr_callbacks
+from .callbacks.progress import ProgressBar
+from .checkpoint import (
+    FORMAT,
+    CheckpointError,
+    get_rng_state,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
+from .ema import ModelEMA
+from .metrics import LossAverager, build_metrics, loss_names, make_collection, metric_values
+from .params import TrainingParams, resolve_training_params
+from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
+
+__all__ = ["Trainer", "TrainingResult"]
+
+logger = logging.getLogger("super_trainer")
+
+LATEST = "ckpt_latest.pth"
+BEST = "ckpt_best.pth"
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    """What ``Trainer.train`` returns."""
+
+    best_metric: Optional[float]
+    best_epoch: Optional[int]  # 0-based
+    metrics: Dict[str, Any]  # the last validation's metrics_dict
+    history: List[Dict[str, Any]]  # one dict per completed epoch
+    test_metrics: Dict[str, Dict[str, Any]]  # test loader name -> metrics_dict
+    ckpt_dir: str
+    best_ckpt_path: Optional[str]
+    latest_ckpt_path: Optional[str]
+    stop_reason: str
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything one ``train()`` call built; the loop functions read and update it."""
+
+    params: TrainingParams
+    net: nn.Module  # the user's model (unwrapped), trained in place
+    model: nn.Module  # what the forward pass calls: net, or DDP(net)
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[..., Any]
+    callbacks: CallbackHandler
+    context: PhaseContext
+    train_loader: Any
+    valid_loader: Any
+    test_loaders: Dict[str, Any]
+    train_batches: Optional[int]  # batches per epoch, None when the loader has no len()
+    train_metrics: Any
+    valid_metrics: Any
+    test_metrics: Any
+    loss_names: Optional[List[str]]
+    autocast: Callable[[], Any]
+    scaler: Optional[torch.amp.GradScaler]
+    ema: Optional[ModelEMA]
+    ckpt_dir: Path
+    start_epoch: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+    last_metrics: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    test_results: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    rng_to_restore: Optional[Dict[str, Any]] = None
+    train_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
+    eval_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
+
+
+class Trainer:
+    """Runs training and testing; see SPEC §2.
+
+    ``device``: "cpu", "cuda", "cuda:1", a torch.device, or None for CUDA when available.
+    Checkpoints, logs and the resolved params go to ``<ckpt_root_dir>/<experiment_name>/``.
+    """
+
+    def __init__(self, experiment_name: str = "experiment", ckpt_root_dir: Union[str, Path] = "checkpoints",
+                 device: Union[str, torch.device, None] = None) -> None:
+        self.experiment_name = experiment_name
+        self.ckpt_root_dir = Path(ckpt_root_dir)
+        self.device = _resolve_device(device)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        """The experiment dir."""
+        return self.ckpt_root_dir / self.experiment_name
+
+    # ------------------------------------------------------------------------------------------------
+    def train(self, model: nn.Module, training_params: Mapping[str, Any], train_loader: Any,
+              valid_loader: Any = None, test_loaders: Optional[Mapping[str, Any]] = None) -> TrainingResult:
+        """Train ``model`` in place and return a :class:`TrainingResult`.
+
+        Bad ``training_params`` raise ValueError and a bad checkpoint raises CheckpointError, both before
+        any event fires. Once on_training_start has fired, on_training_end fires exactly once: after the
+        last epoch, a stop, Ctrl-C (then ``stop_reason == "interrupted"``) or an exception (re-raised).
+        """
+        params = resolve_training_params(training_params)
+        run = self._prepare(model, params, train_loader, valid_loader, dict(test_loaders or {}))
+        return self._fit(run)
+
+    # ---- building -------------------------------------------------------------------------------------
+    def _prepare(self, model: nn.Module, params: TrainingParams, train_loader: Any, valid_loader: Any,
+                 test_loaders: Dict[str, Any]) -> _Run:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if train_loader is None:
+            raise ValueError("train_loader is required")
+        device = self.device
+        is_distributed = distributed.init_from_env(device)
+        if is_distributed and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", distributed.local_rank())
+            torch.cuda.set_device(device)
+        if params.seed is not None:
+            _seed_everything(params.seed)
+
+        net = unwrap_model(model).to(device)
+        optimizer = _build_optimizer(net, params)
+        criterion = _build_criterion(params, device)
+        train_batches = _count_batches(train_loader, params.max_train_batches)
+        steps_per_epoch = math.ceil(train_batches / params.batch_accumulate) if train_batches else 1
+
+        train_metrics = build_metrics(params.train_metrics_list, "train_metrics_list")
+        valid_metrics = build_metrics(params.valid_metrics_list, "valid_metrics_list")
+        test_spec = params.test_metrics_list if params.test_metrics_list is not None else params.valid_metrics_list
+        test_metrics = build_metrics(test_spec, "test_metrics_list") if test_loaders else {}
+        names = _known_loss_names(criterion, params)
+        if valid_loader is not None:
+            _check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics))
+
+        autocast, scaler = _mixed_precision(params.mixed_precision, device)
+        ema = ModelEMA(net, **params.ema_params) if params.ema else None
+        callbacks = CallbackHandler(_builtin_callbacks(params, steps_per_epoch) + _user_callbacks(params))
+        for callback in callbacks.callbacks:
+            if isinstance(callback, TorchSchedulerCallback):
+                callback.attach(optimizer)
+
+        wrapped = net
+        if is_distributed:
+            wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+        sg_logger = next((cb for cb in callbacks.callbacks if isinstance(cb, BaseLogger)), None)
+        if sg_logger is None and not isinstance(params.sg_logger, str):
+            sg_logger = params.sg_logger
+        context = PhaseContext(
+            net=wrapped, optimizer=optimizer, criterion=criterion, device=device, ckpt_dir=self.ckpt_dir,
+            experiment_name=self.experiment_name, sg_logger=sg_logger, train_loader=train_loader,
+            valid_loader=valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
+            train_metrics=train_metrics, valid_metrics=valid_metrics, ema_model=ema,
+            lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0,
+        )
+        run = _Run(
+            params=params, net=net, model=wrapped, optimizer=optimizer, criterion=criterion, callbacks=callbacks,
+            context=context, train_loader=train_loader, valid_loader=valid_loader, test_loaders=test_loaders,
+            train_batches=train_batches,
+            train_metrics=make_collection(train_metrics, device), valid_metrics=make_collection(valid_metrics, device),
+            test_metrics=make_collection(test_metrics, device), loss_names=names, autocast=autocast,
+            scaler=scaler, ema=ema, ckpt_dir=self.ckpt_dir,
+        )
+        if params.resume:
+            self._restore(run)
+        if distributed.is_main_process():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _write_params_yaml(params, self.ckpt_dir / "training_params.yaml")
+        return run
+
+    def _restore(self, run: _Run) -> None:
+        """Load ckpt_latest (or resume_path) into the run, before any event fires."""
+        params = run.params
+        path = Path(params.resume_path) if params.resume_path else run.ckpt_dir / LATEST
+        if params.resume_path is None and not path.exists():
+            warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=3)
+            return
+        state = read_checkpoint(path, weights_only=params.resume_weights_only)
+        try:
+            run.net.load_state_dict(state["net"])
+            run.optimizer.load_state_dict(state["optimizer_state_dict"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
+        if run.scaler is not None and state["scaler_state_dict"]:
+            run.scaler.load_state_dict(state["scaler_state_dict"])
+        if run.ema is not None:
+            if state["ema_net"] is not None:
+                run.ema.load_state_dict(state["ema_net"])
+            else:
+                warnings.warn(f"{path} has no EMA weights; EMA starts from the restored weights", stacklevel=3)
+                run.ema.load_state_dict(run.net.state_dict())
+        unclaimed = run.callbacks.load_state_dict(state["callbacks"] or {})
+        if unclaimed:
+            warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=3)
+        run.start_epoch = int(state["epoch"])
+        run.context.global_step = int(state.get("global_step", 0))
+        run.best_metric = state["best_metric"]
+        run.best_epoch = state.get("best_epoch")
+        run.last_metrics = dict(state.get("metrics") or {})
+        run.history = list(state.get("history") or [])
+        run.rng_to_restore = state["rng_state"]
+        logger.info("resuming %s from %s at epoch %d", self.experiment_name, path, run.start_epoch)
+
+    # ---- running ----------------------------------------------------------------------------------
+    def _fit(self, run: _Run) -> TrainingResult:
+        context, callbacks, params = run.context, run.callbacks, run.params
+        context.epoch = run.start_epoch
+        stop_reason = "completed"
+        try:
+            callbacks.on_training_start(context)
+            if run.rng_to_restore is not None:
+                set_rng_state(run.rng_to_restore)  # after on_training_start, so resumed epochs draw as the original
+            elif distributed.is_main_process():
+                self._save_checkpoints(run, epochs_done=run.start_epoch, improved=False)  # a loadable latest from step 0
+            for epoch in range(run.start_epoch, params.max_epochs):
+                context.epoch = epoch
+                started = time.perf_counter()
+                if not self._train_epoch(run):
+                    break  # stopped mid-epoch: the partial epoch is not validated, tested nor saved
+                lr = run.optimizer.param_groups[0]["lr"]
+                train_results = dict(context.metrics_dict)
+                valid_results: Dict[str, Any] = {}
+                improved = False
+                if _validation_due(epoch, params):
+                    valid_results = self._validate(run)
+                    improved = self._track_best(run, valid_results)
+                context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
+                last_epoch = epoch + 1 == params.max_epochs or context.stop_training
+                periodic_test = params.run_test_freq is not None and (epoch + 1) % params.run_test_freq == 0
+                if run.test_loaders and (periodic_test or last_epoch):
+                    self._test_all(run)
+                run.history.append(_history_entry(epoch, lr, time.perf_counter() - started, train_results, valid_results))
+                self._save_checkpoints(run, epochs_done=epoch + 1, improved=improved)
+                if context.stop_training:
+                    break
+            if context.stop_training:
+                stop_reason = context.stop_reason or "stopped_by_callback"
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+            context.stop_training, context.stop_reason = True, "interrupted"
+            logger.warning("training interrupted; %s holds the last completed epoch", run.ckpt_dir / LATEST)
+        except BaseException as err:
+            context.exception = err
+            raise
+        finally:
+            callbacks.on_training_end(context)
+        return self._result(run, stop_reason)
+
+    def _train_epoch(self, run: _Run) -> bool:
+        """One pass over the train loader; False when a stop was requested mid-epoch."""
+        context, callbacks, params = run.context, run.callbacks, run.params
+        model, optimizer, scaler = run.model, run.optimizer, run.scaler
+        accumulate = params.batch_accumulate
+        n_batches = run.train_batches
+        model.train()
+        run.train_loss.reset()
+        if run.train_metrics is not None:
+            run.train_metrics.reset()
+        callbacks.on_train_loader_start(context)
+        for batch_idx, batch, is_last in _numbered(run.train_loader, n_batches):
+            context.batch_idx = batch_idx
+            context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
+            callbacks.on_train_batch_start(context)
+            with run.autocast():
+                context.preds = model(context.inputs)
+                context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
+            run.train_loss.add(context.loss_log_items)
+            if run.train_metrics is not None:
+                run.train_metrics.update(context.preds.detach(), context.target)
+            callbacks.on_train_batch_loss_end(context)
+            if run.model is not run.net:  # DDP: every rank must agree before the collective in backward
+                context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
+            if not context.stop_training:
+                window = _window_size(batch_idx, n_batches, accumulate)
+                loss = context.loss if window == 1 else context.loss / window
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                callbacks.on_train_batch_backward_end(context)
+                if (is_last or (batch_idx + 1) % accumulate == 0) and not context.stop_training:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if is_last and n_batches is None and (batch_idx + 1) % accumulate:
+                        _rescale_grads(run.net, accumulate / ((batch_idx % accumulate) + 1))
+                    callbacks.on_train_batch_gradient_step_start(context)
+                    if not context.stop_training:
+                        if scaler is not None:
+                            scaler.step(optimizer)
+                            scaler.update()
+                        else:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        context.global_step += 1
+                        callbacks.on_train_batch_gradient_step_end(context)
+            callbacks.on_train_batch_end(context)
+            if run.model is not run.net:
+                context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
+            if context.stop_training:
+                optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation window is dropped
+                callbacks.on_train_loader_end(context)
+                return False
+        context.metrics_dict = self._epoch_metrics(run, run.train_loss, run.train_metrics)
+        callbacks.on_train_loader_end(context)
+        return True
+
+    def _validate(self, run: _Run) -> Dict[str, Any]:
+        """One pass over the valid loader with the EMA weights when EMA is on; returns metrics_dict."""
+        context, callbacks = run.context, run.callbacks
+        callbacks.on_validation_loader_start(context)
+        batches = _numbered(run.valid_loader, _count_batches(run.valid_loader, run.params.max_valid_batches))
+        self._evaluate(run, batches, run.valid_metrics,
+                       callbacks.on_validation_batch_start, callbacks.on_validation_batch_end)
+        context.metrics_dict = self._epoch_metrics(run, run.eval_loss, run.valid_metrics)
+        callbacks.on_validation_loader_end(context)
+        return dict(context.metrics_dict)
+
+    def _test_all(self, run: _Run) -> None:
+        for name, loader in run.test_loaders.items():
+            run.test_results[name] = self._test(run, name, loader)
+
+    def _test(self, run: _Run, name: str, loader: Any) -> Dict[str, Any]:
+        """One pass over a test loader; returns its metrics_dict."""
+        context, callbacks = run.context, run.callbacks
+        context.test_loader, context.test_loader_name = loader, name
+        callbacks.on_test_loader_start(context)
+        self._evaluate(run, _numbered(loader, _count_batches(loader, None)), run.test_metrics,
+                       callbacks.on_test_batch_start, callbacks.on_test_batch_end)
+        context.metrics_dict = self._epoch_metrics(run, run.eval_loss, run.test_metrics)
+        callbacks.on_test_loader_end(context)
+        return dict(context.metrics_dict)
+
+    def _evaluate(self, run: _Run, batches: Iterator[Tuple[int, Any, bool]], metrics: Any,
+                  on_batch_start: Callable[[PhaseContext], None], on_batch_end: Callable[[PhaseContext], None]) -> None:
+        """The batch loop shared by validation and test: forward, loss, metric update, no gradients."""
+        context = run.context
+        model = run.ema.ema if run.ema is not None else run.net
+        was_training = model.training
+        model.eval()
+        run.eval_loss.reset()
+        if metrics is not None:
+            metrics.reset()
+        with torch.no_grad():
+            for batch_idx, batch, _ in batches:
+                context.batch_idx = batch_idx
+                context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
+                on_batch_start(context)
+                with run.autocast():
+                    context.preds = model(context.inputs)
+                    if run.criterion is not None:
+                        context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
+                if run.criterion is not None:
+                    run.eval_loss.add(context.loss_log_items)
+                if metrics is not None:
+                    metrics.update(context.preds, context.target)
+                on_batch_end(context)
+        model.train(was_training)
+
+    # ---- pieces of the loop -----------------------------------------------------------------------
+    def _loss(self, run: _Run, preds: Any, target: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The criterion's value and its detached log items ``(K,)``; names the components on first use."""
+        out = run.criterion(preds, target)
+        if isinstance(out, tuple):
+            loss, components = out
+            items = components.detach().reshape(-1)
+        else:
+            loss, items = out, out.detach().reshape(1)
+        if run.loss_names is None or len(run.loss_names) != items.numel():
+            _name_loss_items(run, items.numel())
+        return loss, items
+
+    def _epoch_metrics(self, run: _Run, losses: LossAverager, metrics: Any) -> Dict[str, Any]:
+        results: Dict[str, Any] = dict(zip(run.loss_names or [], losses.average()))
+        if metrics is not None:
+            results.update(metric_values(metrics.compute()))
+        return results
+
+    def _track_best(self, run: _Run, valid_results: Mapping[str, Any]) -> bool:
+        """Record the validation; fire on_validation_end_best_epoch when metric_to_watch strictly improved."""
+        context = run.context
+        run.last_metrics = dict(valid_results)
+        value = _lookup(valid_results, run.params.metric_to_watch)
+        better = (lambda a, b: a > b) if run.params.greater_metric_to_watch_is_better else (lambda a, b: a < b)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if run.best_metric is not None and not better(value, run.best_metric):
+            return False
+        run.best_metric, run.best_epoch = value, context.epoch
+        context.best_metric = value
+        run.callbacks.on_validation_end_best_epoch(context)
+        return True
+
+    def _save_checkpoints(self, run: _Run, epochs_done: int, improved: bool) -> None:
+        """ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed. Rank 0 only."""
+        if not distributed.is_main_process():
+            return
+        ema_weights = run.ema.state_dict() if run.ema is not None else None
+        schedulers = {cb.state_key: cb.state_dict() for cb in run.callbacks.callbacks
+                      if isinstance(cb, TorchSchedulerCallback)}
+        state = {
+            "format": FORMAT,
+            "net": run.net.state_dict(),
+            "epoch": epochs_done,
+            "global_step": run.context.global_step,
+            "acc": _lookup(run.last_metrics, run.params.metric_to_watch),
+            "best_metric": run.best_metric,
+            "best_epoch": run.best_epoch,
+            "metrics": _plain_metrics(run.last_metrics),
+            "history": run.history,
+            "optimizer_state_dict": run.optimizer.state_dict(),
+            "scaler_state_dict": run.scaler.state_dict() if run.scaler is not None else None,
+            "ema_net": ema_weights,
+            "callbacks": run.callbacks.state_dict(),
+            "rng_state": get_rng_state(),
+            "lr_scheduler_state": schedulers or None,
+        }
+        save_checkpoint(state, run.ckpt_dir / LATEST)
+        if epochs_done in run.params.save_ckpt_epoch_list:
+            save_checkpoint(state, run.ckpt_dir / f"ckpt_epoch_{epochs_done}.pth")
+        if improved:
+            best = dict(state, net=ema_weights) if ema_weights is not None else state
+            save_checkpoint(best, run.ckpt_dir / BEST)
+
+    def _result(self, run: _Run, stop_reason: str) -> TrainingResult:
+        best = run.ckpt_dir / BEST
+        latest = run.ckpt_dir / LATEST
+        return TrainingResult(
+            best_metric=run.best_metric, best_epoch=run.best_epoch, metrics=dict(run.last_metrics),
+            history=list(run.history), test_metrics=dict(run.test_results), ckpt_dir=str(run.ckpt_dir),
+            best_ckpt_path=str(best) if best.exists() else None,
+            latest_ckpt_path=str(latest) if latest.exists() else None, stop_reason=stop_reason,
+        )
+
+    # ---- testing a trained model ------------------------------------------------------------------
+    def test(self, model: nn.Module, test_loader: Any, test_metrics_list: Any = ("Accuracy",),
+             loss: Any = None, callbacks: Sequence[Callback] = (), name: str = "test",
+             mixed_precision: Union[bool, str] = False) -> Dict[str, Any]:
+        """Evaluate ``model`` on ``test_loader``; fires only the test events. Returns the metrics_dict
+        (loss average first when ``loss`` is given, then the metrics)."""
+        device = self.device
+        net = unwrap_model(model).to(device)
+        criterion = None
+        if loss is not None:
+            criterion = _build_criterion(TrainingParams(loss=loss, criterion_params={}), device)
+        metrics = build_metrics(list(test_metrics_list) if test_metrics_list is not None else [], "test_metrics_list")
+        autocast, _ = _mixed_precision(mixed_precision, device)
+        handler = CallbackHandler(callbacks)
+        context = PhaseContext(net=net, device=device, criterion=criterion, experiment_name=self.experiment_name,
+                               ckpt_dir=self.ckpt_dir, test_metrics=metrics)
+        run = _Run(
+            params=TrainingParams(), net=net, model=net, optimizer=None, criterion=criterion,  # type: ignore[arg-type]
+            callbacks=handler, context=context, train_loader=None, valid_loader=None, test_loaders={name: test_loader},
+            train_batches=None, train_metrics=None, valid_metrics=None, test_metrics=make_collection(metrics, device),
+            loss_names=_known_loss_names(criterion, TrainingParams(loss_logging_items_names=None)) if criterion else [],
+            autocast=autocast, scaler=None, ema=None, ckpt_dir=self.ckpt_dir,
+        )
+        return self._test(run, name, test_loader)
+
+    @classmethod
+    def resume_experiment(cls, experiment_name: str, ckpt_root_dir: Union[str, Path] = "checkpoints",
+                          device: Union[str, torch.device, None] = None) -> TrainingResult:
+        """Continue a recipe-trained experiment from its ckpt_latest, re-reading its saved recipe."""
+        recipe = Path(ckpt_root_dir) / experiment_name / "recipe.yaml"
+        if not recipe.is_file():
+            raise FileNotFoundError(
+                f"{recipe} not found: resume_experiment needs an experiment trained from a recipe; for one trained "
+                "from Python call Trainer.train(..., training_params={..., 'resume': True}) with the same objects"
+            )
+        from .recipes import resume_from_recipe  # recipes are optional at import time
+
+        return resume_from_recipe(recipe, device=device)
+
+
+# ---- helpers (module level so the Trainer stays small) ---------------------------------------------
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'cpu'")
+    return resolved
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
+    spec = params.optimizer
+    if isinstance(spec, torch.optim.Optimizer):
+        optimizer = spec
+    else:
+        factory = spec if isinstance(spec, type) else _registry_get(OPTIMIZERS, spec, "optimizer")
+        groups = _param_groups(net, params.initial_lr, params.zero_weight_decay_on_bias_and_bn,
+                               params.optimizer_params.get("weight_decay", 0.0))
+        default_lr = groups[-1]["lr"] if groups else 0.0
+        try:
+            optimizer = factory(groups, **{"lr": default_lr, **dict(params.optimizer_params)})
+        except TypeError as err:
+            raise ValueError(f"training_params.optimizer_params: {err}") from None
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]  # lr0 of every schedule
+    return optimizer
+
+
+def _registry_get(registry: Any, name: str, key: str) -> Any:
+    try:
+        return registry.get(name)
+    except ValueError as err:
+        raise ValueError(f"training_params.{key}: {err}") from None
+
+
+def _param_groups(net: nn.Module, initial_lr: Any, split_no_decay: bool, weight_decay: float) -> List[Dict[str, Any]]:
+    """Param groups for ``initial_lr`` (a number, or {prefix: lr, "default": lr} matched by longest prefix)."""
+    lrs = dict(initial_lr) if isinstance(initial_lr, Mapping) else {"default": float(initial_lr)}
+    prefixes = sorted((p for p in lrs if p != "default"), key=len, reverse=True)
+    members: Dict[str, List[Tuple[str, nn.Parameter]]] = {name: [] for name in lrs}
+    unmatched = []
+    for pname, param in net.named_parameters():
+        prefix = next((p for p in prefixes if pname.startswith(p)), None)
+        if prefix is None and "default" not in lrs:
+            unmatched.append(pname)
+            continue
+        members[prefix or "default"].append((pname, param))
+    if unmatched:
+        raise ValueError(f"training_params.initial_lr: parameters {unmatched[:3]} match no prefix; add a 'default' lr")
+    for prefix in prefixes:
+        if not members[prefix]:
+            names = [n for n, _ in net.named_parameters()][:5]
+            raise ValueError(f"training_params.initial_lr: prefix {prefix!r} matches no parameter (names look like {names})")
+    no_decay = _no_decay_names(net) if split_no_decay else set()
+    ordered = [p for p in lrs if p != "default"] + (["default"] if "default" in lrs else [])
+    groups: List[Dict[str, Any]] = []
+    for name in ordered:
+        lr = float(lrs[name])
+        if lr == 0.0:  # lr 0 freezes: no gradients are computed for these parameters
+            for _, param in members[name]:
+                param.requires_grad_(False)
+        decay = [p for n, p in members[name] if n not in no_decay]
+        plain = [p for n, p in members[name] if n in no_decay]
+        if decay or not plain:
+            groups.append({"params": decay, "lr": lr, "name": name})
+        if plain:
+            groups.append({"params": plain, "lr": lr, "name": f"{name}_no_decay", "weight_decay": 0.0})
+    return [g for g in groups if g["params"]] or groups[:1]
+
+
+def _no_decay_names(net: nn.Module) -> set:
+    """Biases and the weights of normalization layers: weight decay only shrinks them needlessly."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    names = set()
+    for mname, module in net.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if pname == "bias" or isinstance(module, norm_types):
+                names.add(full)
+    return names
+
+
+def _build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
+    spec = params["loss"]
+    name, _ = parse_spec(spec, "loss")
+    if name is None:
+        if not callable(spec):
+            raise ValueError(f"training_params.loss: {spec!r} is not a loss; give a name like 'CrossEntropyLoss', "
+                             "{Name: {params}}, an nn.Module or a callable")
+        criterion = spec
+    else:
+        try:
+            criterion = LOSSES.build(spec, **dict(params.get("criterion_params") or {}))
+        except ValueError as err:
+            raise ValueError(f"training_params.loss: {err}") from None
+        except TypeError as err:
+            raise ValueError(f"training_params.criterion_params: {err}") from None
+    if isinstance(criterion, nn.Module):
+        criterion = criterion.to(device)
+    return criterion
+
+
+def _known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List[str]]:
+    """Loss names known before the first batch; None when they depend on what the loss returns."""
+    declared = params.get("loss_logging_items_names") or getattr(criterion, "component_names", None)
+    if declared:
+        return loss_names(criterion, list(declared))
+    return None
+
+
+def _name_loss_items(run: _Run, count: int) -> None:
+    declared = run.params.get("loss_logging_items_names") or getattr(run.criterion, "component_names", None)
+    if declared and len(declared) != count:
+        raise ValueError(f"training_params.loss_logging_items_names has {len(declared)} names but the loss "
+                         f"returned {count} components")
+    if run.loss_names is not None and len(run.loss_names) != count:
+        raise ValueError(f"the loss returned {count} components, earlier batches {len(run.loss_names)}")
+    run.loss_names = loss_names(run.criterion, list(declared) if declared else None, count if count > 1 else 0)
+
+
+def _check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str]) -> None:
+    base = getattr(criterion, "__name__", None) or type(criterion).__name__
+    keys = list(names or [base]) + titles
+    lowered = metric.lower()
+    if any(k.lower() == lowered for k in keys):
+        return
+    if names is None and lowered.startswith(base.lower() + "/"):
+        return  # a component of a loss whose component names appear with its first output
+    hint = close_matches(metric, keys, n=1)
+    raise ValueError(f"training_params.metric_to_watch: {metric!r} is not a metrics_dict key; valid keys: {keys}"
+                     + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def _lookup(metrics: Mapping[str, Any], name: str) -> Optional[Any]:
+    if name in metrics:
+        return metrics[name]
+    lowered = name.lower()
+    return next((v for k, v in metrics.items() if k.lower() == lowered), None)
+
+
+def _mixed_precision(setting: Union[bool, str], device: torch.device) -> Tuple[Callable[[], Any], Optional[torch.amp.GradScaler]]:
+    """(autocast context factory, GradScaler or None): bf16 on CPU, fp16 + GradScaler on CUDA for True."""
+    if not setting:
+        return contextlib.nullcontext, None
+    if setting in ("bf16", "bfloat16"):
+        dtype = torch.bfloat16
+    elif setting in ("fp16", "float16"):
+        dtype = torch.float16
+    else:
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+
+
+def _builtin_callbacks(params: TrainingParams, steps_per_epoch: int) -> List[Callback]:
+    callbacks: List[Callback] = list(build_lr_callbacks(params, steps_per_epoch))
+    if params.ema:
+        callbacks.append(EMAUpdate(total_steps=steps_per_epoch * params.max_epochs))
+    if params.clip_grad_norm:
+        callbacks.append(GradientClipping(params.clip_grad_norm))
+    if params.sg_logger == "tensorboard":
+        callbacks.append(TensorBoardLogger())
+    elif params.sg_logger == "base":
+        callbacks.append(BaseLogger())
+    elif isinstance(params.sg_logger, Callback):
+        callbacks.append(params.sg_logger)
+    if params.progress_bar and not params.silent_mode:
+        callbacks.append(ProgressBar())
+    return callbacks
+
+
+def _user_callbacks(params: TrainingParams) -> List[Callback]:
+    callbacks = []
+    for spec in params.phase_callbacks:
+        if isinstance(spec, Callback):
+            callbacks.append(spec)
+            continue
+        try:
+            built = CALLBACKS.build(spec)
+        except ValueError as err:
+            raise ValueError(f"training_params.phase_callbacks: {err}") from None
+        if not isinstance(built, Callback):
+            raise ValueError(f"training_params.phase_callbacks: {spec!r} is not a Callback")
+        callbacks.append(built)
+    return callbacks
+
+
+def _count_batches(loader: Any, limit: Optional[int]) -> Optional[int]:
+    try:
+        n = len(loader)
+    except TypeError:
+        return None
+    return min(n, limit) if limit else n
+
+
+def _numbered(loader: Any, n_batches: Optional[int]) -> Iterator[Tuple[int, Any, bool]]:
+    """(batch_idx, batch, is_last), stopping after ``n_batches``; looks one batch ahead when len() is unknown."""
+    if n_batches is not None:
+        if n_batches == 0:
+            return
+        for batch_idx, batch in enumerate(loader):
+            yield batch_idx, batch, batch_idx + 1 == n_batches
+            if batch_idx + 1 == n_batches:
+                return
+        return
+    iterator = iter(loader)
+    try:
+        batch = next(iterator)
+    except StopIteration:
+        return
+    batch_idx = 0
+    for upcoming in iterator:
+        yield batch_idx, batch, False
+        batch, batch_idx = upcoming, batch_idx + 1
+    yield batch_idx, batch, True
+
+
+def _window_size(batch_idx: int, n_batches: Optional[int], accumulate: int) -> int:
+    """Micro-batches in the accumulation window of ``batch_idx``; windows never span epochs."""
+    if accumulate == 1:
+        return 1
+    if n_batches is None:
+        return accumulate  # unknown length: the last partial window is corrected by _rescale_grads
+    start = batch_idx - batch_idx % accumulate
+    return min(accumulate, n_batches - start)
+
+
+def _rescale_grads(net: nn.Module, factor: float) -> None:
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
+def _to_device(batch: Any, device: torch.device) -> Tuple[Any, Any, Dict[str, Any]]:
+    """Split a batch into (inputs, target, additional items) and move it to ``device``."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        inputs, target = _move(batch[0], device), _move(batch[1], device)
+        extras = _move(batch[2], device) if len(batch) == 3 else {}
+        return inputs, target, extras if isinstance(extras, dict) else {"extra": extras}
+    if isinstance(batch, Mapping) and "inputs" in batch and "target" in batch:
+        extras = {k: _move(v, device) for k, v in batch.items() if k not in ("inputs", "target")}
+        return _move(batch["inputs"], device), _move(batch["target"], device), extras
+    raise ValueError("a batch must be (inputs, target), (inputs, target, {extra items}) or "
+                     f"{{'inputs': ..., 'target': ...}}; got {type(batch).__name__}"
+                     + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def _validation_due(epoch: int, params: TrainingParams) -> bool:
+    done = epoch + 1
+    return done % params.run_validation_freq == 0 or done == params.max_epochs or done in params.save_ckpt_epoch_list
+
+
+def _history_entry(epoch: int, lr: float, seconds: float, train: Mapping[str, Any],
+                   valid: Mapping[str, Any]) -> Dict[str, Any]:
+    entry: Dict[str, Any] = {"epoch": epoch, "lr": lr, "seconds": seconds}
+    entry.update({f"train/{k}": v for k, v in train.items()})
+    entry.update({f"valid/{k}": v for k, v in valid.items()})
+    return entry
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, list, str))}
+
+
+def _write_params_yaml(params: TrainingParams, path: Path) -> None:
+    """The resolved training_params; objects that YAML cannot hold are written as their repr."""
+    from omegaconf import OmegaConf
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return repr(value)
+
+    tmp = path.with_suffix(".yaml.tmp")
+    OmegaConf.save(OmegaConf.create(plain(dict(params))), tmp)
+    tmp.replace(path)
