@@ -115,10 +115,12 @@ def loss_names(criterion: Any, component_names: Optional[Sequence[str]] = None, 
     return [base]
 
 
-def metric_values(computed: Mapping[str, Any]) -> Dict[str, Any]:
-    """Plain Python numbers (lists for non-scalar results) from a torchmetrics compute()."""
+def metric_values(collection: MetricCollection) -> Dict[str, Any]:
+    """The collection's results as plain Python numbers (lists for non-scalar results), in title order."""
+    computed = collection.compute()
     values: Dict[str, Any] = {}
-    for title, value in computed.items():
+    for title in collection.titles:
+        value = computed[title]
         if isinstance(value, torch.Tensor):
             value = value.item() if value.numel() == 1 else value.tolist()
         values[title] = value
@@ -129,7 +131,9 @@ def make_collection(metrics: Dict[str, Metric], device: torch.device) -> Optiona
     """One MetricCollection on ``device`` (None when there are no metrics)."""
     if not metrics:
         return None
-    return MetricCollection(metrics, compute_groups=False).to(device)
+    collection = MetricCollection(metrics, compute_groups=False).to(device)
+    collection.titles = list(metrics)  # MetricCollection sorts its keys; metrics_dict keeps the given order
+    return collection
 
 
 class LossAverager:

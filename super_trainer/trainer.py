@@ -248,7 +248,7 @@ class Trainer:
                 train_results = dict(context.metrics_dict)
                 valid_results: Dict[str, Any] = {}
                 improved = False
-                if _validation_due(epoch, params):
+                if run.valid_loader is not None and _validation_due(epoch, params):
                     valid_results = self._validate(run)
                     improved = self._track_best(run, valid_results)
                 context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
@@ -396,7 +396,7 @@ class Trainer:
     def _epoch_metrics(self, run: _Run, losses: LossAverager, metrics: Any) -> Dict[str, Any]:
         results: Dict[str, Any] = dict(zip(run.loss_names or [], losses.average()))
         if metrics is not None:
-            results.update(metric_values(metrics.compute()))
+            results.update(metric_values(metrics))
         return results
 
     def _track_best(self, run: _Run, valid_results: Mapping[str, Any]) -> bool:

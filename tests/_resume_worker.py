@@ -1,0 +1,70 @@
+"""Run by test_resume.py in a fresh process: train fully, train and get killed, or resume."""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from conftest import make_data
+from super_trainer import Callback, Trainer
+
+
+class InputJitter(Callback):
+    """Stateful: scales inputs by a factor that depends on how many batches it has seen."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_train_batch_start(self, context):
+        context.inputs = context.inputs * (1.0 + 0.01 * (self.count % 5))
+        self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+class KillAtEpoch(Callback):
+    """A hard crash (no cleanup, no on_training_end) when epoch ``epoch`` starts."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_loader_start(self, context):
+        if context.epoch == self.epoch:
+            os._exit(17)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["full", "killed", "resume"], required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--ema", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(1234)  # a different init than the trainer's seed, like any user model
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
+    loader = DataLoader(make_data(96, seed=2), batch_size=16, shuffle=True)
+    valid = DataLoader(make_data(32, seed=9), batch_size=16)
+    callbacks = [InputJitter()]
+    if args.mode == "killed":
+        callbacks.append(KillAtEpoch(2))
+    params = {
+        "max_epochs": 4, "initial_lr": 0.05, "optimizer": "SGD", "optimizer_params": {"momentum": 0.9},
+        "lr_mode": "cosine", "lr_warmup_epochs": 1, "batch_accumulate": 2, "mixed_precision": args.amp,
+        "ema": args.ema, "ema_params": {"decay": 0.9, "decay_type": "threshold"},
+        "phase_callbacks": callbacks, "resume": args.mode == "resume", "sg_logger": "base", "progress_bar": False,
+    }
+    result = Trainer("exp", args.root, device="cpu").train(model=model, training_params=params, train_loader=loader,
+                                                           valid_loader=valid)
+    torch.save({"net": model.state_dict(), "epochs": [h["epoch"] for h in result.history],
+                "count": callbacks[0].count, "best_metric": result.best_metric}, args.out)
+
+
+if __name__ == "__main__":
+    main()
