@@ -256,6 +256,11 @@ def run_group(group: Group, rounds: int, root: str, results: Dict[str, Result], 
         log(f"  {group.name}: round {r + 1}/{rounds} done")
 
 
+def _default_ckpt_base() -> Optional[str]:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -265,6 +270,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--ckpt-base", metavar="DIR", default=_default_ckpt_base(),
+                        help="where the trainer's temporary ckpt_root_dir is made (default: /dev/shm when "
+                             "writable, else the system temp dir): the trainer fsyncs a checkpoint every "
+                             "epoch, and on a disk the write-back slows the next epochs' steps")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -275,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     groups = build_groups(args.quick)
     results: Dict[str, Result] = {}
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="st_overhead_") as root:
+    with tempfile.TemporaryDirectory(prefix="st_overhead_", dir=args.ckpt_base) as root:
         for group in groups:
             log(f"running {group.name}: MLP {'-'.join(map(str, group.sizes))}, batch {group.batch_size}, "
                 f"{group.steps} steps x {group.epochs} epochs, {rounds} rounds")
@@ -285,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"super_trainer {super_trainer.__version__} overhead benchmark{' (--quick)' if args.quick else ''}")
     print(f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}, "
           f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}")
+    print(f"  trainer ckpt_root_dir under {args.ckpt_base or tempfile.gettempdir()}")
     for g in groups:
         print(f"  {g.name}: MLP {'-'.join(map(str, g.sizes))}, batch {g.batch_size}, {g.steps} steps/epoch x "
               f"{g.epochs} epochs (first dropped), {rounds} interleaved rounds")
@@ -325,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         payload = {
             "torch": torch.__version__, "super_trainer": super_trainer.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "quick": args.quick, "rounds": rounds, "wall_s": elapsed, "cases": rows,
+            "quick": args.quick, "rounds": rounds, "ckpt_base": args.ckpt_base or tempfile.gettempdir(), "wall_s": elapsed, "cases": rows,
         }
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2)

@@ -284,6 +284,9 @@ class Trainer:
         if run.train_metrics is not None:
             run.train_metrics.reset()
         callbacks.on_train_loader_start(context)
+        # A stop requested outside a batch lets this epoch finish; hold it so the batch checks below
+        # react only to stops requested during a batch.
+        held_stop, context.stop_training = context.stop_training, False
         for batch_idx, batch, is_last in _numbered(run.train_loader, n_batches):
             context.batch_idx = batch_idx
             context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
@@ -324,6 +327,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation window is dropped
                 callbacks.on_train_loader_end(context)
                 return False
+        context.stop_training = held_stop
         context.metrics_dict = self._epoch_metrics(run, run.train_loss, run.train_metrics)
         callbacks.on_train_loader_end(context)
         return True

@@ -1,0 +1,70 @@
+"""TensorBoard event files and experiment.log, read back with tensorboard's own reader (SPEC §5 tags)."""
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import make_loader, make_model, quiet_params
+from super_trainer import Callback, Trainer
+
+
+def test_tensorboard_tags_and_values(tmp_path):
+    result = Trainer("tb", tmp_path).train(
+        model=make_model(),
+        training_params=quiet_params(max_epochs=3, sg_logger="tensorboard", log_interval=2,
+                                     initial_lr={"0.": 0.05, "default": 0.1}),
+        train_loader=make_loader(32, 8), valid_loader=make_loader(16, 8), test_loaders={"holdout": make_loader(8, 8)})
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"Train/CrossEntropyLoss", "Valid/CrossEntropyLoss", "Valid/Accuracy", "LR/0.", "LR/default",
+                "Test/holdout/CrossEntropyLoss", "Test/holdout/Accuracy", "Step/Train/loss", "Step/LR/default"}
+    assert expected <= tags, tags
+    valid_acc = events.Scalars("Valid/Accuracy")
+    assert [e.step for e in valid_acc] == [0, 1, 2]
+    for event, entry in zip(valid_acc, result.history):
+        assert event.value == pytest.approx(entry["valid/Accuracy"], abs=1e-6)
+    train_loss = events.Scalars("Train/CrossEntropyLoss")
+    assert [e.value for e in train_loss] == pytest.approx([h["train/CrossEntropyLoss"] for h in result.history], abs=1e-6)
+    assert [e.value for e in events.Scalars("LR/0.")] == pytest.approx([0.05] * 3)
+    steps = [e.step for e in events.Scalars("Step/Train/loss")]
+    assert steps == [2, 4, 6, 8, 10, 12]  # every log_interval=2 optimizer steps, 4 steps per epoch
+    assert events.Scalars("Test/holdout/Accuracy")[0].value == pytest.approx(result.test_metrics["holdout"]["Accuracy"])
+
+
+def test_base_logger_writes_experiment_log_only(tmp_path):
+    Trainer("base", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=2, sg_logger="base"),
+                                    train_loader=make_loader(), valid_loader=make_loader(16))
+    exp = tmp_path / "base"
+    assert not list(exp.glob("events.out.tfevents*"))
+    text = (exp / "experiment.log").read_text()
+    assert "epoch 1  Valid/CrossEntropyLoss=" in text
+    assert text.strip().splitlines()[-1].endswith("training ended: completed")
+
+
+def test_callbacks_can_log_through_context_sg_logger(tmp_path):
+    class Custom(Callback):
+        def on_validation_loader_end(self, context):
+            context.sg_logger.add_scalar("Custom/double_acc", 2 * context.metrics_dict["Accuracy"], context.epoch)
+
+    Trainer("custom", tmp_path).train(
+        model=make_model(), training_params=quiet_params(max_epochs=2, sg_logger="tensorboard", phase_callbacks=[Custom()]),
+        train_loader=make_loader(), valid_loader=make_loader(16))
+    events = EventAccumulator(str(tmp_path / "custom"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Custom/double_acc")] == [0, 1]
+
+
+def test_progress_bar_shows_epochs(tmp_path, capsys):
+    Trainer("bar", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=2, progress_bar=True),
+                                   train_loader=make_loader(), valid_loader=make_loader(16))
+    err = capsys.readouterr().err
+    assert "Train epoch 0" in err and "Train epoch 1" in err and "8/8" in err
+
+
+def test_silent_mode_prints_nothing(tmp_path, capsys):
+    Trainer("silent", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=1, progress_bar=True,
+                                                                                        silent_mode=True),
+                                      train_loader=make_loader(), valid_loader=make_loader(16))
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
