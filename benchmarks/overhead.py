@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/overhead.py            # full run (about 2 minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/overhead.py            # full run (about 80 s on 2 CPU cores)
     .venv/bin/python benchmarks/overhead.py --quick    # smoke run (seconds)
     .venv/bin/python benchmarks/overhead.py --json results.json
 
@@ -20,6 +20,7 @@ Method (see benchmarks/README.md):
 - Every round runs the hand loop and each trainer variant of a model once, in an order rotated each
   round, so drifts in machine speed hit all variants alike.
 - torch uses a fixed number of intra-op threads (``--threads``, default 1) for both loops.
+- A last line times ``CallbackHandler`` event dispatch directly (timeit), for costs below the noise.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import super_trainer
-from super_trainer import Callback, Trainer
+from super_trainer import Callback, CallbackHandler, PhaseContext, Trainer
 
 Batches = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -218,13 +220,13 @@ def _added_vs(reference: str, case: str, limit_pct: float):
 
 def build_groups(quick: bool) -> List[Group]:
     tiny_steps, tiny_epochs = (40, 3) if quick else (200, 7)
-    big_steps, big_epochs = (3, 3) if quick else (12, 5)
+    big_steps, big_epochs = (3, 3) if quick else (16, 5)
     idle = lambda: [IdleCallback() for _ in range(N_CALLBACKS)]  # noqa: E731
     listening = lambda: [BatchEndNoop() for _ in range(N_CALLBACKS)]  # noqa: E731
     tiny = Group("tiny", (64, 64, 10), 64, tiny_steps, tiny_epochs, [
         Variant("tiny_default", {}, target="ratio <= 1.05",
                 check=_ratio_to_hand(1.05, "tiny", "tiny_default")),
-        Variant("tiny_quiet", dict(QUIET), target="(reference for the callback cases)"),
+        Variant("tiny_quiet", dict(QUIET), target="(reference for the *_cb rows)"),
         Variant(f"tiny_{N_CALLBACKS}_idle_cb", dict(QUIET), idle, target="added vs tiny_quiet < 1%",
                 check=_added_vs("tiny_quiet", f"tiny_{N_CALLBACKS}_idle_cb", 1.0)),
         Variant(f"tiny_{N_CALLBACKS}_batch_end_cb", dict(QUIET), listening, target="(informational)"),
@@ -245,6 +247,9 @@ def run_group(group: Group, rounds: int, root: str, results: Dict[str, Result], 
             group.sizes, batches, group.epochs, v.params, v.callbacks, root, tag)))
     for key, _ in runners:
         results.setdefault(key, Result())
+    # Untimed warm-up of both loops (first-use allocations, lazy imports such as tensorboard).
+    hand_loop(group.sizes, batches[:2], 2)
+    trainer_loop(group.sizes, batches[:2], 1, {}, list, root, f"{group.name}_warmup")
     for r in range(rounds):
         shift = r % len(runners)
         order = runners[shift:] + runners[:shift]  # rotate so every variant takes every position
@@ -254,6 +259,21 @@ def run_group(group: Group, rounds: int, root: str, results: Dict[str, Result], 
             per_step = [s / group.steps for s in seconds[1:]]  # drop the warm-up epoch
             results[key].samples.extend(per_step)
         log(f"  {group.name}: round {r + 1}/{rounds} done")
+
+
+def dispatch_costs(quick: bool) -> Dict[str, float]:
+    """Seconds per ``CallbackHandler.on_train_batch_end`` call (best of 5), the per-event cost that the
+    end-to-end timings cannot resolve below their noise."""
+    number = 20_000 if quick else 200_000
+    handlers = {
+        "no callbacks": CallbackHandler([]),
+        f"{N_CALLBACKS} idle": CallbackHandler([IdleCallback() for _ in range(N_CALLBACKS)]),
+        f"{N_CALLBACKS} no-op listeners": CallbackHandler([BatchEndNoop() for _ in range(N_CALLBACKS)]),
+    }
+    context = PhaseContext()
+    return {name: min(timeit.repeat("h.on_train_batch_end(c)", globals={"h": h, "c": context},
+                                    number=number, repeat=5)) / number
+            for name, h in handlers.items()}
 
 
 def _default_ckpt_base() -> Optional[str]:
@@ -266,16 +286,16 @@ def _default_ckpt_base() -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, epochs and rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per model (default 5, quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per model (default 7, quick 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--ckpt-base", metavar="DIR", default=_default_ckpt_base(),
                         help="where the trainer's temporary ckpt_root_dir is made (default: /dev/shm when "
                              "writable, else the system temp dir): the trainer fsyncs a checkpoint every "
-                             "epoch, and on a disk the write-back slows the next epochs' steps")
+                             "epoch, and on a disk the write-back can add noise to the following steps")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 7)
     torch.set_num_threads(args.threads)
 
     def log(text: str) -> None:
@@ -289,6 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"running {group.name}: MLP {'-'.join(map(str, group.sizes))}, batch {group.batch_size}, "
                 f"{group.steps} steps x {group.epochs} epochs, {rounds} rounds")
             run_group(group, rounds, root, results, log)
+    dispatch = dispatch_costs(args.quick)
     elapsed = time.perf_counter() - started
 
     print(f"super_trainer {super_trainer.__version__} overhead benchmark{' (--quick)' if args.quick else ''}")
@@ -300,7 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{g.epochs} epochs (first dropped), {rounds} interleaved rounds")
     print("  s/step = median over kept epochs of (train-pass seconds / steps); spread = IQR/median of trainer samples")
     print()
-    header = f"{'case':<22} {'hand s/step':>12} {'trainer s/step':>14} {'ratio':>7} {'spread':>7}  {'target':<32} result"
+    header = (f"{'case':<22} {'hand s/step':>12} {'trainer s/step':>14} {'ratio':>7} {'spread':>7}  "
+              f"{'target':<30} result")
     print(header)
     print("-" * len(header))
     rows = []
@@ -318,10 +340,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             note = ""
             if v.name.startswith(f"tiny_{N_CALLBACKS}_"):
                 added = res.median - results["tiny_quiet"].median
-                note = (f" ({100 * added / results['tiny_quiet'].median:+.2f}% vs tiny_quiet, "
-                        f"{1e9 * added / N_CALLBACKS:+.0f} ns per callback per step)")
+                note = f" ({100 * added / results['tiny_quiet'].median:+.2f}% vs tiny_quiet)"
             print(f"{v.name:<22} {hand.median:>12.3e} {res.median:>14.3e} {ratio:>7.3f} {res.iqr_pct:>6.1f}%  "
-                  f"{v.target:<32} {status}{note}")
+                  f"{v.target:<30} {status}{note}")
             rows.append({
                 "case": v.name, "group": g.name, "model": list(g.sizes), "batch_size": g.batch_size,
                 "steps_per_epoch": g.steps, "epochs": g.epochs, "hand_s_per_step": hand.median,
@@ -329,13 +350,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "passed": None if not status else status == "PASS",
                 "hand_samples": hand.samples, "trainer_samples": res.samples,
             })
-    print(f"\nwall time {elapsed:.0f} s")
+    listen = dispatch[f"{N_CALLBACKS} no-op listeners"]
+    print("\nevent dispatch, CallbackHandler.on_train_batch_end (timeit, best of 5): "
+          + ", ".join(f"{name} {1e9 * sec:.0f} ns" for name, sec in dispatch.items())
+          + f" (= {1e9 * (listen - dispatch['no callbacks']) / N_CALLBACKS:.0f} ns per listener call)")
+    print(f"wall time {elapsed:.0f} s")
 
     if args.json:
         payload = {
             "torch": torch.__version__, "super_trainer": super_trainer.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "quick": args.quick, "rounds": rounds, "ckpt_base": args.ckpt_base or tempfile.gettempdir(), "wall_s": elapsed, "cases": rows,
+            "quick": args.quick, "rounds": rounds, "ckpt_base": args.ckpt_base or tempfile.gettempdir(),
+            "wall_s": elapsed, "cases": rows, "dispatch_s_per_event": dispatch,
         }
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2)

@@ -1,0 +1,38 @@
+"""Run under torchrun by test_distributed.py (or alone for the single-process reference)."""
+import argparse
+import os
+
+import torch
+
+from conftest import make_loader, make_model, quiet_params
+from super_trainer import Callback, Trainer
+from super_trainer import distributed
+
+
+class StopOnRank1(Callback):
+    """Requests a mid-epoch stop on rank 1 only: every rank must still stop at the same batch."""
+
+    def on_train_batch_loss_end(self, context):
+        if context.epoch == 1 and context.batch_idx == 1 and distributed.rank() == 1:
+            context.stop_training = True
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stop", action="store_true")
+    args = parser.parse_args()
+    model = make_model()
+    callbacks = [StopOnRank1()] if args.stop else []
+    result = Trainer("ddp", args.root, device="cpu").train(
+        model=model, training_params=quiet_params(max_epochs=3, optimizer_params={"momentum": 0.9}, phase_callbacks=callbacks),
+        train_loader=make_loader(32, 8, shuffle=True), valid_loader=make_loader(16, 8))
+    rank = distributed.rank()
+    torch.save({"net": model.state_dict(), "stop_reason": result.stop_reason, "world": distributed.world_size(),
+                "epochs": [h["epoch"] for h in result.history], "metrics": result.metrics},
+               os.path.join(args.out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Two processes under torchrun with gloo on CPU (SPEC §6)."""
+from __future__ import annotations
+
+import subprocess
+
+import torch
+
+from conftest import PYTHON, ROOT, python_env
+
+WORKER = str(ROOT / "tests" / "_ddp_worker.py")
+
+
+def torchrun(tmp_path, *flags):
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           WORKER, "--root", str(tmp_path / "ckpt"), "--out", str(out), *flags]
+    proc = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_two_ranks_match_a_single_process(tmp_path):
+    ranks = torchrun(tmp_path)
+    single_out = tmp_path / "single"
+    single_out.mkdir()
+    proc = subprocess.run([PYTHON, WORKER, "--root", str(tmp_path / "single_ckpt"), "--out", str(single_out)],
+                          env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    single = torch.load(single_out / "rank0.pt", weights_only=True)
+    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    for key, value in single["net"].items():
+        # both ranks see the same batches, so the averaged gradient is the single-process gradient
+        torch.testing.assert_close(ranks[0]["net"][key], value, atol=1e-6, rtol=0)
+        assert torch.equal(ranks[0]["net"][key], ranks[1]["net"][key])
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    files = sorted(p.name for p in (tmp_path / "ckpt" / "ddp").iterdir())
+    assert "ckpt_latest.pth" in files and not [f for f in files if f.endswith(".tmp")]
+
+
+def test_a_stop_on_one_rank_stops_every_rank(tmp_path):
+    ranks = torchrun(tmp_path, "--stop")
+    assert [r["stop_reason"] for r in ranks] == ["stopped_by_callback"] * 2
+    assert [r["epochs"] for r in ranks] == [[0], [0]]
+    for key, value in ranks[0]["net"].items():
+        assert torch.equal(value, ranks[1]["net"][key])
