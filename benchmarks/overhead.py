@@ -40,7 +40,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import super_trainer
 from super_trainer import Callback, CallbackHandler, PhaseContext, Trainer
@@ -118,6 +117,7 @@ def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int) -> List[float
     device = torch.device("cpu")
     model = make_mlp(sizes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = torch.nn.CrossEntropyLoss()  # the object the trainer builds for loss="CrossEntropyLoss"
     seconds = []
     for _ in range(epochs):
         model.train()
@@ -126,7 +126,7 @@ def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int) -> List[float
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            loss = criterion(out, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -137,32 +137,28 @@ def make_collection(metrics: Dict[str, Metric], device: torch.device) -> Optiona
 
 
 class LossAverager:
-    """Running mean of per-batch loss items, kept on the device so no batch syncs the host."""
+    """Mean of per-batch loss items over an epoch. Batches only append a detached tensor (no host sync, no
+    arithmetic on the hot path); the mean is taken once, in float64, when the epoch's metrics are read."""
 
     def __init__(self) -> None:
-        self._sum: Optional[torch.Tensor] = None
-        self._count = 0
+        self._items: List[torch.Tensor] = []
 
     def reset(self) -> None:
-        self._sum = None
-        self._count = 0
+        self._items = []
 
     def add(self, items: torch.Tensor) -> None:
-        """Add one batch's detached loss items (shape ``(K,)``)."""
-        if self._sum is None:
-            self._sum = items.to(torch.float64, copy=True)
-        else:
-            self._sum.add_(items)
-        self._count += 1
+        """Add one batch's detached loss items: a 0-d loss or a ``(K,)`` components tensor."""
+        self._items.append(items)
 
     def average(self) -> List[float]:
         """The mean over batches (and over ranks when distributed); one host sync."""
-        if self._sum is None:
+        if not self._items:
             return []
-        total = self._sum.clone()
-        count = torch.tensor(float(self._count), dtype=torch.float64, device=total.device)
+        stacked = torch.stack(self._items).to(torch.float64).reshape(len(self._items), -1)
+        total = stacked.sum(dim=0)
+        count = torch.tensor([float(len(self._items))], dtype=torch.float64, device=total.device)
         if dist.is_available() and dist.is_initialized():
-            packed = torch.cat([total, count.reshape(1)])
+            packed = torch.cat([total, count])
             dist.all_reduce(packed)
-            total, count = packed[:-1], packed[-1]
+            total, count = packed[:-1], packed[-1:]
         return (total / count).tolist()

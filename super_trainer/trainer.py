@@ -84,7 +84,7 @@ class _Run:
     valid_metrics: Any
     test_metrics: Any
     loss_names: Optional[List[str]]
-    autocast: Callable[[], Any]
+    autocast: Any  # a reusable context manager: torch.autocast, or a no-op when mixed precision is off
     scaler: Optional[torch.amp.GradScaler]
     ema: Optional[ModelEMA]
     ckpt_dir: Path
@@ -274,11 +274,10 @@ class Trainer:
         return self._result(run, stop_reason)
 
     def _train_epoch(self, run: _Run) -> bool:
-        """One pass over the train loader; False when a stop was requested mid-epoch."""
+        """One pass over the train loader; False when a stop (or Ctrl-C) came during a batch."""
         context, callbacks, params = run.context, run.callbacks, run.params
         model, optimizer, scaler = run.model, run.optimizer, run.scaler
-        accumulate = params.batch_accumulate
-        n_batches = run.train_batches
+        accumulate, n_batches = params.batch_accumulate, run.train_batches
         model.train()
         run.train_loss.reset()
         if run.train_metrics is not None:
@@ -287,50 +286,61 @@ class Trainer:
         # A stop requested outside a batch lets this epoch finish; hold it so the batch checks below
         # react only to stops requested during a batch.
         held_stop, context.stop_training = context.stop_training, False
-        for batch_idx, batch, is_last in _numbered(run.train_loader, n_batches):
-            context.batch_idx = batch_idx
-            context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
-            callbacks.on_train_batch_start(context)
-            with run.autocast():
-                context.preds = model(context.inputs)
-                context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
-            run.train_loss.add(context.loss_log_items)
-            if run.train_metrics is not None:
-                run.train_metrics.update(context.preds.detach(), context.target)
-            callbacks.on_train_batch_loss_end(context)
-            if run.model is not run.net:  # DDP: every rank must agree before the collective in backward
-                context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
-            if not context.stop_training:
-                window = _window_size(batch_idx, n_batches, accumulate)
-                loss = context.loss if window == 1 else context.loss / window
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                callbacks.on_train_batch_backward_end(context)
-                if (is_last or (batch_idx + 1) % accumulate == 0) and not context.stop_training:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if is_last and n_batches is None and (batch_idx + 1) % accumulate:
-                        _rescale_grads(run.net, accumulate / ((batch_idx % accumulate) + 1))
-                    callbacks.on_train_batch_gradient_step_start(context)
-                    if not context.stop_training:
+        in_batch = False
+        try:
+            for batch_idx, batch, is_last in _numbered(run.train_loader, n_batches):
+                in_batch = True
+                context.batch_idx = batch_idx
+                context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
+                callbacks.on_train_batch_start(context)
+                with run.autocast:
+                    context.preds = model(context.inputs)
+                    context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
+                run.train_loss.add(context.loss_log_items)
+                if run.train_metrics is not None:
+                    run.train_metrics.update(context.preds.detach(), context.target)
+                callbacks.on_train_batch_loss_end(context)
+                if run.model is not run.net:  # DDP: every rank must agree before the collective in backward
+                    context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
+                if not context.stop_training:
+                    window = _window_size(batch_idx, n_batches, accumulate)
+                    loss = context.loss if window == 1 else context.loss / window
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    callbacks.on_train_batch_backward_end(context)
+                    if (is_last or (batch_idx + 1) % accumulate == 0) and not context.stop_training:
                         if scaler is not None:
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        context.global_step += 1
-                        callbacks.on_train_batch_gradient_step_end(context)
-            callbacks.on_train_batch_end(context)
-            if run.model is not run.net:
-                context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
-            if context.stop_training:
-                optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation window is dropped
-                callbacks.on_train_loader_end(context)
-                return False
-        context.stop_training = held_stop
+                            scaler.unscale_(optimizer)
+                        if is_last and n_batches is None and (batch_idx + 1) % accumulate:
+                            # len() unknown: micro-batches were scaled by 1/accumulate; the last window was shorter
+                            _rescale_grads(run.net, accumulate / ((batch_idx % accumulate) + 1))
+                        callbacks.on_train_batch_gradient_step_start(context)
+                        if not context.stop_training:
+                            if scaler is not None:
+                                scaler.step(optimizer)
+                                scaler.update()
+                            else:
+                                optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                            context.global_step += 1
+                            callbacks.on_train_batch_gradient_step_end(context)
+                in_batch = False
+                callbacks.on_train_batch_end(context)
+                if run.model is not run.net:
+                    context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
+                if context.stop_training:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C stops like a stop requested during a batch
+            context.stop_training, context.stop_reason = True, "interrupted"
+            if in_batch:
+                callbacks.on_train_batch_end(context)
+        stopped_in_batch = context.stop_training
+        if stopped_in_batch:
+            optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation window is dropped
+        else:
+            context.stop_training = held_stop
         context.metrics_dict = self._epoch_metrics(run, run.train_loss, run.train_metrics)
         callbacks.on_train_loader_end(context)
-        return True
+        return not stopped_in_batch
 
     def _validate(self, run: _Run) -> Dict[str, Any]:
         """One pass over the valid loader with the EMA weights when EMA is on; returns metrics_dict."""
@@ -373,7 +383,7 @@ class Trainer:
                 context.batch_idx = batch_idx
                 context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
                 on_batch_start(context)
-                with run.autocast():
+                with run.autocast:
                     context.preds = model(context.inputs)
                     if run.criterion is not None:
                         context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
@@ -386,16 +396,18 @@ class Trainer:
 
     # ---- pieces of the loop -----------------------------------------------------------------------
     def _loss(self, run: _Run, preds: Any, target: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The criterion's value and its detached log items ``(K,)``; names the components on first use."""
+        """The criterion's value and its detached log items (the 0-d loss itself, or the ``(K,)`` components
+        of a loss that returns ``(loss, components)``); names the components on first use."""
         out = run.criterion(preds, target)
-        if isinstance(out, tuple):
+        if type(out) is tuple:
             loss, components = out
             items = components.detach().reshape(-1)
-        else:
-            loss, items = out, out.detach().reshape(1)
-        if run.loss_names is None or len(run.loss_names) != items.numel():
-            _name_loss_items(run, items.numel())
-        return loss, items
+            if run.loss_names is None or len(run.loss_names) != items.numel():
+                _name_loss_items(run, items.numel())
+            return loss, items
+        if run.loss_names is None or len(run.loss_names) != 1:
+            _name_loss_items(run, 1)
+        return out, out.detach()
 
     def _epoch_metrics(self, run: _Run, losses: LossAverager, metrics: Any) -> Dict[str, Any]:
         results: Dict[str, Any] = dict(zip(run.loss_names or [], losses.average()))
@@ -649,10 +661,12 @@ def _lookup(metrics: Mapping[str, Any], name: str) -> Optional[Any]:
     return next((v for k, v in metrics.items() if k.lower() == lowered), None)
 
 
-def _mixed_precision(setting: Union[bool, str], device: torch.device) -> Tuple[Callable[[], Any], Optional[torch.amp.GradScaler]]:
-    """(autocast context factory, GradScaler or None): bf16 on CPU, fp16 + GradScaler on CUDA for True."""
+def _mixed_precision(setting: Union[bool, str], device: torch.device) -> Tuple[Any, Optional[torch.amp.GradScaler]]:
+    """(autocast context manager, GradScaler or None): bf16 on CPU, fp16 + GradScaler on CUDA for True.
+
+    Both context managers can be entered again and again, so no object is built per batch."""
     if not setting:
-        return contextlib.nullcontext, None
+        return contextlib.nullcontext(), None
     if setting in ("bf16", "bfloat16"):
         dtype = torch.bfloat16
     elif setting in ("fp16", "float16"):
@@ -660,7 +674,7 @@ def _mixed_precision(setting: Union[bool, str], device: torch.device) -> Tuple[C
     else:
         dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
-    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+    return torch.autocast(device_type=device.type, dtype=dtype), scaler
 
 
 def _builtin_callbacks(params: TrainingParams, steps_per_epoch: int) -> List[Callback]:
@@ -744,6 +758,12 @@ def _rescale_grads(net: nn.Module, factor: float) -> None:
 
 def _to_device(batch: Any, device: torch.device) -> Tuple[Any, Any, Dict[str, Any]]:
     """Split a batch into (inputs, target, additional items) and move it to ``device``."""
+    if type(batch) in (tuple, list) and len(batch) == 2:  # the common case, kept cheap
+        inputs, target = batch
+        if type(inputs) is torch.Tensor and type(target) is torch.Tensor:
+            if device.type == "cpu":  # non_blocking only matters for host-to-GPU copies, and costs a little
+                return inputs.to(device), target.to(device), {}
+            return inputs.to(device, non_blocking=True), target.to(device, non_blocking=True), {}
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         inputs, target = _move(batch[0], device), _move(batch[1], device)
         extras = _move(batch[2], device) if len(batch) == 3 else {}

@@ -168,3 +168,20 @@ def test_interrupt_in_first_epoch_still_leaves_latest(tmp_path):
     _, result = train(tmp_path, max_epochs=2, phase_callbacks=[CtrlC()])
     assert result.stop_reason == "interrupted"
     assert read_checkpoint(tmp_path / "exp" / "ckpt_latest.pth")["epoch"] == 0
+
+
+def test_interrupt_mid_batch_fires_batch_and_loader_end(tmp_path):
+    from conftest import Recorder
+    from super_trainer import Callback
+
+    class CtrlC(Callback):
+        def on_train_batch_loss_end(self, context):
+            if context.epoch == 1 and context.batch_idx == 1:
+                raise KeyboardInterrupt
+
+    recorder = Recorder()
+    _, result = train(tmp_path, max_epochs=3, phase_callbacks=[recorder, CtrlC()])
+    assert result.stop_reason == "interrupted"
+    assert recorder.events[-4:] == ["on_train_batch_loss_end", "on_train_batch_end", "on_train_loader_end",
+                                    "on_training_end"]
+    assert recorder.events.count("on_validation_loader_start") == 1

@@ -156,7 +156,8 @@ class Callback:
         Replacing context.inputs / context.target changes what the model and loss see."""
 
     def on_train_batch_loss_end(self, context: PhaseContext) -> None:
-        """After forward and loss: preds, loss (unscaled criterion value), loss_log_items set."""
+        """After forward and loss: preds, loss (unscaled criterion value) and loss_log_items (detached: the
+        loss itself, or the ``(K,)`` components of a loss that returns ``(loss, components)``) set."""
 
     def on_train_batch_backward_end(self, context: PhaseContext) -> None:
         """After loss.backward() (gradients accumulated, not yet applied)."""

@@ -129,11 +129,19 @@ class BaseLogger(Callback):
 
 
 class TensorBoardLogger(BaseLogger):
-    """BaseLogger plus TensorBoard event files in the experiment dir."""
+    """BaseLogger plus TensorBoard event files in the experiment dir.
 
-    def __init__(self, log_dir: Optional[str] = None) -> None:
+    Scalars are queued and handed to TensorBoard's writer at epoch-level events (and at least every
+    ``flush_secs`` seconds), then flushed synchronously: the writer's background thread encodes records in
+    Python, and running it during the batch loop would compete with training for the GIL.
+    """
+
+    def __init__(self, log_dir: Optional[str] = None, flush_secs: float = 30.0) -> None:
         super().__init__(log_dir)
+        self.flush_secs = flush_secs
         self.writer: Optional[Any] = None
+        self._pending: List[tuple] = []
+        self._last_flush = time.monotonic()
 
     def _open(self) -> None:
         super()._open()
@@ -143,8 +151,9 @@ class TensorBoardLogger(BaseLogger):
 
     def _write_scalars(self, values: Dict[str, float], step: int, unit: str) -> None:
         super()._write_scalars(values, step, unit)
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        self._pending.extend((tag, value, step) for tag, value in values.items())
+        if time.monotonic() - self._last_flush > self.flush_secs:
+            self.flush()
 
     def add_text(self, tag: str, text: str, step: int = 0) -> None:
         super().add_text(tag, text, step)
@@ -154,9 +163,26 @@ class TensorBoardLogger(BaseLogger):
     def flush(self) -> None:
         super().flush()
         if self.writer is not None:
-            self.writer.flush()
+            for tag, value, step in self._pending:
+                self.writer.add_scalar(tag, value, step)
+            self._pending.clear()
+            self.writer.flush()  # waits for the writer thread, so it is idle when batches run again
+        self._last_flush = time.monotonic()
+
+    def on_train_loader_end(self, context: PhaseContext) -> None:
+        super().on_train_loader_end(context)
+        self.flush()
+
+    def on_validation_loader_end(self, context: PhaseContext) -> None:
+        super().on_validation_loader_end(context)
+        self.flush()
+
+    def on_test_loader_end(self, context: PhaseContext) -> None:
+        super().on_test_loader_end(context)
+        self.flush()
 
     def close(self) -> None:
+        self.flush()
         super().close()
         if self.writer is not None:
             self.writer.close()
