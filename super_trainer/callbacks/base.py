@@ -272,6 +272,23 @@ def _receives(callback: object, event: str) -> bool:
     return getattr(method, "__func__", method) is not getattr(Callback, event)
 
 
+def _ignore(context: PhaseContext) -> None:
+    """What an event with no receivers calls."""
+
+
+def _fire(receivers: Tuple[Callable[[PhaseContext], None], ...]) -> Callable[[PhaseContext], None]:
+    if not receivers:
+        return _ignore
+    if len(receivers) == 1:
+        return receivers[0]
+
+    def fire(context: PhaseContext) -> None:
+        for receive in receivers:
+            receive(context)
+
+    return fire
+
+
 def _forward(event: str) -> Callable[["CallbackHandler", PhaseContext], None]:
     def forward(self: "CallbackHandler", context: PhaseContext) -> None:
         for receive in self._dispatch[event]:
@@ -308,6 +325,10 @@ class CallbackHandler(Callback):
         self._dispatch = {
             event: tuple(getattr(cb, event) for cb in ordered if _receives(cb, event)) for event in EVENTS
         }
+        for event, receivers in self._dispatch.items():
+            # Instance attributes shadow the class-level forwarders with the cheapest callable that does the
+            # same: nothing, the one receiver itself, or a loop over the receivers.
+            setattr(self, event, _fire(receivers))
         self.state_keys()  # fail now, not at the first checkpoint, on colliding state keys
 
     def receivers(self, event: str) -> Tuple[Callable[[PhaseContext], None], ...]:
