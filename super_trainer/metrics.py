@@ -18,7 +18,7 @@ from torchmetrics import Metric, MetricCollection
 
 from .registry import METRICS, parse_spec
 
-__all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values"]
+__all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values", "lookup_metric"]
 
 
 @METRICS.register("Accuracy")
@@ -113,6 +113,14 @@ def loss_names(criterion: Any, component_names: Optional[Sequence[str]] = None, 
     if n_components:
         return [f"{base}/loss_{i}" for i in range(n_components)]
     return [base]
+
+
+def lookup_metric(metrics: Mapping[str, Any], name: str) -> Optional[Any]:
+    """``metrics[name]``, matching the key case-insensitively; None when absent."""
+    if name in metrics:
+        return metrics[name]
+    lowered = name.lower()
+    return next((v for k, v in metrics.items() if k.lower() == lowered), None)
 
 
 def metric_values(collection: MetricCollection) -> Dict[str, Any]:

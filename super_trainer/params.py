@@ -180,8 +180,8 @@ def _validate(params: TrainingParams) -> None:
     _int(params, "seed", 0, optional=True)
     _number(params, "clip_grad_norm", optional=True)
     _number(params, "warmup_initial_lr", positive=False, optional=True)
-    _number(params, "lr_decay_factor", positive=False, optional=True)
-    _number(params, "cosine_final_lr_ratio", positive=False, optional=True)
+    _number(params, "lr_decay_factor", positive=False)
+    _number(params, "cosine_final_lr_ratio", positive=False)
     if params["mixed_precision"] not in MIXED_PRECISION_VALUES:
         raise _error("mixed_precision", f"must be one of {list(MIXED_PRECISION_VALUES)}, got {params['mixed_precision']!r}")
     sg_logger = params["sg_logger"]
@@ -198,8 +198,10 @@ def _validate(params: TrainingParams) -> None:
     params["warmup_mode"] = normalize_warmup_mode(params["warmup_mode"])
     if params["lr_mode"] == "function" and not callable(params["lr_schedule_function"]):
         raise _error("lr_schedule_function", "must be a callable when lr_mode is 'function'")
-    if params["warmup_mode"] is not None and params["lr_warmup_epochs"] == 0 and params["lr_warmup_steps"] == 0:
-        raise _error("warmup_mode", "needs lr_warmup_epochs > 0 or lr_warmup_steps > 0")
+    if params["warmup_mode"] == "linear_epoch_step" and params["lr_warmup_epochs"] == 0:
+        raise _error("warmup_mode", "'linear_epoch_step' needs lr_warmup_epochs > 0")
+    if params["warmup_mode"] == "linear_batch_step" and params["lr_warmup_epochs"] == 0 and params["lr_warmup_steps"] == 0:
+        raise _error("warmup_mode", "'linear_batch_step' needs lr_warmup_steps > 0 or lr_warmup_epochs > 0")
     if params["lr_warmup_epochs"] + params["lr_cooldown_epochs"] > params["max_epochs"]:
         raise _error("lr_warmup_epochs", "plus lr_cooldown_epochs must not exceed max_epochs")
     phase_callbacks = params["phase_callbacks"]

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
+from .callbacks.average_models import AverageBestModels
 from .callbacks.base import Callback, CallbackHandler, PhaseContext
 from .callbacks.ema import EMAUpdate
 from .callbacks.grad_clip import GradientClipping
@@ -38,7 +39,7 @@ from .checkpoint import (
     unwrap_model,
 )
 from .ema import ModelEMA
-from .metrics import LossAverager, build_metrics, loss_names, make_collection, metric_values
+from .metrics import LossAverager, build_metrics, lookup_metric, loss_names, make_collection, metric_values
 from .params import TrainingParams, resolve_training_params
 from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
 
@@ -149,19 +150,19 @@ class Trainer:
         optimizer = _build_optimizer(net, params)
         criterion = _build_criterion(params, device)
         train_batches = _count_batches(train_loader, params.max_train_batches)
-        steps_per_epoch = math.ceil(train_batches / params.batch_accumulate) if train_batches else 1
+        steps_per_epoch = _steps_per_epoch(params, train_batches)
 
-        train_metrics = build_metrics(params.train_metrics_list, "train_metrics_list")
-        valid_metrics = build_metrics(params.valid_metrics_list, "valid_metrics_list")
+        train_metrics = build_metrics(params.train_metrics_list, "training_params.train_metrics_list")
+        valid_metrics = build_metrics(params.valid_metrics_list, "training_params.valid_metrics_list")
         test_spec = params.test_metrics_list if params.test_metrics_list is not None else params.valid_metrics_list
-        test_metrics = build_metrics(test_spec, "test_metrics_list") if test_loaders else {}
+        test_metrics = build_metrics(test_spec, "training_params.test_metrics_list") if test_loaders else {}
         names = _known_loss_names(criterion, params)
         if valid_loader is not None:
             _check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics))
 
         autocast, scaler = _mixed_precision(params.mixed_precision, device)
         ema = ModelEMA(net, **params.ema_params) if params.ema else None
-        callbacks = CallbackHandler(_builtin_callbacks(params, steps_per_epoch) + _user_callbacks(params))
+        callbacks = CallbackHandler(_builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + _user_callbacks(params))
         for callback in callbacks.callbacks:
             if isinstance(callback, TorchSchedulerCallback):
                 callback.attach(optimizer)
@@ -244,7 +245,7 @@ class Trainer:
                 started = time.perf_counter()
                 if not self._train_epoch(run):
                     break  # stopped mid-epoch: the partial epoch is not validated, tested nor saved
-                lr = run.optimizer.param_groups[0]["lr"]
+                lr = context.epoch_lrs[0]
                 train_results = dict(context.metrics_dict)
                 valid_results: Dict[str, Any] = {}
                 improved = False
@@ -264,12 +265,13 @@ class Trainer:
                 stop_reason = context.stop_reason or "stopped_by_callback"
         except KeyboardInterrupt:
             stop_reason = "interrupted"
-            context.stop_training, context.stop_reason = True, "interrupted"
+            context.stop_training = True
             logger.warning("training interrupted; %s holds the last completed epoch", run.ckpt_dir / LATEST)
         except BaseException as err:
-            context.exception = err
+            context.exception, stop_reason = err, "exception"
             raise
         finally:
+            context.stop_reason = stop_reason  # on_training_end sees the final reason
             callbacks.on_training_end(context)
         return self._result(run, stop_reason)
 
@@ -288,7 +290,7 @@ class Trainer:
         held_stop, context.stop_training = context.stop_training, False
         in_batch = False
         try:
-            for batch_idx, batch, is_last in _numbered(run.train_loader, n_batches):
+            for batch_idx, batch, is_last in _numbered(run.train_loader, n_batches, params.max_train_batches):
                 in_batch = True
                 context.batch_idx = batch_idx
                 context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
@@ -339,6 +341,7 @@ class Trainer:
         else:
             context.stop_training = held_stop
         context.metrics_dict = self._epoch_metrics(run, run.train_loss, run.train_metrics)
+        context.epoch_lrs = [group["lr"] for group in optimizer.param_groups]  # before epoch-end schedules
         callbacks.on_train_loader_end(context)
         return not stopped_in_batch
 
@@ -346,7 +349,8 @@ class Trainer:
         """One pass over the valid loader with the EMA weights when EMA is on; returns metrics_dict."""
         context, callbacks = run.context, run.callbacks
         callbacks.on_validation_loader_start(context)
-        batches = _numbered(run.valid_loader, _count_batches(run.valid_loader, run.params.max_valid_batches))
+        limit = run.params.max_valid_batches
+        batches = _numbered(run.valid_loader, _count_batches(run.valid_loader, limit), limit)
         self._evaluate(run, batches, run.valid_metrics,
                        callbacks.on_validation_batch_start, callbacks.on_validation_batch_end)
         context.metrics_dict = self._epoch_metrics(run, run.eval_loss, run.valid_metrics)
@@ -362,7 +366,7 @@ class Trainer:
         context, callbacks = run.context, run.callbacks
         context.test_loader, context.test_loader_name = loader, name
         callbacks.on_test_loader_start(context)
-        self._evaluate(run, _numbered(loader, _count_batches(loader, None)), run.test_metrics,
+        self._evaluate(run, _numbered(loader, _count_batches(loader, None), None), run.test_metrics,
                        callbacks.on_test_batch_start, callbacks.on_test_batch_end)
         context.metrics_dict = self._epoch_metrics(run, run.eval_loss, run.test_metrics)
         callbacks.on_test_loader_end(context)
@@ -419,7 +423,7 @@ class Trainer:
         """Record the validation; fire on_validation_end_best_epoch when metric_to_watch strictly improved."""
         context = run.context
         run.last_metrics = dict(valid_results)
-        value = _lookup(valid_results, run.params.metric_to_watch)
+        value = lookup_metric(valid_results, run.params.metric_to_watch)
         better = (lambda a, b: a > b) if run.params.greater_metric_to_watch_is_better else (lambda a, b: a < b)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
@@ -442,7 +446,7 @@ class Trainer:
             "net": run.net.state_dict(),
             "epoch": epochs_done,
             "global_step": run.context.global_step,
-            "acc": _lookup(run.last_metrics, run.params.metric_to_watch),
+            "acc": lookup_metric(run.last_metrics, run.params.metric_to_watch),
             "best_metric": run.best_metric,
             "best_epoch": run.best_epoch,
             "metrics": _plain_metrics(run.last_metrics),
@@ -654,13 +658,6 @@ def _check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str
                      + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
-def _lookup(metrics: Mapping[str, Any], name: str) -> Optional[Any]:
-    if name in metrics:
-        return metrics[name]
-    lowered = name.lower()
-    return next((v for k, v in metrics.items() if k.lower() == lowered), None)
-
-
 def _mixed_precision(setting: Union[bool, str], device: torch.device) -> Tuple[Any, Optional[torch.amp.GradScaler]]:
     """(autocast context manager, GradScaler or None): bf16 on CPU, fp16 + GradScaler on CUDA for True.
 
@@ -677,16 +674,18 @@ def _mixed_precision(setting: Union[bool, str], device: torch.device) -> Tuple[A
     return torch.autocast(device_type=device.type, dtype=dtype), scaler
 
 
-def _builtin_callbacks(params: TrainingParams, steps_per_epoch: int) -> List[Callback]:
-    callbacks: List[Callback] = list(build_lr_callbacks(params, steps_per_epoch))
+def _builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ckpt_dir: Path) -> List[Callback]:
+    callbacks: List[Callback] = list(build_lr_callbacks(params, steps_per_epoch or 1))
     if params.ema:
-        callbacks.append(EMAUpdate(total_steps=steps_per_epoch * params.max_epochs))
+        callbacks.append(EMAUpdate(total_steps=(steps_per_epoch or 1) * params.max_epochs))
     if params.clip_grad_norm:
         callbacks.append(GradientClipping(params.clip_grad_norm))
+    if params.average_best_models:
+        callbacks.append(AverageBestModels(params.metric_to_watch, params.greater_metric_to_watch_is_better))
     if params.sg_logger == "tensorboard":
-        callbacks.append(TensorBoardLogger())
+        callbacks.append(TensorBoardLogger(log_dir=ckpt_dir))
     elif params.sg_logger == "base":
-        callbacks.append(BaseLogger())
+        callbacks.append(BaseLogger(log_dir=ckpt_dir))
     elif isinstance(params.sg_logger, Callback):
         callbacks.append(params.sg_logger)
     if params.progress_bar and not params.silent_mode:
@@ -704,6 +703,8 @@ def _user_callbacks(params: TrainingParams) -> List[Callback]:
             built = CALLBACKS.build(spec)
         except ValueError as err:
             raise ValueError(f"training_params.phase_callbacks: {err}") from None
+        except TypeError as err:  # missing or unexpected constructor arguments
+            raise ValueError(f"training_params.phase_callbacks: cannot build {spec!r}: {err}") from None
         if not isinstance(built, Callback):
             raise ValueError(f"training_params.phase_callbacks: {spec!r} is not a Callback")
         callbacks.append(built)
@@ -711,6 +712,7 @@ def _user_callbacks(params: TrainingParams) -> List[Callback]:
 
 
 def _count_batches(loader: Any, limit: Optional[int]) -> Optional[int]:
+    """Batches per pass (capped by ``limit``) when the loader has len(), else None."""
     try:
         n = len(loader)
     except TypeError:
@@ -718,8 +720,28 @@ def _count_batches(loader: Any, limit: Optional[int]) -> Optional[int]:
     return min(n, limit) if limit else n
 
 
-def _numbered(loader: Any, n_batches: Optional[int]) -> Iterator[Tuple[int, Any, bool]]:
-    """(batch_idx, batch, is_last), stopping after ``n_batches``; looks one batch ahead when len() is unknown."""
+def _steps_per_epoch(params: TrainingParams, train_batches: Optional[int]) -> Optional[int]:
+    """Optimizer steps per epoch (L), from len(train_loader) or max_train_batches; ValueError when a
+    schedule needs L and neither gives it."""
+    batches = train_batches if train_batches is not None else params.max_train_batches
+    if batches is not None:
+        return max(1, math.ceil(batches / params.batch_accumulate))
+    needs = []
+    if params.lr_mode in ("cosine", "poly", "exp", "function"):
+        needs.append(f"lr_mode {params.lr_mode!r}")
+    if params.lr_warmup_epochs and params.warmup_mode == "linear_batch_step" and not params.lr_warmup_steps:
+        needs.append("linear_batch_step warmup over lr_warmup_epochs")
+    if params.ema and params.ema_params["decay_type"] == "exp":
+        needs.append("ema decay_type 'exp'")
+    if needs:
+        raise ValueError(f"training_params.max_train_batches: {' and '.join(needs)} need the number of batches "
+                         "per epoch, but train_loader has no len(); set max_train_batches")
+    return None
+
+
+def _numbered(loader: Any, n_batches: Optional[int], limit: Optional[int]) -> Iterator[Tuple[int, Any, bool]]:
+    """(batch_idx, batch, is_last), stopping after ``n_batches`` (known length) or ``limit``; looks one
+    batch ahead when len() is unknown, so the last batch is flagged either way."""
     if n_batches is not None:
         if n_batches == 0:
             return
@@ -735,6 +757,8 @@ def _numbered(loader: Any, n_batches: Optional[int]) -> Iterator[Tuple[int, Any,
         return
     batch_idx = 0
     for upcoming in iterator:
+        if limit is not None and batch_idx + 1 == limit:
+            break
         yield batch_idx, batch, False
         batch, batch_idx = upcoming, batch_idx + 1
     yield batch_idx, batch, True

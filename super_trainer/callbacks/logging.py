@@ -47,12 +47,22 @@ class BaseLogger(Callback):
         self.log_interval = 50
         self._file: Optional[Any] = None
 
+    def _ensure_open(self) -> None:
+        """Open the files on first use (rank 0 only), so even writes at on_training_start by callbacks that
+        run before this one are kept."""
+        if self._file is None and self.log_dir is not None and is_main_process():
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._open()
+            self.enabled = True
+
     # ---- the API other callbacks use -------------------------------------------------------------
     def add_scalars(self, scalars: Mapping[str, Any], step: int, unit: str = "step") -> None:
         """Log several scalars at ``step`` (``unit`` only labels the experiment.log line); values that are
         not single numbers are skipped."""
         if not self.enabled:
-            return
+            self._ensure_open()
+            if not self.enabled:
+                return
         values = {tag: v for tag, v in ((t, _scalar(x)) for t, x in scalars.items()) if v is not None}
         if values:
             self._write_scalars(values, step, unit)
@@ -61,6 +71,7 @@ class BaseLogger(Callback):
         self.add_scalars({tag: value}, step)
 
     def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        self._ensure_open()
         if self.enabled:
             self.log_line(f"{tag} (step {step}): {text}")
 
@@ -84,16 +95,13 @@ class BaseLogger(Callback):
 
     # ---- events ------------------------------------------------------------------------------------
     def on_training_start(self, context: PhaseContext) -> None:
-        self.enabled = is_main_process()
         if self.log_dir is None:
             self.log_dir = Path(context.ckpt_dir)
         if context.training_params is not None:
             self.log_interval = int(context.training_params.get("log_interval", 50))
-        if not self.enabled:
-            return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._open()
-        self.log_line(f"training {context.experiment_name!r} from epoch {context.epoch} on {context.device}")
+        self._ensure_open()
+        if self.enabled:
+            self.log_line(f"training {context.experiment_name!r} from epoch {context.epoch} on {context.device}")
 
     def _open(self) -> None:
         self._file = open(self.log_dir / "experiment.log", "a", encoding="utf-8")
@@ -107,8 +115,10 @@ class BaseLogger(Callback):
 
     def on_train_loader_end(self, context: PhaseContext) -> None:
         scalars = {f"Train/{k}": v for k, v in (context.metrics_dict or {}).items()}
-        for name, group in zip(param_group_names(context.optimizer), context.optimizer.param_groups):
-            scalars[f"LR/{name}"] = group["lr"]
+        # the lrs the epoch trained with, captured before epoch-end schedules (step mode) change them
+        lrs = getattr(context, "epoch_lrs", None) or [g["lr"] for g in context.optimizer.param_groups]
+        for name, lr in zip(param_group_names(context.optimizer), lrs):
+            scalars[f"LR/{name}"] = lr
         self.add_scalars(scalars, context.epoch, unit="epoch")
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:
@@ -121,11 +131,12 @@ class BaseLogger(Callback):
 
     def on_training_end(self, context: PhaseContext) -> None:
         if self.enabled:
-            reason = getattr(context, "stop_reason", None) or "completed"
+            reason = context.stop_reason or "completed"
             if context.exception is not None:
                 reason = f"exception {type(context.exception).__name__}: {context.exception}"
             self.log_line(f"training ended: {reason}")
         self.close()
+        self.enabled = False  # a later train() with this logger reopens the files
 
 
 class TensorBoardLogger(BaseLogger):

@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from .base import Callback, PhaseContext, Priority, PHASE_EVENTS, Phase
+from ..metrics import lookup_metric
+from .base import PHASE_EVENTS, Callback, Phase, PhaseContext, Priority
 
 __all__ = [
     "LR_MODES",
@@ -204,7 +205,15 @@ class TorchSchedulerCallback(Callback):
         if needs_metric and not metric_name:
             raise ValueError("training_params.lr_mode: ReduceLROnPlateau needs metric_name (a metrics_dict key)")
         default_phase = Phase.VALIDATION_EPOCH_END if needs_metric else Phase.TRAIN_EPOCH_END
-        self.phase = Phase(str(phase).upper()) if phase is not None else default_phase
+        if phase is None:
+            phase = default_phase
+        elif not isinstance(phase, Phase):
+            try:
+                phase = Phase(str(phase).upper())
+            except ValueError:
+                raise ValueError(f"training_params.lr_mode: unknown phase {phase!r}; valid phases: "
+                                 f"{', '.join(p.value for p in Phase)}") from None
+        self.phase = phase
         self.scheduler: Optional[Any] = None
         self._pending_state: Optional[Dict[str, Any]] = None
         setattr(self, PHASE_EVENTS[self.phase], self._step)
@@ -222,7 +231,11 @@ class TorchSchedulerCallback(Callback):
 
     def _step(self, context: PhaseContext) -> None:
         if self.metric_name is not None:
-            self.scheduler.step(_lookup_metric(context.metrics_dict or {}, self.metric_name))
+            value = lookup_metric(context.metrics_dict or {}, self.metric_name)
+            if value is None:
+                raise ValueError(f"lr scheduler metric_name {self.metric_name!r} is not in metrics_dict; "
+                                 f"keys: {list(context.metrics_dict or {})}")
+            self.scheduler.step(value)
         else:
             self.scheduler.step()
 
@@ -234,13 +247,6 @@ class TorchSchedulerCallback(Callback):
             self._pending_state = state
         else:
             self.scheduler.load_state_dict(state)
-
-
-def _lookup_metric(metrics: Mapping[str, Any], name: str) -> Any:
-    for key, value in metrics.items():
-        if key.lower() == name.lower():
-            return value
-    raise ValueError(f"lr scheduler metric_name {name!r} is not in metrics_dict; keys: {list(metrics)}")
 
 
 LR_MODES: Dict[str, str] = {
@@ -299,17 +305,17 @@ def build_lr_callbacks(params: Mapping[str, Any], steps_per_epoch: int) -> List[
     mode = normalize_lr_mode(params.get("lr_mode"))
     common = dict(max_epochs=M, steps_per_epoch=steps_per_epoch, warmup_epochs=W, warmup_steps=S,
                   cooldown_epochs=C)
-    decay = params.get("lr_decay_factor")
+    decay = float(params["lr_decay_factor"])
     if mode is None:
         pass
     elif isinstance(mode, Mapping):
         callbacks.append(_torch_scheduler(mode))
     elif mode == "cosine":
-        callbacks.append(CosineLRSchedule(**common, final_lr_ratio=float(params.get("cosine_final_lr_ratio", 0.01))))
+        callbacks.append(CosineLRSchedule(**common, final_lr_ratio=float(params["cosine_final_lr_ratio"])))
     elif mode == "poly":
         callbacks.append(PolyLRSchedule(**common))
     elif mode == "exp":
-        callbacks.append(ExpLRSchedule(**common, decay_factor=float(decay if decay is not None else 0.1)))
+        callbacks.append(ExpLRSchedule(**common, decay_factor=decay))
     elif mode == "function":
         function = params.get("lr_schedule_function")
         if not callable(function):
@@ -317,8 +323,7 @@ def build_lr_callbacks(params: Mapping[str, Any], steps_per_epoch: int) -> List[
         callbacks.append(FunctionLRSchedule(**common, function=function))
     elif mode == "step":
         updates = params.get("lr_updates") or []
-        callbacks.append(StepLRSchedule(**common, lr_updates=list(updates),
-                                        decay_factor=float(decay if decay is not None else 0.1)))
+        callbacks.append(StepLRSchedule(**common, lr_updates=list(updates), decay_factor=decay))
     return callbacks
 
 
