@@ -145,6 +145,10 @@ def _validate(params: TrainingParams) -> None:
     if is_instance:
         if initial_lr is not None:
             raise _error("initial_lr", "must not be given with an Optimizer instance (its param groups' lr are used)")
+        for key in ("optimizer_params", "zero_weight_decay_on_bias_and_bn"):
+            if params[key]:
+                raise _error(key, "does not apply to an Optimizer instance; configure the instance itself, "
+                                  "or give optimizer as a name")
     elif initial_lr is None:
         raise _error("initial_lr", "is required (a number, or {param-name prefix: lr, 'default': lr})")
     elif isinstance(initial_lr, MappingABC):

@@ -12,7 +12,6 @@ import math
 import random
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,9 +25,10 @@ from .callbacks.average_models import AverageBestModels
 from .callbacks.base import Callback, CallbackHandler, PhaseContext
 from .callbacks.ema import EMAUpdate
 from .callbacks.grad_clip import GradientClipping
-from .callbacks.logging import BaseLogger, TensorBoardLogger, param_group_names
+from .callbacks.logging import BaseLogger, TensorBoardLogger
 from .callbacks.lr import TorchSchedulerCallback, build_lr_callbacks
 from .callbacks.progress import ProgressBar
+from .batches import count_batches, numbered, rescale_grads, to_device, window_size
 from .checkpoint import (
     FORMAT,
     CheckpointError,
@@ -149,7 +149,7 @@ class Trainer:
         net = unwrap_model(model).to(device)
         optimizer = _build_optimizer(net, params)
         criterion = _build_criterion(params, device)
-        train_batches = _count_batches(train_loader, params.max_train_batches)
+        train_batches = count_batches(train_loader, params.max_train_batches)
         steps_per_epoch = _steps_per_epoch(params, train_batches)
 
         train_metrics = build_metrics(params.train_metrics_list, "training_params.train_metrics_list")
@@ -290,10 +290,10 @@ class Trainer:
         held_stop, context.stop_training = context.stop_training, False
         in_batch = False
         try:
-            for batch_idx, batch, is_last in _numbered(run.train_loader, n_batches, params.max_train_batches):
+            for batch_idx, batch, is_last in numbered(run.train_loader, n_batches, params.max_train_batches):
                 in_batch = True
                 context.batch_idx = batch_idx
-                context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
+                context.inputs, context.target, context.additional_batch_items = to_device(batch, context.device)
                 callbacks.on_train_batch_start(context)
                 with run.autocast:
                     context.preds = model(context.inputs)
@@ -305,7 +305,7 @@ class Trainer:
                 if run.model is not run.net:  # DDP: every rank must agree before the collective in backward
                     context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
                 if not context.stop_training:
-                    window = _window_size(batch_idx, n_batches, accumulate)
+                    window = window_size(batch_idx, n_batches, accumulate)
                     loss = context.loss if window == 1 else context.loss / window
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                     callbacks.on_train_batch_backward_end(context)
@@ -314,7 +314,7 @@ class Trainer:
                             scaler.unscale_(optimizer)
                         if is_last and n_batches is None and (batch_idx + 1) % accumulate:
                             # len() unknown: micro-batches were scaled by 1/accumulate; the last window was shorter
-                            _rescale_grads(run.net, accumulate / ((batch_idx % accumulate) + 1))
+                            rescale_grads(run.net, accumulate / ((batch_idx % accumulate) + 1))
                         callbacks.on_train_batch_gradient_step_start(context)
                         if not context.stop_training:
                             if scaler is not None:
@@ -350,7 +350,7 @@ class Trainer:
         context, callbacks = run.context, run.callbacks
         callbacks.on_validation_loader_start(context)
         limit = run.params.max_valid_batches
-        batches = _numbered(run.valid_loader, _count_batches(run.valid_loader, limit), limit)
+        batches = numbered(run.valid_loader, count_batches(run.valid_loader, limit), limit)
         self._evaluate(run, batches, run.valid_metrics,
                        callbacks.on_validation_batch_start, callbacks.on_validation_batch_end)
         context.metrics_dict = self._epoch_metrics(run, run.eval_loss, run.valid_metrics)
@@ -366,7 +366,7 @@ class Trainer:
         context, callbacks = run.context, run.callbacks
         context.test_loader, context.test_loader_name = loader, name
         callbacks.on_test_loader_start(context)
-        self._evaluate(run, _numbered(loader, _count_batches(loader, None), None), run.test_metrics,
+        self._evaluate(run, numbered(loader, count_batches(loader, None), None), run.test_metrics,
                        callbacks.on_test_batch_start, callbacks.on_test_batch_end)
         context.metrics_dict = self._epoch_metrics(run, run.eval_loss, run.test_metrics)
         callbacks.on_test_loader_end(context)
@@ -385,7 +385,7 @@ class Trainer:
         with torch.no_grad():
             for batch_idx, batch, _ in batches:
                 context.batch_idx = batch_idx
-                context.inputs, context.target, context.additional_batch_items = _to_device(batch, context.device)
+                context.inputs, context.target, context.additional_batch_items = to_device(batch, context.device)
                 on_batch_start(context)
                 with run.autocast:
                     context.preds = model(context.inputs)
@@ -711,15 +711,6 @@ def _user_callbacks(params: TrainingParams) -> List[Callback]:
     return callbacks
 
 
-def _count_batches(loader: Any, limit: Optional[int]) -> Optional[int]:
-    """Batches per pass (capped by ``limit``) when the loader has len(), else None."""
-    try:
-        n = len(loader)
-    except TypeError:
-        return None
-    return min(n, limit) if limit else n
-
-
 def _steps_per_epoch(params: TrainingParams, train_batches: Optional[int]) -> Optional[int]:
     """Optimizer steps per epoch (L), from len(train_loader) or max_train_batches; ValueError when a
     schedule needs L and neither gives it."""
@@ -737,77 +728,6 @@ def _steps_per_epoch(params: TrainingParams, train_batches: Optional[int]) -> Op
         raise ValueError(f"training_params.max_train_batches: {' and '.join(needs)} need the number of batches "
                          "per epoch, but train_loader has no len(); set max_train_batches")
     return None
-
-
-def _numbered(loader: Any, n_batches: Optional[int], limit: Optional[int]) -> Iterator[Tuple[int, Any, bool]]:
-    """(batch_idx, batch, is_last), stopping after ``n_batches`` (known length) or ``limit``; looks one
-    batch ahead when len() is unknown, so the last batch is flagged either way."""
-    if n_batches is not None:
-        if n_batches == 0:
-            return
-        for batch_idx, batch in enumerate(loader):
-            yield batch_idx, batch, batch_idx + 1 == n_batches
-            if batch_idx + 1 == n_batches:
-                return
-        return
-    iterator = iter(loader)
-    try:
-        batch = next(iterator)
-    except StopIteration:
-        return
-    batch_idx = 0
-    for upcoming in iterator:
-        if limit is not None and batch_idx + 1 == limit:
-            break
-        yield batch_idx, batch, False
-        batch, batch_idx = upcoming, batch_idx + 1
-    yield batch_idx, batch, True
-
-
-def _window_size(batch_idx: int, n_batches: Optional[int], accumulate: int) -> int:
-    """Micro-batches in the accumulation window of ``batch_idx``; windows never span epochs."""
-    if accumulate == 1:
-        return 1
-    if n_batches is None:
-        return accumulate  # unknown length: the last partial window is corrected by _rescale_grads
-    start = batch_idx - batch_idx % accumulate
-    return min(accumulate, n_batches - start)
-
-
-def _rescale_grads(net: nn.Module, factor: float) -> None:
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, factor)
-
-
-def _to_device(batch: Any, device: torch.device) -> Tuple[Any, Any, Dict[str, Any]]:
-    """Split a batch into (inputs, target, additional items) and move it to ``device``."""
-    if type(batch) in (tuple, list) and len(batch) == 2:  # the common case, kept cheap
-        inputs, target = batch
-        if type(inputs) is torch.Tensor and type(target) is torch.Tensor:
-            if device.type == "cpu":  # non_blocking only matters for host-to-GPU copies, and costs a little
-                return inputs.to(device), target.to(device), {}
-            return inputs.to(device, non_blocking=True), target.to(device, non_blocking=True), {}
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        inputs, target = _move(batch[0], device), _move(batch[1], device)
-        extras = _move(batch[2], device) if len(batch) == 3 else {}
-        return inputs, target, extras if isinstance(extras, dict) else {"extra": extras}
-    if isinstance(batch, Mapping) and "inputs" in batch and "target" in batch:
-        extras = {k: _move(v, device) for k, v in batch.items() if k not in ("inputs", "target")}
-        return _move(batch["inputs"], device), _move(batch["target"], device), extras
-    raise ValueError("a batch must be (inputs, target), (inputs, target, {extra items}) or "
-                     f"{{'inputs': ..., 'target': ...}}; got {type(batch).__name__}"
-                     + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_move(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    return value
 
 
 def _validation_due(epoch: int, params: TrainingParams) -> bool:

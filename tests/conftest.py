@@ -49,6 +49,16 @@ def quiet_params(**overrides: Any) -> Dict[str, Any]:
     return params
 
 
+class NoLen:
+    """An iterable loader without len(): the trainer cannot count its batches in advance."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
 class Recorder(Callback):
     """Records every event it receives, with epoch and batch_idx."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import make_data, make_model, quiet_params
+from conftest import NoLen, make_data, make_model, quiet_params
 from super_trainer import Trainer
 
 
@@ -39,16 +39,6 @@ def test_partial_last_window_is_scaled_by_its_own_size(tmp_path):
     big = train_weights(tmp_path, "big", batch_size=32, accumulate=1, n=40)
     small = train_weights(tmp_path, "small", batch_size=8, accumulate=4, n=40)
     assert_close(big, small)
-
-
-class NoLen:
-    """An iterable loader without len(): the trainer cannot know the last window size in advance."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
 
 
 def test_partial_last_window_without_len(tmp_path):

@@ -59,6 +59,10 @@ def test_optimizer_instance_forbids_initial_lr_and_uses_its_lrs(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03)
     with pytest.raises(ValueError, match="initial_lr: must not be given"):
         train(tmp_path, model=model, optimizer=optimizer)
+    with pytest.raises(ValueError, match="optimizer_params: does not apply to an Optimizer instance"):
+        params = quiet_params(optimizer=optimizer, optimizer_params={"momentum": 0.9})
+        del params["initial_lr"]
+        Trainer("p", tmp_path).train(model=model, training_params=params, train_loader=make_loader())
     params = quiet_params(optimizer=optimizer, max_epochs=1)
     del params["initial_lr"]
     Trainer("p", tmp_path).train(model=model, training_params=params, train_loader=make_loader())

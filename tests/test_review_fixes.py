@@ -5,17 +5,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import make_loader, make_model, quiet_params
+from conftest import NoLen, make_loader, make_model, quiet_params
 from super_trainer import Callback, Phase, Trainer
 from super_trainer.checkpoint import load_checkpoint_to_model
-
-
-class NoLen:
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
 
 
 def test_average_best_models_averages_the_best_epochs(tmp_path):

@@ -5,18 +5,11 @@ from typing import Any, Dict, Optional
 
 from tqdm.auto import tqdm
 
+from ..batches import count_batches
 from ..distributed import is_main_process
 from .base import Callback, PhaseContext, Priority
 
 __all__ = ["ProgressBar"]
-
-
-def _length(loader: Any, limit: Optional[int]) -> Optional[int]:
-    try:
-        n = len(loader)
-    except TypeError:
-        return limit
-    return min(n, limit) if limit else n
 
 
 def _postfix(metrics: Dict[str, Any]) -> Dict[str, str]:
@@ -56,7 +49,7 @@ class ProgressBar(Callback):
     def on_train_loader_start(self, context: PhaseContext) -> None:
         if self.enabled:
             limit = context.training_params.get("max_train_batches")
-            self._open(_length(context.train_loader, limit), f"Train epoch {context.epoch}")
+            self._open(count_batches(context.train_loader, limit), f"Train epoch {context.epoch}")
 
     on_train_batch_end = _tick
 
@@ -70,7 +63,7 @@ class ProgressBar(Callback):
     def on_validation_loader_start(self, context: PhaseContext) -> None:
         if self.enabled:
             limit = context.training_params.get("max_valid_batches")
-            self._open(_length(context.valid_loader, limit), f"Valid epoch {context.epoch}")
+            self._open(count_batches(context.valid_loader, limit), f"Valid epoch {context.epoch}")
 
     on_validation_batch_end = _tick
 
@@ -80,7 +73,7 @@ class ProgressBar(Callback):
     def on_test_loader_start(self, context: PhaseContext) -> None:
         if self.enabled:
             name = getattr(context, "test_loader_name", None) or "test"
-            self._open(_length(context.test_loader, None), f"Test {name}")
+            self._open(count_batches(context.test_loader, None), f"Test {name}")
 
     on_test_batch_end = _tick
 
