@@ -222,7 +222,7 @@ class Trainer:
             warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=3)
         run.start_epoch = int(state["epoch"])
         run.context.global_step = int(state.get("global_step", 0))
-        run.best_metric = state["best_metric"]
+        run.best_metric = run.context.best_metric = state["best_metric"]
         run.best_epoch = state.get("best_epoch")
         run.last_metrics = dict(state.get("metrics") or {})
         run.history = list(state.get("history") or [])
