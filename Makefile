@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 train: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/super-trainer
 
 test: dev
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -100,6 +101,17 @@ class _Run:
     eval_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
 
 
+class _class_or_instance_method:
+    """A method that also works on the class (``self`` is then None): ``Trainer.train(recipe)``."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
+        return functools.partial(self.function, instance)
+
+
 class Trainer:
     """Runs training and testing; see SPEC §2.
 
@@ -112,6 +124,7 @@ class Trainer:
         self.experiment_name = experiment_name
         self.ckpt_root_dir = Path(ckpt_root_dir)
         self.device = _resolve_device(device)
+        self._recipe_context: Dict[str, Any] = {}  # architecture, arch_params, ... when trained from a recipe
 
     @property
     def ckpt_dir(self) -> Path:
@@ -119,14 +132,28 @@ class Trainer:
         return self.ckpt_root_dir / self.experiment_name
 
     # ------------------------------------------------------------------------------------------------
-    def train(self, model: nn.Module, training_params: Mapping[str, Any], train_loader: Any,
+    @_class_or_instance_method
+    def train(self, model: Any = None, training_params: Optional[Mapping[str, Any]] = None, train_loader: Any = None,
               valid_loader: Any = None, test_loaders: Optional[Mapping[str, Any]] = None) -> TrainingResult:
         """Train ``model`` in place and return a :class:`TrainingResult`.
 
-        Bad ``training_params`` raise ValueError and a bad checkpoint raises CheckpointError, both before
-        any event fires. Once on_training_start has fired, on_training_end fires exactly once: after the
-        last epoch, a stop, Ctrl-C (then ``stop_reason == "interrupted"``) or an exception (re-raised).
+        ``model`` may instead be a recipe — a name under recipes/, a YAML path, or a DictConfig — and then
+        everything is built from it (``Trainer.train(recipe)`` also works on the class, taking the experiment
+        name, root dir and device from the recipe). Bad ``training_params`` raise ValueError and a bad
+        checkpoint raises CheckpointError, both before any event fires. Once on_training_start has fired,
+        on_training_end fires exactly once: after the last epoch, a stop, Ctrl-C (then
+        ``stop_reason == "interrupted"``) or an exception (re-raised).
         """
+        if _is_recipe(model):
+            from .recipes import load_recipe, train_from_recipe
+
+            if self is None:
+                return train_from_recipe(load_recipe(model))
+            return train_from_recipe(load_recipe(model), trainer=self)
+        if self is None:
+            raise TypeError("Trainer.train on the class takes a recipe; to train a model, make a Trainer first")
+        if train_loader is None:
+            raise ValueError("train_loader is required")
         params = resolve_training_params(training_params)
         run = self._prepare(model, params, train_loader, valid_loader, dict(test_loaders or {}))
         return self._fit(run)
@@ -135,9 +162,7 @@ class Trainer:
     def _prepare(self, model: nn.Module, params: TrainingParams, train_loader: Any, valid_loader: Any,
                  test_loaders: Dict[str, Any]) -> _Run:
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if train_loader is None:
-            raise ValueError("train_loader is required")
+            raise ValueError(f"model must be a torch.nn.Module or a recipe, got {type(model).__name__}")
         device = self.device
         is_distributed = distributed.init_from_env(device)
         if is_distributed and device.type == "cuda" and device.index is None:
@@ -179,7 +204,7 @@ class Trainer:
             experiment_name=self.experiment_name, sg_logger=sg_logger, train_loader=train_loader,
             valid_loader=valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
             train_metrics=train_metrics, valid_metrics=valid_metrics, ema_model=ema,
-            lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0,
+            lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0, **self._recipe_context,
         )
         run = _Run(
             params=params, net=net, model=wrapped, optimizer=optimizer, criterion=criterion, callbacks=callbacks,
@@ -516,6 +541,11 @@ class Trainer:
 
 
 # ---- helpers (module level so the Trainer stays small) ---------------------------------------------
+
+def _is_recipe(value: Any) -> bool:
+    from omegaconf import DictConfig
+
+    return isinstance(value, (str, Path, DictConfig)) or (isinstance(value, Mapping) and "training_hyperparams" in value)
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device is None:

@@ -1,0 +1,243 @@
+"""Recipes: Hydra/OmegaConf YAML that names everything a training run needs (SPEC §5).
+
+A recipe's top-level keys: ``experiment_name``, ``ckpt_root_dir``, ``device``, ``architecture``,
+``custom_imports``, and the groups ``training_hyperparams``, ``dataset_params``, ``arch_params``,
+``checkpoint_params``. Objects are built through the registries (``{Name: {params}}`` or a Hydra
+``_target_`` mapping). The resolved recipe is saved as ``recipe.yaml`` in the experiment dir.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import distributed
+from .callbacks.base import Callback, PhaseContext, Priority
+from .checkpoint import load_checkpoint_to_model
+from .registry import DATASETS, MODELS, close_matches, parse_spec
+
+__all__ = ["recipes_dir", "load_recipe", "build_from_recipe", "train_from_recipe", "resume_from_recipe",
+           "RECIPE_FILE"]
+
+RECIPE_FILE = "recipe.yaml"
+RecipeLike = Union[str, Path, DictConfig, Mapping[str, Any]]
+
+
+def recipes_dir() -> Path:
+    """The recipes shipped with the package: ``recipes/`` beside it in a source/editable install, the
+    ``super_trainer_recipes`` package in a wheel install."""
+    source = Path(__file__).resolve().parent.parent / "recipes"
+    if (source / "default.yaml").is_file():
+        return source
+    spec = importlib.util.find_spec("super_trainer_recipes")  # a data-only (namespace) package
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a broken install
+        raise FileNotFoundError("the super_trainer recipes are not installed (no recipes/ beside the package)")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def recipe_names(directory: Optional[Path] = None) -> List[str]:
+    directory = directory or recipes_dir()
+    return sorted(p.stem for p in directory.glob("*.yaml") if p.stem != "base")
+
+
+def load_recipe(recipe: RecipeLike, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a recipe given by name (under recipes/), by YAML path, or as a (Dict)Config, with Hydra
+    overrides like ``"training_hyperparams.max_epochs=3"``."""
+    if isinstance(recipe, DictConfig) or isinstance(recipe, Mapping):
+        cfg = recipe if isinstance(recipe, DictConfig) else OmegaConf.create(dict(recipe))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return cfg
+    path = Path(str(recipe))
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        return _compose(path.resolve().parent, path.stem, overrides)
+    name = str(recipe)
+    if not (recipes_dir() / f"{name}.yaml").is_file():
+        hint = close_matches(name, recipe_names())
+        raise ValueError(f"unknown recipe {name!r}" + (f"; did you mean {' or '.join(map(repr, hint))}?" if hint
+                                                       else f"; recipes: {recipe_names()}"))
+    return _compose(recipes_dir(), name, overrides)
+
+
+def _compose(directory: Path, name: str, overrides: Sequence[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    extra = []
+    if directory.resolve() != recipes_dir().resolve():
+        # let a user's recipe use the shipped groups and base (e.g. `- base`, `training_hyperparams: ...`)
+        extra.append(f"hydra.searchpath=[file://{recipes_dir()}]")
+    was_initialized = GlobalHydra.instance().is_initialized()
+    if was_initialized:  # e.g. called from inside a Hydra app: compose in a fresh context
+        saved = GlobalHydra.instance().hydra
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=list(overrides) + extra)
+    finally:
+        if was_initialized:
+            GlobalHydra.instance().initialize(saved)
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def import_custom_modules(modules: Sequence[str]) -> None:
+    """Import the recipe's ``custom_imports`` (module names) so their registrations run."""
+    for module in modules or []:
+        try:
+            importlib.import_module(str(module))
+        except ImportError as err:
+            raise ValueError(f"recipe custom_imports: cannot import {module!r}: {err}") from None
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """``architecture`` (a registry name or a ``_target_`` mapping) built with ``arch_params``."""
+    architecture = cfg.get("architecture")
+    arch_params = _plain(cfg.get("arch_params")) or {}
+    if architecture is None:
+        raise ValueError("recipe: 'architecture' is required (a model name such as 'MLP', or a _target_ mapping)")
+    spec = _plain(architecture)
+    try:
+        if isinstance(spec, str):
+            model = MODELS.build({spec: arch_params})
+        else:
+            name, params = parse_spec(spec, "model")
+            model = MODELS.build(spec if name == "_target_" else {name: {**arch_params, **params}})
+    except ValueError as err:
+        raise ValueError(f"recipe architecture: {err}") from None
+    except TypeError as err:
+        raise ValueError(f"recipe arch_params: {err}") from None
+    checkpoint_params = _plain(cfg.get("checkpoint_params")) or {}
+    if checkpoint_params.get("checkpoint_path"):
+        load_checkpoint_to_model(model, checkpoint_params["checkpoint_path"],
+                                 strict=checkpoint_params.get("strict_load", True),
+                                 load_ema_as_net=checkpoint_params.get("load_ema_as_net", False))
+    return model
+
+
+def _dataset(spec: Any, key: str) -> Any:
+    try:
+        return DATASETS.build(spec)
+    except ValueError as err:
+        raise ValueError(f"recipe dataset_params.{key}: {err}") from None
+    except TypeError as err:
+        raise ValueError(f"recipe dataset_params.{key}: {err}") from None
+
+
+def _loader(dataset: Any, params: Dict[str, Any], train: bool) -> DataLoader:
+    params = dict(params)
+    if distributed.is_distributed():  # each rank reads its own shard
+        shuffle = params.pop("shuffle", False)
+        sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=params.get("drop_last", False) if train else False)
+        return DataLoader(dataset, sampler=sampler, **params)
+    return DataLoader(dataset, **params)
+
+
+def build_loaders(cfg: DictConfig) -> Tuple[DataLoader, Optional[DataLoader], Dict[str, DataLoader]]:
+    """(train, valid, {name: test}) loaders from ``dataset_params``."""
+    data = _plain(cfg.get("dataset_params")) or {}
+    if "train_dataset" not in data:
+        raise ValueError("recipe dataset_params.train_dataset is required ({Name: {params}} or a _target_ mapping)")
+    train_params = data.get("train_dataloader_params") or {}
+    eval_params = data.get("val_dataloader_params") or {k: v for k, v in train_params.items() if k != "shuffle"}
+    train = _loader(_dataset(data["train_dataset"], "train_dataset"), train_params, train=True)
+    valid = None
+    if data.get("valid_dataset"):
+        valid = _loader(_dataset(data["valid_dataset"], "valid_dataset"), eval_params, train=False)
+    tests = {str(name): _loader(_dataset(spec, f"test_datasets.{name}"), eval_params, train=False)
+             for name, spec in (data.get("test_datasets") or {}).items()}
+    return train, valid, tests
+
+
+class SamplerEpoch(Callback):
+    """Calls ``set_epoch`` on a DistributedSampler at each epoch start, so shuffling differs per epoch."""
+
+    priority = Priority.VERY_HIGH
+
+    def on_train_loader_start(self, context: PhaseContext) -> None:
+        sampler = getattr(context.train_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(context.epoch)
+
+
+def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
+    """Everything ``Trainer.train`` needs, built from a composed recipe."""
+    import_custom_modules(_plain(cfg.get("custom_imports")) or [])
+    params = OmegaConf.to_container(cfg.training_hyperparams, resolve=True) if "training_hyperparams" in cfg else None
+    if params is None:
+        raise ValueError("recipe: 'training_hyperparams' is required")
+    model = build_model(cfg)
+    train, valid, tests = build_loaders(cfg)
+    if distributed.is_distributed():
+        params["phase_callbacks"] = list(params.get("phase_callbacks") or []) + [SamplerEpoch()]
+    return {"model": model, "training_params": params, "train_loader": train, "valid_loader": valid,
+            "test_loaders": tests}
+
+
+def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, trainer: Any = None) -> Any:
+    """Build and train what ``cfg`` describes. The experiment dir is ``experiment_dir`` when given (the CLI
+    passes Hydra's output dir, so `.hydra/` and the checkpoints share it), else the ``trainer``'s, else
+    ``<ckpt_root_dir>/<experiment_name>`` from the recipe."""
+    from .trainer import Trainer  # the trainer does not import recipes at module level
+
+    _join_process_group(cfg)
+    if trainer is None:
+        if experiment_dir is None:
+            experiment_dir = Path(str(cfg.get("ckpt_root_dir", "checkpoints"))) / str(cfg.experiment_name)
+        trainer = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
+                          device=cfg.get("device"))
+    experiment_dir = trainer.ckpt_dir
+    built = build_from_recipe(cfg)
+    trainer._recipe_context = {
+        "architecture": _plain(cfg.get("architecture")), "arch_params": _plain(cfg.get("arch_params")),
+        "checkpoint_params": _plain(cfg.get("checkpoint_params")),
+    }
+    if distributed.is_main_process():
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        _save_recipe(cfg, experiment_dir / RECIPE_FILE)
+    return trainer.train(**built)
+
+
+def _join_process_group(cfg: DictConfig) -> None:
+    """Under torchrun, join before the loaders are built, so they can be sharded."""
+    device = cfg.get("device")
+    target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.init_from_env(target)
+
+
+def _save_recipe(cfg: DictConfig, path: Path) -> None:
+    """The recipe as trained, interpolations resolved where they can be (Hydra's resolvers only exist
+    inside a Hydra run)."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that only resolves inside Hydra: keep it as written
+        container = OmegaConf.to_container(cfg, resolve=False)
+    if isinstance(container, dict):
+        container.pop("hydra", None)
+    tmp = path.with_suffix(".yaml.tmp")
+    OmegaConf.save(OmegaConf.create(container), tmp, resolve=False)
+    tmp.replace(path)
+
+
+def resume_from_recipe(recipe_path: Path, device: Any = None) -> Any:
+    """Continue the experiment whose saved ``recipe.yaml`` is at ``recipe_path`` from its ckpt_latest."""
+    recipe_path = Path(recipe_path)
+    cfg = OmegaConf.load(recipe_path)
+    cfg.training_hyperparams.resume = True
+    if device is not None:
+        cfg.device = str(device)
+    return train_from_recipe(cfg, experiment_dir=recipe_path.parent)
+
