@@ -1,5 +1,7 @@
 """super_trainer: a PyTorch training SDK built around callback events."""
 from .callbacks.base import Callback, CallbackHandler, Phase, PhaseCallback, PhaseContext, Priority
+from .callbacks.csv_logger import CSVLogger
+from .callbacks.early_stop import EarlyStop
 from .checkpoint import CheckpointError, load_checkpoint_to_model, transfer_weights
 from .trainer import Trainer, TrainingResult
 from . import models as _models  # noqa: F401  (registers the built-in models)
@@ -8,7 +10,7 @@ from . import data as _data  # noqa: F401  (registers the built-in datasets)
 __version__ = "0.1.0"
 
 __all__ = [
-    "Callback", "CallbackHandler", "Phase", "PhaseCallback", "PhaseContext", "Priority",
+    "Callback", "CallbackHandler", "CSVLogger", "EarlyStop", "Phase", "PhaseCallback", "PhaseContext", "Priority",
     "Trainer", "TrainingResult", "CheckpointError", "load_checkpoint_to_model", "transfer_weights",
     "__version__",
 ]

@@ -258,6 +258,7 @@ class Trainer:
     def _fit(self, run: _Run) -> TrainingResult:
         context, callbacks, params = run.context, run.callbacks, run.params
         context.epoch = run.start_epoch
+        context.history = run.history  # completed epochs, as TrainingResult.history (read by CSVLogger)
         stop_reason = "completed"
         try:
             callbacks.on_training_start(context)

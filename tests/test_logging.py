@@ -68,3 +68,26 @@ def test_silent_mode_prints_nothing(tmp_path, capsys):
                                       train_loader=make_loader(), valid_loader=make_loader(16))
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_csv_logger_rows_match_history(tmp_path):
+    import csv
+
+    from super_trainer import CSVLogger
+
+    class StopMidEpoch2(Callback):
+        def on_train_batch_end(self, context):
+            if context.epoch == 2 and context.batch_idx == 1:
+                context.stop_training = True
+
+    result = Trainer("csv", tmp_path).train(
+        model=make_model(), training_params=quiet_params(max_epochs=4, run_validation_freq=2,
+                                                         phase_callbacks=[CSVLogger(), StopMidEpoch2()]),
+        train_loader=make_loader(), valid_loader=make_loader(16))
+    with open(tmp_path / "csv" / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]  # the stopped epoch 2 has no row
+    assert list(rows[0])[:3] == ["epoch", "lr", "seconds"]
+    assert rows[0]["valid/Accuracy"] == "" and float(rows[1]["valid/Accuracy"]) == pytest.approx(
+        result.history[1]["valid/Accuracy"])
+    assert float(rows[1]["train/CrossEntropyLoss"]) == pytest.approx(result.history[1]["train/CrossEntropyLoss"])

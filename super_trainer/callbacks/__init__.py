@@ -1,6 +1,7 @@
 """Callbacks: the event API (base) and the built-in callbacks, one small module each."""
 from .average_models import AverageBestModels
 from .base import EVENTS, Callback, CallbackHandler, Phase, PhaseCallback, PhaseContext, Priority
+from .csv_logger import CSVLogger
 from .early_stop import EarlyStop
 from .ema import EMAUpdate
 from .grad_clip import GradientClipping
@@ -18,14 +19,14 @@ from .lr import (
 from .progress import ProgressBar
 from ..registry import CALLBACKS
 
-for _callback in (EarlyStop, AverageBestModels, EMAUpdate, GradientClipping, BaseLogger, TensorBoardLogger, ProgressBar, LinearEpochLRWarmup,
+for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientClipping, BaseLogger, TensorBoardLogger, ProgressBar, LinearEpochLRWarmup,
                   LinearBatchLRWarmup, StepLRSchedule, CosineLRSchedule, PolyLRSchedule, ExpLRSchedule,
                   FunctionLRSchedule):
     CALLBACKS.register(_callback)
 
 __all__ = [
     "EVENTS", "Callback", "CallbackHandler", "Phase", "PhaseCallback", "PhaseContext", "Priority",
-    "EarlyStop", "AverageBestModels", "EMAUpdate", "GradientClipping", "BaseLogger", "TensorBoardLogger", "ProgressBar",
+    "CSVLogger", "EarlyStop", "AverageBestModels", "EMAUpdate", "GradientClipping", "BaseLogger", "TensorBoardLogger", "ProgressBar",
     "LinearEpochLRWarmup", "LinearBatchLRWarmup", "StepLRSchedule", "CosineLRSchedule", "PolyLRSchedule",
     "ExpLRSchedule", "FunctionLRSchedule", "TorchSchedulerCallback",
 ]
