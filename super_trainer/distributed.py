@@ -1,6 +1,8 @@
 """Process-group helpers. Under ``torchrun`` the trainer joins the group; alone, all of these are no-ops."""
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from typing import Optional
 
@@ -40,7 +42,19 @@ def init_from_env(device: torch.device) -> bool:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
+    # The group we joined is ours to leave: without this, gloo's threads can still be running while the
+    # interpreter exits, and the process aborts ("terminate called without an active exception").
+    atexit.register(_leave_process_group)
     return True
+
+
+def _leave_process_group() -> None:
+    if is_distributed():
+        # Free the DDP wrappers (they sit in reference cycles) while the interpreter is still whole, so the
+        # process group's threads are joined here and not during interpreter teardown, where gloo aborts.
+        gc.collect()
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def any_rank_true(flag: bool, device: Optional[torch.device] = None) -> bool:

@@ -208,7 +208,10 @@ def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, tr
     if distributed.is_main_process():
         experiment_dir.mkdir(parents=True, exist_ok=True)
         _save_recipe(cfg, experiment_dir / RECIPE_FILE)
-    return trainer.train(**built)
+    try:
+        return trainer.train(**built)
+    finally:
+        trainer._recipe_context = {}
 
 
 def _join_process_group(cfg: DictConfig) -> None:

@@ -90,6 +90,7 @@ def tmp_ckpt(tmp_path: Path) -> Path:
 
 def python_env() -> Dict[str, str]:
     env = dict(os.environ)
+    env["PYTHONFAULTHANDLER"] = "1"  # a crashing child prints every thread's stack
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
