@@ -4,6 +4,7 @@ Every mistake raises ``ValueError`` before the first batch, naming the key and w
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping as MappingABC
 from typing import Any, Dict, Mapping
 
@@ -16,11 +17,18 @@ __all__ = ["DEFAULT_TRAINING_PARAMS", "REQUIRED", "TrainingParams", "resolve_tra
 
 
 class _Required:
+    """Marks a key without a default; one instance, kept through copies."""
+
     def __repr__(self) -> str:
         return "<required>"
 
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_Required":
+        return self
+
 
 REQUIRED: Any = _Required()
+
+EMA_DEFAULTS: Dict[str, Any] = {"decay": 0.9999, "decay_type": "exp", "beta": 15.0}
 
 DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "max_epochs": REQUIRED,
@@ -50,7 +58,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "clip_grad_norm": None,
     "mixed_precision": False,
     "ema": False,
-    "ema_params": {},
+    "ema_params": dict(EMA_DEFAULTS),
     "log_interval": 50,
     "phase_callbacks": [],
     "run_validation_freq": 1,
@@ -68,7 +76,6 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "progress_bar": True,
 }
 
-EMA_DEFAULTS = {"decay": 0.9999, "decay_type": "exp", "beta": 15.0}
 MIXED_PRECISION_VALUES = (False, True, "bf16", "bfloat16", "fp16", "float16")
 SG_LOGGERS = ("tensorboard", "base")
 
@@ -128,7 +135,7 @@ def resolve_training_params(given: Any) -> TrainingParams:
             hint = close_matches(str(key), DEFAULT_TRAINING_PARAMS, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ValueError(f"training_params: unknown key {key!r}{suggestion}")
-    params = TrainingParams(DEFAULT_TRAINING_PARAMS)
+    params = TrainingParams(copy.deepcopy(DEFAULT_TRAINING_PARAMS))  # no run shares a mutable default
     params.update(given)
     for key, value in params.items():
         if value is REQUIRED:

@@ -144,3 +144,21 @@ def test_shipped_recipes_are_complete():
     for group in ("training_hyperparams", "dataset_params", "arch_params", "checkpoint_params"):
         assert list((directory / group).glob("*.yaml")), group
     assert shutil.which("super-trainer", path=str(Path(sys.executable).parent))
+
+
+def test_base_train_params_lists_every_default():
+    from super_trainer.params import DEFAULT_TRAINING_PARAMS, REQUIRED
+
+    base = OmegaConf.load(recipes_dir() / "training_hyperparams" / "base_train_params.yaml")
+    assert list(base) == list(DEFAULT_TRAINING_PARAMS)
+    for key, default in DEFAULT_TRAINING_PARAMS.items():
+        if default is REQUIRED:
+            assert OmegaConf.is_missing(base, key), key
+        else:
+            assert OmegaConf.to_container(base)[key] == default, key
+
+
+def test_any_training_param_can_be_overridden_without_plus(tmp_path):
+    cfg = load_recipe("default", ["training_hyperparams.progress_bar=false", "training_hyperparams.clip_grad_norm=1.0"])
+    assert cfg.training_hyperparams.progress_bar is False and cfg.training_hyperparams.clip_grad_norm == 1.0
+    assert cfg.training_hyperparams.lr_mode == "cosine"  # the default recipe's own choice still applies
