@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -95,7 +97,10 @@ def _plain(value: Any) -> Any:
 
 
 def import_custom_modules(modules: Sequence[str]) -> None:
-    """Import the recipe's ``custom_imports`` (module names) so their registrations run."""
+    """Import the recipe's ``custom_imports`` (module names) so their registrations run. The working
+    directory is importable, as it is for ``python script.py`` (the console script alone would not add it)."""
+    if modules and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for module in modules or []:
         try:
             importlib.import_module(str(module))

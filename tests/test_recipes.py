@@ -1,7 +1,6 @@
 """Recipes and the CLI (SPEC §5): composition, registries, the experiment dir, sweeps, exit codes."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -111,10 +110,9 @@ def test_cli_user_recipe_dir_custom_imports_and_ctrl_c_exit_code(tmp_path):
     (tmp_path / "recipes" / "interrupted.yaml").write_text(
         "defaults:\n  - default\n  - _self_\nexperiment_name: interrupted\ncustom_imports: [my_callbacks]\n"
         "training_hyperparams:\n  max_epochs: 3\n  phase_callbacks:\n    - CtrlCAt: {epoch: 1, batch: 2}\n")
-    env = python_env()
-    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    # my_callbacks.py is found because it is in the working directory, as for `python script.py`
     proc = cli(["--config-dir", str(tmp_path / "recipes"), "--config-name=interrupted", f"ckpt_root_dir={tmp_path}"],
-               cwd=tmp_path, env=env)
+               cwd=tmp_path)
     assert proc.returncode == 130, proc.stderr[-2000:]
     exp = tmp_path / "interrupted"
     assert read_checkpoint(exp / "ckpt_latest.pth")["epoch"] == 1
