@@ -5,31 +5,37 @@ Reading order: ``train`` → ``_prepare`` (build everything, restore a checkpoin
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import math
-import random
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .callbacks.average_models import AverageBestModels
-from .callbacks.base import Callback, CallbackHandler, PhaseContext
-from .callbacks.ema import EMAUpdate
-from .callbacks.grad_clip import GradientClipping
-from .callbacks.logging import BaseLogger, TensorBoardLogger
-from .callbacks.lr import TorchSchedulerCallback, build_lr_callbacks
-from .callbacks.progress import ProgressBar
 from .batches import count_batches, numbered, rescale_grads, to_device, window_size
+from .building import (
+    autocast_and_scaler,
+    build_criterion,
+    build_optimizer,
+    builtin_callbacks,
+    check_metric_to_watch,
+    known_loss_names,
+    optimizer_steps_per_epoch,
+    resolve_device,
+    seed_everything,
+    user_callbacks,
+    write_params_yaml,
+)
+from .callbacks.base import Callback, CallbackHandler, PhaseContext
+from .callbacks.logging import BaseLogger
+from .callbacks.lr import TorchSchedulerCallback
 from .checkpoint import (
     FORMAT,
     CheckpointError,
@@ -42,7 +48,6 @@ from .checkpoint import (
 from .ema import ModelEMA
 from .metrics import LossAverager, build_metrics, lookup_metric, loss_names, make_collection, metric_values
 from .params import TrainingParams, resolve_training_params
-from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
 
 __all__ = ["Trainer", "TrainingResult"]
 
@@ -123,7 +128,7 @@ class Trainer:
                  device: Union[str, torch.device, None] = None) -> None:
         self.experiment_name = experiment_name
         self.ckpt_root_dir = Path(ckpt_root_dir)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self._recipe_context: Dict[str, Any] = {}  # architecture, arch_params, ... when trained from a recipe
 
     @property
@@ -169,25 +174,25 @@ class Trainer:
             device = torch.device("cuda", distributed.local_rank())
             torch.cuda.set_device(device)
         if params.seed is not None:
-            _seed_everything(params.seed)
+            seed_everything(params.seed)
 
         net = unwrap_model(model).to(device)
-        optimizer = _build_optimizer(net, params)
-        criterion = _build_criterion(params, device)
+        optimizer = build_optimizer(net, params)
+        criterion = build_criterion(params, device)
         train_batches = count_batches(train_loader, params.max_train_batches)
-        steps_per_epoch = _steps_per_epoch(params, train_batches)
+        steps_per_epoch = optimizer_steps_per_epoch(params, train_batches)
 
         train_metrics = build_metrics(params.train_metrics_list, "training_params.train_metrics_list")
         valid_metrics = build_metrics(params.valid_metrics_list, "training_params.valid_metrics_list")
         test_spec = params.test_metrics_list if params.test_metrics_list is not None else params.valid_metrics_list
         test_metrics = build_metrics(test_spec, "training_params.test_metrics_list") if test_loaders else {}
-        names = _known_loss_names(criterion, params)
+        names = known_loss_names(criterion, params)
         if valid_loader is not None:
-            _check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics))
+            check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics))
 
-        autocast, scaler = _mixed_precision(params.mixed_precision, device)
+        autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
         ema = ModelEMA(net, **params.ema_params) if params.ema else None
-        callbacks = CallbackHandler(_builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + _user_callbacks(params))
+        callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + user_callbacks(params))
         for callback in callbacks.callbacks:
             if isinstance(callback, TorchSchedulerCallback):
                 callback.attach(optimizer)
@@ -218,7 +223,7 @@ class Trainer:
             self._restore(run)
         if distributed.is_main_process():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _write_params_yaml(params, self.ckpt_dir / "training_params.yaml")
+            write_params_yaml(params, self.ckpt_dir / "training_params.yaml")
         return run
 
     def _restore(self, run: _Run) -> None:
@@ -511,9 +516,9 @@ class Trainer:
         net = unwrap_model(model).to(device)
         criterion = None
         if loss is not None:
-            criterion = _build_criterion(TrainingParams(loss=loss, criterion_params={}), device)
+            criterion = build_criterion(TrainingParams(loss=loss, criterion_params={}), device)
         metrics = build_metrics(list(test_metrics_list) if test_metrics_list is not None else [], "test_metrics_list")
-        autocast, _ = _mixed_precision(mixed_precision, device)
+        autocast, _ = autocast_and_scaler(mixed_precision, device)
         handler = CallbackHandler(callbacks)
         context = PhaseContext(net=net, device=device, criterion=criterion, experiment_name=self.experiment_name,
                                ckpt_dir=self.ckpt_dir, test_metrics=metrics)
@@ -521,7 +526,7 @@ class Trainer:
             params=TrainingParams(), net=net, model=net, optimizer=None, criterion=criterion,  # type: ignore[arg-type]
             callbacks=handler, context=context, train_loader=None, valid_loader=None, test_loaders={name: test_loader},
             train_batches=None, train_metrics=None, valid_metrics=None, test_metrics=make_collection(metrics, device),
-            loss_names=_known_loss_names(criterion, TrainingParams(loss_logging_items_names=None)) if criterion else [],
+            loss_names=known_loss_names(criterion, TrainingParams(loss_logging_items_names=None)) if criterion else [],
             autocast=autocast, scaler=None, ema=None, ckpt_dir=self.ckpt_dir,
         )
         return self._test(run, name, test_loader)
@@ -548,124 +553,6 @@ def _is_recipe(value: Any) -> bool:
 
     return isinstance(value, (str, Path, DictConfig)) or (isinstance(value, Mapping) and "training_hyperparams" in value)
 
-def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: {device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'cpu'")
-    return resolved
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
-    spec = params.optimizer
-    if isinstance(spec, torch.optim.Optimizer):
-        optimizer = spec
-    else:
-        factory = spec if isinstance(spec, type) else _registry_get(OPTIMIZERS, spec, "optimizer")
-        groups = _param_groups(net, params.initial_lr, params.zero_weight_decay_on_bias_and_bn,
-                               params.optimizer_params.get("weight_decay", 0.0))
-        default_lr = groups[-1]["lr"] if groups else 0.0
-        try:
-            optimizer = factory(groups, **{"lr": default_lr, **dict(params.optimizer_params)})
-        except TypeError as err:
-            raise ValueError(f"training_params.optimizer_params: {err}") from None
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]  # lr0 of every schedule
-    return optimizer
-
-
-def _registry_get(registry: Any, name: str, key: str) -> Any:
-    try:
-        return registry.get(name)
-    except ValueError as err:
-        raise ValueError(f"training_params.{key}: {err}") from None
-
-
-def _param_groups(net: nn.Module, initial_lr: Any, split_no_decay: bool, weight_decay: float) -> List[Dict[str, Any]]:
-    """Param groups for ``initial_lr`` (a number, or {prefix: lr, "default": lr} matched by longest prefix)."""
-    lrs = dict(initial_lr) if isinstance(initial_lr, Mapping) else {"default": float(initial_lr)}
-    prefixes = sorted((p for p in lrs if p != "default"), key=len, reverse=True)
-    members: Dict[str, List[Tuple[str, nn.Parameter]]] = {name: [] for name in lrs}
-    unmatched = []
-    for pname, param in net.named_parameters():
-        prefix = next((p for p in prefixes if pname.startswith(p)), None)
-        if prefix is None and "default" not in lrs:
-            unmatched.append(pname)
-            continue
-        members[prefix or "default"].append((pname, param))
-    if unmatched:
-        raise ValueError(f"training_params.initial_lr: parameters {unmatched[:3]} match no prefix; add a 'default' lr")
-    for prefix in prefixes:
-        if not members[prefix]:
-            names = [n for n, _ in net.named_parameters()][:5]
-            raise ValueError(f"training_params.initial_lr: prefix {prefix!r} matches no parameter (names look like {names})")
-    no_decay = _no_decay_names(net) if split_no_decay else set()
-    ordered = [p for p in lrs if p != "default"] + (["default"] if "default" in lrs else [])
-    groups: List[Dict[str, Any]] = []
-    for name in ordered:
-        lr = float(lrs[name])
-        if lr == 0.0:  # lr 0 freezes: no gradients are computed for these parameters
-            for _, param in members[name]:
-                param.requires_grad_(False)
-        decay = [p for n, p in members[name] if n not in no_decay]
-        plain = [p for n, p in members[name] if n in no_decay]
-        if decay or not plain:
-            groups.append({"params": decay, "lr": lr, "name": name})
-        if plain:
-            groups.append({"params": plain, "lr": lr, "name": f"{name}_no_decay", "weight_decay": 0.0})
-    return [g for g in groups if g["params"]] or groups[:1]
-
-
-def _no_decay_names(net: nn.Module) -> set:
-    """Biases and the weights of normalization layers: weight decay only shrinks them needlessly."""
-    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    names = set()
-    for mname, module in net.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if pname == "bias" or isinstance(module, norm_types):
-                names.add(full)
-    return names
-
-
-def _build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
-    spec = params["loss"]
-    name, _ = parse_spec(spec, "loss")
-    if name is None:
-        if not callable(spec):
-            raise ValueError(f"training_params.loss: {spec!r} is not a loss; give a name like 'CrossEntropyLoss', "
-                             "{Name: {params}}, an nn.Module or a callable")
-        criterion = spec
-    else:
-        try:
-            criterion = LOSSES.build(spec, **dict(params.get("criterion_params") or {}))
-        except ValueError as err:
-            raise ValueError(f"training_params.loss: {err}") from None
-        except TypeError as err:
-            raise ValueError(f"training_params.criterion_params: {err}") from None
-    if isinstance(criterion, nn.Module):
-        criterion = criterion.to(device)
-    return criterion
-
-
-def _known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List[str]]:
-    """Loss names known before the first batch; None when they depend on what the loss returns."""
-    declared = params.get("loss_logging_items_names") or getattr(criterion, "component_names", None)
-    if declared:
-        return loss_names(criterion, list(declared))
-    return None
-
-
 def _name_loss_items(run: _Run, count: int) -> None:
     declared = run.params.get("loss_logging_items_names") or getattr(run.criterion, "component_names", None)
     if declared and len(declared) != count:
@@ -674,91 +561,6 @@ def _name_loss_items(run: _Run, count: int) -> None:
     if run.loss_names is not None and len(run.loss_names) != count:
         raise ValueError(f"the loss returned {count} components, earlier batches {len(run.loss_names)}")
     run.loss_names = loss_names(run.criterion, list(declared) if declared else None, count if count > 1 else 0)
-
-
-def _check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str]) -> None:
-    base = getattr(criterion, "__name__", None) or type(criterion).__name__
-    keys = list(names or [base]) + titles
-    lowered = metric.lower()
-    if any(k.lower() == lowered for k in keys):
-        return
-    if names is None and lowered.startswith(base.lower() + "/"):
-        return  # a component of a loss whose component names appear with its first output
-    hint = close_matches(metric, keys, n=1)
-    raise ValueError(f"training_params.metric_to_watch: {metric!r} is not a metrics_dict key; valid keys: {keys}"
-                     + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-
-
-def _mixed_precision(setting: Union[bool, str], device: torch.device) -> Tuple[Any, Optional[torch.amp.GradScaler]]:
-    """(autocast context manager, GradScaler or None): bf16 on CPU, fp16 + GradScaler on CUDA for True.
-
-    Both context managers can be entered again and again, so no object is built per batch."""
-    if not setting:
-        return contextlib.nullcontext(), None
-    if setting in ("bf16", "bfloat16"):
-        dtype = torch.bfloat16
-    elif setting in ("fp16", "float16"):
-        dtype = torch.float16
-    else:
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
-    return torch.autocast(device_type=device.type, dtype=dtype), scaler
-
-
-def _builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ckpt_dir: Path) -> List[Callback]:
-    callbacks: List[Callback] = list(build_lr_callbacks(params, steps_per_epoch or 1))
-    if params.ema:
-        callbacks.append(EMAUpdate(total_steps=(steps_per_epoch or 1) * params.max_epochs))
-    if params.clip_grad_norm:
-        callbacks.append(GradientClipping(params.clip_grad_norm))
-    if params.average_best_models:
-        callbacks.append(AverageBestModels(params.metric_to_watch, params.greater_metric_to_watch_is_better))
-    if params.sg_logger == "tensorboard":
-        callbacks.append(TensorBoardLogger(log_dir=ckpt_dir))
-    elif params.sg_logger == "base":
-        callbacks.append(BaseLogger(log_dir=ckpt_dir))
-    elif isinstance(params.sg_logger, Callback):
-        callbacks.append(params.sg_logger)
-    if params.progress_bar and not params.silent_mode:
-        callbacks.append(ProgressBar())
-    return callbacks
-
-
-def _user_callbacks(params: TrainingParams) -> List[Callback]:
-    callbacks = []
-    for spec in params.phase_callbacks:
-        if isinstance(spec, Callback):
-            callbacks.append(spec)
-            continue
-        try:
-            built = CALLBACKS.build(spec)
-        except ValueError as err:
-            raise ValueError(f"training_params.phase_callbacks: {err}") from None
-        except TypeError as err:  # missing or unexpected constructor arguments
-            raise ValueError(f"training_params.phase_callbacks: cannot build {spec!r}: {err}") from None
-        if not isinstance(built, Callback):
-            raise ValueError(f"training_params.phase_callbacks: {spec!r} is not a Callback")
-        callbacks.append(built)
-    return callbacks
-
-
-def _steps_per_epoch(params: TrainingParams, train_batches: Optional[int]) -> Optional[int]:
-    """Optimizer steps per epoch (L), from len(train_loader) or max_train_batches; ValueError when a
-    schedule needs L and neither gives it."""
-    batches = train_batches if train_batches is not None else params.max_train_batches
-    if batches is not None:
-        return max(1, math.ceil(batches / params.batch_accumulate))
-    needs = []
-    if params.lr_mode in ("cosine", "poly", "exp", "function"):
-        needs.append(f"lr_mode {params.lr_mode!r}")
-    if params.lr_warmup_epochs and params.warmup_mode == "linear_batch_step" and not params.lr_warmup_steps:
-        needs.append("linear_batch_step warmup over lr_warmup_epochs")
-    if params.ema and params.ema_params["decay_type"] == "exp":
-        needs.append("ema decay_type 'exp'")
-    if needs:
-        raise ValueError(f"training_params.max_train_batches: {' and '.join(needs)} need the number of batches "
-                         "per epoch, but train_loader has no len(); set max_train_batches")
-    return None
 
 
 def _validation_due(epoch: int, params: TrainingParams) -> bool:
@@ -777,20 +579,3 @@ def _history_entry(epoch: int, lr: float, seconds: float, train: Mapping[str, An
 def _plain_metrics(metrics: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, list, str))}
 
-
-def _write_params_yaml(params: TrainingParams, path: Path) -> None:
-    """The resolved training_params; objects that YAML cannot hold are written as their repr."""
-    from omegaconf import OmegaConf
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        return repr(value)
-
-    tmp = path.with_suffix(".yaml.tmp")
-    OmegaConf.save(OmegaConf.create(plain(dict(params))), tmp)
-    tmp.replace(path)

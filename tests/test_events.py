@@ -280,3 +280,22 @@ def test_context_fields_at_training_start(tmp_path):
     assert context.stop_training is False and context.epoch is None
     context.update_context(anything=1, epoch=3)
     assert (context.anything, context.epoch) == (1, 3)
+
+
+def test_trainer_test_fires_only_test_events_and_computes_metrics(tmp_path):
+    model = make_model()
+    loader = make_loader(24, 8)
+    recorder = Recorder()
+    metrics = Trainer("t", tmp_path).test(model=model, test_loader=loader, test_metrics_list=["Accuracy"],
+                                          loss="CrossEntropyLoss", callbacks=[recorder])
+    assert recorder.events == ["on_test_loader_start"] + ["on_test_batch_start", "on_test_batch_end"] * 3 + [
+        "on_test_loader_end"]
+    with torch.no_grad():
+        preds = torch.cat([model(x) for x, _ in loader])
+        target = torch.cat([y for _, y in loader])
+        losses = [torch.nn.functional.cross_entropy(model(x), y).item() for x, y in loader]
+    assert list(metrics) == ["CrossEntropyLoss", "Accuracy"]
+    assert metrics["Accuracy"] == pytest.approx((preds.argmax(1) == target).float().mean().item())
+    assert metrics["CrossEntropyLoss"] == pytest.approx(sum(losses) / len(losses))
+    bf16 = Trainer("t", tmp_path).test(model=model, test_loader=loader, mixed_precision=True)
+    assert list(bf16) == ["Accuracy"] and 0.0 <= bf16["Accuracy"] <= 1.0
