@@ -4,7 +4,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,9 +61,16 @@ def any_rank_true(flag: bool, device: Optional[torch.device] = None) -> bool:
     """True on every rank when ``flag`` is True on any rank (so all ranks agree on stopping)."""
     if not is_distributed():
         return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device or "cpu")
+    key = str(device or "cpu")
+    tensor = _flag_buffers.get(key)
+    if tensor is None:  # called twice per batch under DDP: one buffer per device, not one tensor per call
+        tensor = _flag_buffers[key] = torch.zeros(1, device=device or "cpu")
+    tensor.fill_(1.0 if flag else 0.0)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+_flag_buffers: Dict[str, torch.Tensor] = {}
 
 
 def barrier() -> None:

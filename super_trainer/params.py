@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping
 import torch
 
 from .callbacks.lr import normalize_lr_mode, normalize_warmup_mode
-from .registry import close_matches
+from .registry import close_matches, to_plain
 
 __all__ = ["DEFAULT_TRAINING_PARAMS", "REQUIRED", "TrainingParams", "resolve_training_params"]
 
@@ -90,17 +90,6 @@ class TrainingParams(dict):
             raise AttributeError(name) from None
 
 
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value
-
-
 def _error(key: str, message: str) -> ValueError:
     return ValueError(f"training_params.{key}: {message}")
 
@@ -127,7 +116,7 @@ def resolve_training_params(given: Any) -> TrainingParams:
     """Merge ``given`` (dict or DictConfig) over the defaults and validate; ValueError names the bad key."""
     if given is None:
         raise ValueError("training_params is required (at least {'max_epochs': N, 'initial_lr': lr})")
-    given = _plain(given)
+    given = to_plain(given)
     if not isinstance(given, MappingABC):
         raise ValueError(f"training_params must be a dict or DictConfig, got {type(given).__name__}")
     for key in given:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import distributed
 from .callbacks.base import Callback, PhaseContext, Priority
 from .checkpoint import load_checkpoint_to_model
-from .registry import DATASETS, MODELS, close_matches, parse_spec
+from .registry import DATASETS, MODELS, close_matches, parse_spec, to_plain
 
 __all__ = ["recipes_dir", "load_recipe", "build_from_recipe", "train_from_recipe", "resume_from_recipe",
            "RECIPE_FILE"]
@@ -90,12 +90,6 @@ def _compose(directory: Path, name: str, overrides: Sequence[str]) -> DictConfig
     return cfg
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def import_custom_modules(modules: Sequence[str]) -> None:
     """Import the recipe's ``custom_imports`` (module names) so their registrations run. The working
     directory is importable, as it is for ``python script.py`` (the console script alone would not add it)."""
@@ -111,10 +105,10 @@ def import_custom_modules(modules: Sequence[str]) -> None:
 def build_model(cfg: DictConfig) -> nn.Module:
     """``architecture`` (a registry name or a ``_target_`` mapping) built with ``arch_params``."""
     architecture = cfg.get("architecture")
-    arch_params = _plain(cfg.get("arch_params")) or {}
+    arch_params = to_plain(cfg.get("arch_params")) or {}
     if architecture is None:
         raise ValueError("recipe: 'architecture' is required (a model name such as 'MLP', or a _target_ mapping)")
-    spec = _plain(architecture)
+    spec = to_plain(architecture)
     try:
         if isinstance(spec, str):
             model = MODELS.build({spec: arch_params})
@@ -125,7 +119,7 @@ def build_model(cfg: DictConfig) -> nn.Module:
         raise ValueError(f"recipe architecture: {err}") from None
     except TypeError as err:
         raise ValueError(f"recipe arch_params: {err}") from None
-    checkpoint_params = _plain(cfg.get("checkpoint_params")) or {}
+    checkpoint_params = to_plain(cfg.get("checkpoint_params")) or {}
     if checkpoint_params.get("checkpoint_path"):
         load_checkpoint_to_model(model, checkpoint_params["checkpoint_path"],
                                  strict=checkpoint_params.get("strict_load", True),
@@ -153,7 +147,7 @@ def _loader(dataset: Any, params: Dict[str, Any], train: bool) -> DataLoader:
 
 def build_loaders(cfg: DictConfig) -> Tuple[DataLoader, Optional[DataLoader], Dict[str, DataLoader]]:
     """(train, valid, {name: test}) loaders from ``dataset_params``."""
-    data = _plain(cfg.get("dataset_params")) or {}
+    data = to_plain(cfg.get("dataset_params")) or {}
     if "train_dataset" not in data:
         raise ValueError("recipe dataset_params.train_dataset is required ({Name: {params}} or a _target_ mapping)")
     train_params = data.get("train_dataloader_params") or {}
@@ -180,7 +174,7 @@ class SamplerEpoch(Callback):
 
 def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
     """Everything ``Trainer.train`` needs, built from a composed recipe."""
-    import_custom_modules(_plain(cfg.get("custom_imports")) or [])
+    import_custom_modules(to_plain(cfg.get("custom_imports")) or [])
     params = OmegaConf.to_container(cfg.training_hyperparams, resolve=True) if "training_hyperparams" in cfg else None
     if params is None:
         raise ValueError("recipe: 'training_hyperparams' is required")
@@ -207,8 +201,8 @@ def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, tr
     experiment_dir = trainer.ckpt_dir
     built = build_from_recipe(cfg)
     trainer._recipe_context = {
-        "architecture": _plain(cfg.get("architecture")), "arch_params": _plain(cfg.get("arch_params")),
-        "checkpoint_params": _plain(cfg.get("checkpoint_params")),
+        "architecture": to_plain(cfg.get("architecture")), "arch_params": to_plain(cfg.get("arch_params")),
+        "checkpoint_params": to_plain(cfg.get("checkpoint_params")),
     }
     if distributed.is_main_process():
         experiment_dir.mkdir(parents=True, exist_ok=True)

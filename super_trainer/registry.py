@@ -11,7 +11,7 @@ import inspect
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-__all__ = ["Registry", "MODELS", "LOSSES", "METRICS", "OPTIMIZERS", "CALLBACKS", "DATASETS", "close_matches"]
+__all__ = ["to_plain", "Registry", "MODELS", "LOSSES", "METRICS", "OPTIMIZERS", "CALLBACKS", "DATASETS", "close_matches"]
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> List[str]:
@@ -99,7 +99,7 @@ def parse_spec(spec: Any, kind: str) -> Tuple[Optional[str], Dict[str, Any]]:
     if isinstance(spec, str):
         return spec, {}
     if isinstance(spec, Mapping):
-        spec = _plain(spec)
+        spec = dict(to_plain(spec))
         if "_target_" in spec:
             return "_target_", spec
         if len(spec) != 1:
@@ -116,16 +116,14 @@ def parse_spec(spec: Any, kind: str) -> Tuple[Optional[str], Dict[str, Any]]:
     return None, {}
 
 
-def _plain(mapping: Mapping) -> Dict[str, Any]:
-    """A DictConfig (or any mapping) as a plain dict, so factories get ordinary Python values."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
+def to_plain(value: Any) -> Any:
+    """A DictConfig/ListConfig as plain dicts and lists (interpolations resolved), so factories and
+    validation see ordinary Python values; anything else unchanged."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-        if isinstance(mapping, DictConfig):
-            return OmegaConf.to_container(mapping, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(mapping)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def _is_loss_class(obj: Any) -> bool:
