@@ -3,7 +3,8 @@ from .callbacks.base import Callback, CallbackHandler, Phase, PhaseCallback, Pha
 from .callbacks.csv_logger import CSVLogger
 from .callbacks.early_stop import EarlyStop
 from .checkpoint import CheckpointError, load_checkpoint_to_model, transfer_weights
-from .trainer import Trainer, TrainingResult
+from .result import TrainingResult
+from .trainer import Trainer
 from . import models as _models  # noqa: F401  (registers the built-in models)
 from . import data as _data  # noqa: F401  (registers the built-in datasets)
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 from .callbacks.average_models import AverageBestModels
 from .callbacks.base import Callback
 from .callbacks.ema import EMAUpdate
+from .callbacks.epoch_summary import EpochSummary
 from .callbacks.grad_clip import GradientClipping
 from .callbacks.logging import BaseLogger, TensorBoardLogger
 from .callbacks.lr import build_lr_callbacks
@@ -194,6 +195,8 @@ def builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ck
         callbacks.append(params.sg_logger)
     if params.progress_bar and not params.silent_mode:
         callbacks.append(ProgressBar())
+    if not params.silent_mode:
+        callbacks.append(EpochSummary())
     return callbacks
 
 

@@ -48,6 +48,7 @@ from .checkpoint import (
 from .ema import ModelEMA
 from .metrics import LossAverager, build_metrics, lookup_metric, loss_names, make_collection, metric_values
 from .params import TrainingParams, resolve_training_params
+from .result import TrainingResult
 
 __all__ = ["Trainer", "TrainingResult"]
 
@@ -55,21 +56,6 @@ logger = logging.getLogger("super_trainer")
 
 LATEST = "ckpt_latest.pth"
 BEST = "ckpt_best.pth"
-
-
-@dataclasses.dataclass
-class TrainingResult:
-    """What ``Trainer.train`` returns."""
-
-    best_metric: Optional[float]
-    best_epoch: Optional[int]  # 0-based
-    metrics: Dict[str, Any]  # the last validation's metrics_dict
-    history: List[Dict[str, Any]]  # one dict per completed epoch
-    test_metrics: Dict[str, Dict[str, Any]]  # test loader name -> metrics_dict
-    ckpt_dir: str
-    best_ckpt_path: Optional[str]
-    latest_ckpt_path: Optional[str]
-    stop_reason: str
 
 
 @dataclasses.dataclass
@@ -504,6 +490,7 @@ class Trainer:
             history=list(run.history), test_metrics=dict(run.test_results), ckpt_dir=str(run.ckpt_dir),
             best_ckpt_path=str(best) if best.exists() else None,
             latest_ckpt_path=str(latest) if latest.exists() else None, stop_reason=stop_reason,
+            metric_to_watch=run.params.metric_to_watch, loss_names=list(run.loss_names or []),
         )
 
     # ---- testing a trained model ------------------------------------------------------------------

@@ -4,6 +4,7 @@ from .base import EVENTS, Callback, CallbackHandler, Phase, PhaseCallback, Phase
 from .csv_logger import CSVLogger
 from .early_stop import EarlyStop
 from .ema import EMAUpdate
+from .epoch_summary import EpochSummary
 from .grad_clip import GradientClipping
 from .logging import BaseLogger, TensorBoardLogger
 from .lr import (
@@ -19,7 +20,8 @@ from .lr import (
 from .progress import ProgressBar
 from ..registry import CALLBACKS
 
-for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientClipping, BaseLogger, TensorBoardLogger, ProgressBar, LinearEpochLRWarmup,
+for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientClipping, BaseLogger, TensorBoardLogger, ProgressBar, EpochSummary,
+                  LinearEpochLRWarmup,
                   LinearBatchLRWarmup, StepLRSchedule, CosineLRSchedule, PolyLRSchedule, ExpLRSchedule,
                   FunctionLRSchedule):
     CALLBACKS.register(_callback)
@@ -27,6 +29,7 @@ for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientCl
 __all__ = [
     "EVENTS", "Callback", "CallbackHandler", "Phase", "PhaseCallback", "PhaseContext", "Priority",
     "CSVLogger", "EarlyStop", "AverageBestModels", "EMAUpdate", "GradientClipping", "BaseLogger", "TensorBoardLogger", "ProgressBar",
+    "EpochSummary",
     "LinearEpochLRWarmup", "LinearBatchLRWarmup", "StepLRSchedule", "CosineLRSchedule", "PolyLRSchedule",
     "ExpLRSchedule", "FunctionLRSchedule", "TorchSchedulerCallback",
 ]

@@ -1,9 +1,20 @@
-"""tqdm progress bars for the train, validation and test passes (rank 0 only)."""
+"""tqdm progress bars for the train, validation and test passes (rank 0 only).
+
+``tqdm.auto`` picks widget bars in a Jupyter kernel that has ipywidgets and text bars everywhere else.
+"""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional
 
-from tqdm.auto import tqdm
+from tqdm import TqdmExperimentalWarning, TqdmWarning
+
+with warnings.catch_warnings():
+    # In a kernel without ipywidgets tqdm.auto warns ("IProgress not found") and falls back to text bars,
+    # which is what we want: no warning either way.
+    warnings.simplefilter("ignore", TqdmWarning)
+    warnings.simplefilter("ignore", TqdmExperimentalWarning)
+    from tqdm.auto import tqdm
 
 from ..batches import count_batches
 from ..distributed import is_main_process
