@@ -283,7 +283,8 @@ class Trainer:
         except KeyboardInterrupt:
             stop_reason = "interrupted"
             context.stop_training = True
-            logger.warning("training interrupted; %s holds the last completed epoch", run.ckpt_dir / LATEST)
+            # EpochSummary prints the one-line report (a notebook cell shows it; no traceback)
+            logger.info("training interrupted; %s holds the last completed epoch", run.ckpt_dir / LATEST)
         except BaseException as err:
             context.exception, stop_reason = err, "exception"
             raise

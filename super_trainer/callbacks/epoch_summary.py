@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..distributed import is_main_process
@@ -76,9 +77,24 @@ class EpochSummary(Callback):
         self._flush(context)
 
     def on_training_end(self, context: PhaseContext) -> None:
-        if getattr(context, "stop_reason", None) not in ("interrupted", "exception", "nan_loss"):
+        reason = getattr(context, "stop_reason", None)
+        if reason not in ("interrupted", "exception", "nan_loss"):
             self._flush(context)
         self._pending = False
+        if reason == "interrupted" and self.enabled:  # Ctrl-C: this one line instead of a traceback
+            print(self.interrupted_line(context), file=self.stream or sys.stdout, flush=True)
+
+    def interrupted_line(self, context: PhaseContext) -> str:
+        """The one-line report after Ctrl-C: where it stopped, what ckpt_latest holds, the best so far."""
+        epoch = context.epoch or 0
+        max_epochs = context.training_params.get("max_epochs") if context.training_params is not None else None
+        text = f"Training interrupted in epoch {epoch + 1}" + (f"/{max_epochs}" if max_epochs else "")
+        if context.ckpt_dir is not None and (Path(context.ckpt_dir) / "ckpt_latest.pth").exists():
+            text += f" | {Path(context.ckpt_dir) / 'ckpt_latest.pth'} holds {epoch} completed epoch(s)"
+        if context.best_metric is not None:
+            where = f" @{self._best_epoch + 1}" if self._best_epoch is not None else ""
+            text += f" | best {context.metric_to_watch} {_fmt(context.best_metric)}{where}"
+        return text
 
     def _flush(self, context: PhaseContext) -> None:
         if self._pending and self.enabled:
