@@ -60,3 +60,24 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
         except Exception as err:
             raise AssertionError(f"{path.relative_to(ROOT)}: the block at line {lineno} failed: "
                                  f"{type(err).__name__}: {err}\n(fix it, or mark it {MARKER!r})") from err
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_index_links_every_doc_and_notebook():
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    linked = set(LINK.findall(index))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}
+    notebooks = {f"notebooks/{p.name}" for p in (ROOT / "docs" / "notebooks").glob("*.ipynb")}
+    assert not (pages | notebooks) - linked, f"add to docs/index.md: {sorted((pages | notebooks) - linked)}"
+
+
+def test_relative_links_resolve():
+    """Links between pages point at files that exist (docs/index.md may list guides still being written)."""
+    broken = []
+    for path in [p for p in DOCS if p.name != "index.md"]:
+        for target in LINK.findall(path.read_text(encoding="utf-8")):
+            if "://" not in target and not target.startswith("mailto:") and not (path.parent / target).exists():
+                broken.append(f"{path.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
