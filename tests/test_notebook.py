@@ -120,3 +120,20 @@ def test_ctrl_c_in_a_notebook_cell_prints_one_line(tmp_path):
     assert len(lines) == 1 and "interrupted" in lines[0], lines
     assert "Traceback" not in stream(ctrl_c)
     assert stream(after).strip() == "interrupted True"
+
+
+def test_training_a_recipe_twice_in_one_process_leaves_no_hydra_state(tmp_path, monkeypatch):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from super_trainer import Trainer
+    from super_trainer.recipes import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    overrides = ["training_hyperparams.max_epochs=1", "training_hyperparams.progress_bar=false",
+                 "training_hyperparams.silent_mode=true", f"ckpt_root_dir={tmp_path}"]
+    first = Trainer.train(load_recipe("default", overrides + ["experiment_name=one"]))
+    assert not GlobalHydra.instance().is_initialized()
+    second = Trainer.train(load_recipe("default", overrides + ["experiment_name=two"]))
+    assert not GlobalHydra.instance().is_initialized()
+    assert [len(first.history), len(second.history)] == [1, 1]
+    assert first.ckpt_dir != second.ckpt_dir and first.history[0]["valid/Accuracy"] == second.history[0]["valid/Accuracy"]
