@@ -118,5 +118,5 @@ def test_ctrl_c_prints_one_line_and_no_epoch_line_for_the_partial_epoch(tmp_path
     lines = captured.out.strip().splitlines()
     assert result.stop_reason == "interrupted" and len(lines) == 2 and captured.err == ""
     assert LINE.match(lines[0]) and LINE.match(lines[0]).group(1) == "1"
-    assert lines[1] == (f"Training interrupted in epoch 2/3 | {tmp_path / 'ctrl_c' / 'ckpt_latest.pth'} holds 1 "
-                        f"completed epoch(s) | best Accuracy {result.best_metric:.4g} @1")
+    assert lines[1] == (f"Training interrupted in epoch 2/3 | resume from {tmp_path / 'ctrl_c' / 'ckpt_latest.pth'} "
+                        f"| best Accuracy {result.best_metric:.4g} @1")

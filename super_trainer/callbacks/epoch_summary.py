@@ -104,11 +104,11 @@ class EpochSummary(Callback):
         return " | ".join(parts)
 
     def interrupted_line(self, context: PhaseContext) -> str:
-        """The report after Ctrl-C: where it stopped, what ckpt_latest holds, the best so far."""
+        """The report after Ctrl-C: where it stopped, the checkpoint to resume from, the best so far."""
         text = f"Training interrupted in epoch {_epochs(context)}"
         latest = Path(context.ckpt_dir) / "ckpt_latest.pth" if context.ckpt_dir is not None else None
         if latest is not None and latest.exists():
-            text += f" | {latest} holds {context.epoch or 0} completed epoch(s)"
+            text += f" | resume from {latest}"
         if context.best_metric is not None:
             text += f" | best {context.metric_to_watch} {_best(context)}"
         return text
