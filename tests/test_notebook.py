@@ -104,11 +104,26 @@ result = Trainer("ctrl_c", "ckpts").train(model=model, training_params={**params
                                           train_loader=data, valid_loader=data)
 """
 
+# a real SIGINT, as Jupyter's "interrupt kernel" sends, while a long run is training
+SIGINT = """
+import os, signal, threading, time
+
+class Slow(Callback):
+    def on_train_batch_end(self, context):
+        time.sleep(0.02)
+
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+long_run = Trainer("sigint", "ckpts").train(model=model, training_params={**params, "max_epochs": 10_000,
+                                            "phase_callbacks": [Slow()]}, train_loader=data, valid_loader=data)
+print(long_run.stop_reason)
+"""
+
 
 def test_ctrl_c_in_a_notebook_cell_prints_one_line(tmp_path):
     nb = new_notebook(cells=[new_code_cell(SETUP), new_code_cell(TEXT_BARS), new_code_cell(CTRL_C),
-                             new_code_cell("print(result.stop_reason, result.latest_ckpt_path is not None)")])
-    setup, bars, ctrl_c, after = execute(nb, tmp_path).cells
+                             new_code_cell("print(result.stop_reason, result.latest_ckpt_path is not None)"),
+                             new_code_cell(SIGINT)])
+    setup, bars, ctrl_c, after, sigint = execute(nb, tmp_path).cells
 
     # without ipywidgets: text bars, and no warning about it
     assert "Train epoch 0" in stream(bars, "stderr") and "IProgress" not in stream(bars)
@@ -120,6 +135,11 @@ def test_ctrl_c_in_a_notebook_cell_prints_one_line(tmp_path):
     assert len(lines) == 1 and "interrupted" in lines[0], lines
     assert "Traceback" not in stream(ctrl_c)
     assert stream(after).strip() == "interrupted True"
+
+    assert not [o for o in outputs(sigint) if o["output_type"] == "error"] and "Traceback" not in stream(sigint)
+    lines = stream(sigint).strip().splitlines()
+    assert lines[-1] == "interrupted" and lines[-2].startswith("Training interrupted in epoch "), lines
+    assert all(line.startswith("Epoch ") for line in lines[:-2]), lines  # only the completed epochs' lines
 
 
 def test_training_a_recipe_twice_in_one_process_leaves_no_hydra_state(tmp_path, monkeypatch):
