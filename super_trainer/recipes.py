@@ -20,10 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import distributed
-from .building import seed_everything
 from .callbacks.base import Callback, PhaseContext, Priority
 from .checkpoint import load_checkpoint_to_model
-from .params import DEFAULT_TRAINING_PARAMS
 from .registry import DATASETS, MODELS, close_matches, parse_spec, to_plain
 
 __all__ = ["recipes_dir", "load_recipe", "build_from_recipe", "train_from_recipe", "resume_from_recipe",
@@ -180,9 +178,6 @@ def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
     params = OmegaConf.to_container(cfg.training_hyperparams, resolve=True) if "training_hyperparams" in cfg else None
     if params is None:
         raise ValueError("recipe: 'training_hyperparams' is required")
-    seed = params.get("seed", DEFAULT_TRAINING_PARAMS["seed"])
-    if isinstance(seed, int) and not isinstance(seed, bool):  # a bad seed is reported by the params check
-        seed_everything(seed)  # the model's initial weights and the data come from the seed, not from earlier runs
     model = build_model(cfg)
     train, valid, tests = build_loaders(cfg)
     if distributed.is_distributed():

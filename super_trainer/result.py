@@ -8,6 +8,7 @@ pandas DataFrame.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import io
 import math
@@ -175,7 +176,7 @@ class TrainingResult:
         except ImportError as err:
             raise ImportError("TrainingResult.plot() needs matplotlib: pip install super-trainer[plot]") from err
 
-        fig = _ResultFigure(figsize=(12, 3.6), dpi=100, layout="constrained")
+        fig = _figure_class()(figsize=(12, 3.6), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)  # render with Agg whatever the pyplot backend is (no display needed)
         loss_ax, metric_ax, lr_ax = fig.subplots(1, 3)
         columns = self.columns()
@@ -210,7 +211,9 @@ class TrainingResult:
         return fig
 
 
+@functools.lru_cache(maxsize=None)
 def _figure_class() -> type:
+    """A matplotlib Figure subclass, defined on first use so importing super_trainer never needs matplotlib."""
     from matplotlib.figure import Figure
 
     class ResultFigure(Figure):
@@ -222,13 +225,3 @@ def _figure_class() -> type:
             return buffer.getvalue()
 
     return ResultFigure
-
-
-def _ResultFigure(**kwargs: Any) -> Any:
-    global _RESULT_FIGURE
-    if _RESULT_FIGURE is None:
-        _RESULT_FIGURE = _figure_class()
-    return _RESULT_FIGURE(**kwargs)
-
-
-_RESULT_FIGURE: Optional[type] = None

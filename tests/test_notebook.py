@@ -156,4 +156,4 @@ def test_training_a_recipe_twice_in_one_process_leaves_no_hydra_state(tmp_path, 
     second = Trainer.train(load_recipe("default", overrides + ["experiment_name=two"]))
     assert not GlobalHydra.instance().is_initialized()
     assert [len(first.history), len(second.history)] == [1, 1]
-    assert first.ckpt_dir != second.ckpt_dir and first.history[0]["valid/Accuracy"] == second.history[0]["valid/Accuracy"]
+    assert first.ckpt_dir != second.ckpt_dir
