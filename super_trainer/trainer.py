@@ -26,6 +26,8 @@ from .building import (
     build_optimizer,
     builtin_callbacks,
     check_metric_to_watch,
+    convert_sync_bn,
+    forward_module,
     known_loss_names,
     optimizer_steps_per_epoch,
     resolve_device,
@@ -176,7 +178,7 @@ class Trainer:
         if params.seed is not None:
             seed_everything(params.seed)
 
-        net = unwrap_model(model).to(device)
+        net = convert_sync_bn(unwrap_model(model).to(device), params, is_distributed, device)
         optimizer = build_optimizer(net, params)
         criterion = build_criterion(params, device)
         train_batches = count_batches(train_loader, params.max_train_batches)
@@ -200,6 +202,7 @@ class Trainer:
         wrapped = net
         if is_distributed:
             wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = forward_module(model, net, wrapped, params)  # torch_compile, or the user's compiled model
 
         sg_logger = next((cb for cb in callbacks.callbacks if isinstance(cb, BaseLogger)), None)
         if sg_logger is None and not isinstance(params.sg_logger, str):
@@ -232,7 +235,7 @@ class Trainer:
     def _restore(self, run: _Run) -> None:
         """Load ckpt_latest (or resume_path) into the run, before any event fires."""
         params = run.params
-        path = Path(params.resume_path) if params.resume_path else run.ckpt_dir / LATEST
+        path = Path(params.resume_path) if params.resume_path else run.ckpt_dir / params.ckpt_name
         if params.resume_path is None and not path.exists():
             warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=3)
             return
@@ -472,8 +475,9 @@ class Trainer:
         return True
 
     def _save_checkpoints(self, run: _Run, epochs_done: int, improved: bool) -> None:
-        """ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed. Rank 0 only."""
-        if not distributed.is_main_process():
+        """ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed. Rank 0 only; none
+        when save_model is False."""
+        if not distributed.is_main_process() or not run.params.save_model:
             return
         ema_weights = run.ema.state_dict() if run.ema is not None else None
         schedulers = {cb.state_key: cb.state_dict() for cb in run.callbacks.callbacks
@@ -501,10 +505,10 @@ class Trainer:
             save_checkpoint(state, run.ckpt_dir / f"ckpt_epoch_{epochs_done}.pth")
         if improved:
             best = dict(state, net=ema_weights) if ema_weights is not None else state
-            save_checkpoint(best, run.ckpt_dir / BEST)
+            save_checkpoint(best, run.ckpt_dir / run.params.ckpt_best_name)
 
     def _result(self, run: _Run, stop_reason: str) -> TrainingResult:
-        best = run.ckpt_dir / BEST
+        best = run.ckpt_dir / run.params.get("ckpt_best_name", BEST)
         latest = run.ckpt_dir / LATEST
         return TrainingResult(
             best_metric=run.best_metric, best_epoch=run.best_epoch, metrics=dict(run.last_metrics),
