@@ -153,6 +153,11 @@ def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable
     return criterion
 
 
+# SuperGradients' loss names (and its deprecated lower-case ones) for the torch losses they are
+LOSSES.register("cross_entropy")(nn.CrossEntropyLoss)
+LOSSES.register("MSE")(nn.MSELoss)
+LOSSES.register("mse")(nn.MSELoss)
+
 #: SuperGradients' CrossEntropyLoss arguments that torch's lacks, with their "off" values.
 _SG_CE_OFF = {"smooth_dist": None, "from_logits": True}
 
