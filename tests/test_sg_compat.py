@@ -255,7 +255,7 @@ def test_torch_compile_trains_the_compiled_module_and_saves_plain_weights(tmp_pa
     before = [p.detach().clone() for p in model.parameters()]
     watch = Watch()
     result = Trainer("compiled", tmp_path, device="cpu").train(
-        model=model, training_params=quiet_params(max_epochs=1, torch_compile=True, phase_callbacks=[watch],
+        model=model, training_params=quiet_params(max_epochs=1, torch_compile=True, phase_callbacks=[watch], batch_accumulate=2,
                                                   torch_compile_options={"backend": counting_backend}),
         train_loader=make_loader(), valid_loader=make_loader(16))
     assert graphs, "the compiled wrapper's forward never ran"
