@@ -224,6 +224,13 @@ def _lr_updates(params: TrainingParams) -> None:
     updates = params["lr_updates"]
     if updates is None:
         updates = []
+    if isinstance(updates, MappingABC) and "_target_" in updates:  # SG recipes: {_target_: numpy.arange, ...}
+        from hydra.utils import instantiate
+
+        try:
+            updates = instantiate(dict(updates))
+        except Exception as err:  # hydra wraps the target's own error
+            raise _error("lr_updates", f"cannot build {dict(updates)!r}: {err}") from None
     if isinstance(updates, (str, bytes, MappingABC)) or not isinstance(updates, (SequenceABC, np.ndarray)):
         raise _error("lr_updates", f"must be a sequence of epoch numbers (ints), got {updates!r}")
     values = np.asarray(updates).reshape(-1).tolist() if isinstance(updates, np.ndarray) else list(updates)

@@ -106,6 +106,7 @@ def test_unknown_key_hints_only_close_matches():
 
 @pytest.mark.parametrize("updates, expected", [
     ([2, 4], [2, 4]), ((2, 4), [2, 4]), (np.arange(2, 6, 2), [2, 4]), ([np.int64(3)], [3]), (None, []),
+    ({"_target_": "numpy.arange", "start": 2, "stop": 6, "step": 2}, [2, 4]),  # a recipe not instantiated first
 ])
 def test_lr_updates_accept_integral_sequences(updates, expected):
     params = resolve_training_params(quiet_params(max_epochs=6, lr_mode="step", lr_updates=updates))
