@@ -254,6 +254,9 @@ def builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ck
         callbacks.append(BaseLogger(log_dir=ckpt_dir, **_logger_params(BaseLogger, params)))
     elif isinstance(params.sg_logger, Callback):
         callbacks.append(params.sg_logger)
+    if not isinstance(params.sg_logger, str) and params.get("sg_logger_params"):
+        logger.info("sg_logger_params: ignoring %s: sg_logger is an object, already built",
+                    sorted(params.sg_logger_params))
     if params.progress_bar and not params.silent_mode:
         callbacks.append(ProgressBar())
     return callbacks
