@@ -129,7 +129,7 @@ TOP5_OF_3_CLASSES = ["dataset_params=synthetic_classification", "arch_params.num
 
 BAD_INPUT = [
     (["training_hyperparams.max_epochs=ten"], "training_params.max_epochs: must be an int >= 1, got 'ten'"),
-    (["architecture=ResNet18"], "unknown model 'ResNet18'; did you mean 'SmallResNet'? (valid: MLP, SmallCNN, SmallResNet"),
+    (["architecture=ResNet18"], "unknown model 'ResNet18'; did you mean 'SmallResNet'? (valid: MLP, "),
     (["dataset_params.train_dataloader_params.batch_size=0"],
      "dataset_params.train_dataloader_params.batch_size: must be an int >= 1, got 0"),
     (TOP5_OF_3_CLASSES, "training_params.valid_metrics_list: Top5 cannot be computed on the model's output (2, 3)"),
