@@ -40,7 +40,7 @@ def _help() -> str:
     shipped = recipes_dir()
     groups = "\n".join(f"  {d.name}: {', '.join(recipe_names(d))}" for d in sorted(shipped.iterdir())
                        if d.is_dir() and list(d.glob("*.yaml")))
-    return f"""usage: super-trainer [--config-name=RECIPE] [--config-dir DIR] [-m] [--cfg job] [--nproc N] [key=value ...]
+    return f"""usage: super-trainer [--config-name=RECIPE] [--config-dir DIR] [-m] [--cfg job] [--nproc N] [key=value...]
 
 Train a recipe (see docs/recipes.md). Without --config-name: {DEFAULT_RECIPE}.
 
@@ -161,7 +161,9 @@ def describe_error(err: BaseException, config_dir: Optional[str] = None) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(err, MissingConfigException):
         if str(err).startswith("Cannot find primary config"):
-            names = recipe_names() + (recipe_names(Path(config_dir)) if config_dir and Path(config_dir).is_dir() else [])
+            names = recipe_names()
+            if config_dir and Path(config_dir).is_dir():
+                names += recipe_names(Path(config_dir))
             missing = err.missing_cfg_file or str(err).split("'")[1]
             return f"unknown recipe {missing!r}; recipes: {', '.join(sorted(set(names)))}"
         first = str(err).split("\n\n")[0].strip()

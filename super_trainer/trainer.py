@@ -159,8 +159,8 @@ class Trainer:
         ``model`` may instead be a recipe — a name under recipes/, a YAML path, or a DictConfig — and then
         everything is built from it (``Trainer.train(recipe)`` also works on the class, taking the experiment
         name, root dir and device from the recipe); ``overrides`` are Hydra overrides of the recipe, as for
-        ``load_recipe`` (``["training_hyperparams.max_epochs=2"]``). Bad ``training_params`` raise ValueError and a bad
-        checkpoint raises CheckpointError, both before any event fires. Once on_training_start has fired,
+        ``load_recipe`` (``["training_hyperparams.max_epochs=2"]``). Bad ``training_params`` raise ValueError and
+        a bad checkpoint raises CheckpointError, both before any event fires. Once on_training_start has fired,
         on_training_end fires exactly once: after the last epoch, a stop, Ctrl-C (then
         ``stop_reason == "interrupted"``) or an exception (re-raised).
         """

@@ -37,7 +37,7 @@ def test_digits_splits_are_seeded_and_disjoint():
 
 
 def test_small_cnn_and_resnet_take_8_to_32_pixel_images():
-    for model in (SmallCNN(in_channels=3, num_classes=7), SmallResNet(in_channels=3, num_classes=7, blocks_per_stage=2)):
+    for model in (SmallCNN(in_channels=3, num_classes=7), SmallResNet(3, num_classes=7, blocks_per_stage=2)):
         for size in (8, 16, 32):
             assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
     with pytest.raises(ValueError, match="widths must be a non-empty list"):
@@ -66,7 +66,8 @@ def test_seeded_recipe_runs_are_bit_identical(tmp_path):
 
 
 def test_digits_cnn_recipe_with_ema_early_stop_and_csv(tmp_path):
-    result = Trainer.train("digits_cnn", overrides=[*QUIET, f"ckpt_root_dir={tmp_path}", "training_hyperparams.max_epochs=2",
+    result = Trainer.train("digits_cnn", overrides=[*QUIET, f"ckpt_root_dir={tmp_path}",
+                                                    "training_hyperparams.max_epochs=2",
                                                     "training_hyperparams.max_train_batches=4"])
     exp = tmp_path / "digits_cnn"
     assert result.stop_reason == "completed"
@@ -140,7 +141,8 @@ BAD_INPUT = [
     (["--config-name=digits_mpl"], "unknown recipe 'digits_mpl'; recipes: default, digits_cnn, digits_mlp"),
     (["training_hyperparams=fast"], "Could not find 'training_hyperparams/fast'; available: base_train_params"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
-    (["--config-dir", "{root}/recipes", "--config-name=broken"], "YAML syntax error in {root}/recipes/broken.yaml, line 6"),
+    (["--config-dir", "{root}/recipes", "--config-name=broken"],
+     "YAML syntax error in {root}/recipes/broken.yaml, line 6"),
 ]
 
 
@@ -178,3 +180,20 @@ def test_cli_subprocess_error_line_and_full_error(tmp_path):
     proc = subprocess.run([CLI, "architecture=ResNet18", f"ckpt_root_dir={tmp_path}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "unknown model 'ResNet18'" in proc.stderr
+
+
+def test_without_scikit_learn_the_error_names_the_extra(monkeypatch, capsys, tmp_path):
+    from super_trainer.data import digits
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    digits._load.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"Digits data set needs scikit-learn: pip install super-trainer\[data\]"):
+            Digits("train")
+        code, _, err = run_cli(monkeypatch, capsys, f"ckpt_root_dir={tmp_path}")
+    finally:
+        digits._load.cache_clear()
+    assert code == 1 and err == ("super-trainer: error: ImportError: the Digits data set needs scikit-learn: "
+                                 "pip install super-trainer[data]\n")
+    assert not (tmp_path / "digits_mlp").exists()

@@ -51,7 +51,7 @@ class Digits(TensorDataset):
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
                 raise ValueError(f"Digits: {name} must be a number in [0, 1), got {fraction!r}")
         if valid_fraction + test_fraction >= 1:
-            raise ValueError(f"Digits: valid_fraction + test_fraction must be < 1, got {valid_fraction + test_fraction}")
+            raise ValueError(f"Digits: valid_fraction + test_fraction must be < 1, got {valid_fraction} + {test_fraction}")
         images, target = _load()
         order = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
         n_valid, n_test = round(valid_fraction * len(order)), round(test_fraction * len(order))
