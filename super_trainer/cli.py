@@ -12,8 +12,8 @@ line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback), 130 after Ctrl-C.
 """
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -79,6 +79,30 @@ def _pop_nproc(argv: List[str]) -> Optional[int]:
             raise SystemExit(f"super-trainer: error: --nproc takes a number of processes >= 1, got {value!r}")
         return int(value)
     return None
+
+
+def _launch(nproc: int, argv: List[str]) -> int:
+    """torchrun, in this process: each rank reports its own error in one line, so torchrun's traceback and
+    failure summary are left out. The exit code is 0, 130 when a rank was interrupted, else 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):  # the OMP_NUM_THREADS banner, SIGTERMs
+        logging.getLogger(name).setLevel(logging.ERROR if name.endswith("run") else logging.CRITICAL)
+    args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "super_trainer.train_from_recipe", *argv])
+    try:
+        run(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 130:
+            return 130
+        if failure.exitcode != 1:  # a rank that died without reporting (a signal, a crash)
+            sys.stderr.write(f"super-trainer: error: rank {rank} failed with exit code {failure.exitcode}\n")
+        return 1
+    except (KeyboardInterrupt, SignalException):
+        return 130
+    return 0
 
 
 def _config_dir(argv: List[str]) -> Optional[str]:
@@ -189,8 +213,16 @@ def _one_line(text: str) -> str:
     return " ".join(kept) or text.strip()
 
 
+INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, HydraException, OmegaConfBaseException,
+                CheckpointError)
+
+
 def _fail(err: BaseException) -> None:
-    sys.stderr.write(f"super-trainer: error: {describe_error(err, _state['config_dir'])}\n")
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        sys.stderr.write(f"super-trainer: error: {describe_error(err, _state['config_dir'])}\n")
+    elif not isinstance(err, INPUT_ERRORS):  # bad input fails alike on every rank: rank 0 reports it
+        sys.stderr.write(f"super-trainer: error: rank {rank}: {describe_error(err, _state['config_dir'])}\n")
     sys.exit(1)
 
 
@@ -202,9 +234,7 @@ def main() -> None:
         sys.exit(0)
     nproc = _pop_nproc(argv)
     if nproc and nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "super_trainer.train_from_recipe", *argv]
-        sys.exit(subprocess.call(command))
+        sys.exit(_launch(nproc, argv))
     sys.argv = [sys.argv[0], *argv]
     _state["full_error"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     _state["config_dir"] = _config_dir(argv)

@@ -180,6 +180,12 @@ def test_cli_subprocess_error_line_and_full_error(tmp_path):
     proc = subprocess.run([CLI, "architecture=ResNet18", f"ckpt_root_dir={tmp_path}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "unknown model 'ResNet18'" in proc.stderr
+    # under --nproc, every rank fails alike: rank 0 reports, and torchrun's own traceback is left out
+    proc = subprocess.run([CLI, "--nproc", "2", "device=cpu", "architecture=ResNet18", f"ckpt_root_dir={tmp_path}"],
+                          cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["super-trainer: error: recipe architecture: unknown model 'ResNet18'; did you "
+                                        "mean 'SmallResNet'? (valid: MLP, SmallCNN, SmallResNet)"]
 
 
 def test_without_scikit_learn_the_error_names_the_extra(monkeypatch, capsys, tmp_path):
