@@ -133,7 +133,8 @@ BAD_INPUT = [
     (["architecture=ResNet18"], "unknown model 'ResNet18'; did you mean 'SmallResNet'? (valid: MLP, "),
     (["dataset_params.train_dataloader_params.batch_size=0"],
      "dataset_params.train_dataloader_params.batch_size: must be an int >= 1, got 0"),
-    (TOP5_OF_3_CLASSES, "training_params.valid_metrics_list: Top5 cannot be computed on the model's output (2, 3)"),
+    (TOP5_OF_3_CLASSES, "training_params.valid_metrics_list: Top5 cannot be computed on the model's output (2, 3): "
+                        "Top5: top_k=5 needs at least 5 classes, but the model outputs 3"),
     (["arch_params.in_features=32"], "the model (MLP) cannot take the data's inputs (2, 1, 8, 8)"),
     (["training_hyperparams.metric_to_watch=acc"], "metric_to_watch: 'acc' is not a metrics_dict key"),
     (["training_hyperparams.optimizer=Adamw2"], "training_params.optimizer: unknown optimizer 'Adamw2'"),
