@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -217,6 +218,11 @@ INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, HydraE
                 CheckpointError)
 
 
+def _format_warning(message: Union[Warning, str], category: type, filename: str, lineno: int,
+                    line: Optional[str] = None) -> str:
+    return f"super-trainer: warning: {message}\n"  # one line, without the source line Python would quote
+
+
 def _fail(err: BaseException) -> None:
     rank = os.environ.get("RANK", "0")
     if rank == "0":
@@ -236,6 +242,7 @@ def main() -> None:
     if nproc and nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         sys.exit(_launch(nproc, argv))
     sys.argv = [sys.argv[0], *argv]
+    warnings.formatwarning = _format_warning
     _state["full_error"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     _state["config_dir"] = _config_dir(argv)
     previous = os.environ.get("HYDRA_FULL_ERROR")
