@@ -172,6 +172,11 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
+# errors of bad input (a name, a value, a file): reported by their message alone
+INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, HydraException, OmegaConfBaseException,
+                CheckpointError)
+
+
 def describe_error(err: BaseException, config_dir: Optional[str] = None) -> str:
     """One line for ``err``: the message of a bad input as it is; the file and line of a YAML syntax error;
     the valid choices of Hydra's "could not find" errors; the type of any other exception."""
@@ -195,10 +200,10 @@ def describe_error(err: BaseException, config_dir: Optional[str] = None) -> str:
         options = f"; available: {', '.join(err.options)}" if err.options else ""
         return _one_line(first) + options
     message = _one_line(str(err))
-    if isinstance(err, (HydraException, OmegaConfBaseException, CheckpointError)):
+    if isinstance(err, (ValueError, HydraException, OmegaConfBaseException, CheckpointError)):
         return message
-    if isinstance(err, (ValueError, TypeError, LookupError, OSError, ImportError)):
-        return message if isinstance(err, ValueError) else f"{type(err).__name__}: {message}"
+    if isinstance(err, INPUT_ERRORS):  # TypeError, ImportError, ...: the type says what went wrong
+        return f"{type(err).__name__}: {message}"
     return f"{type(err).__name__}: {message} (HYDRA_FULL_ERROR=1 shows the traceback)"
 
 
@@ -212,10 +217,6 @@ def _one_line(text: str) -> str:
         if line and not line.startswith("See https://") and not line.startswith("Set the environment variable"):
             kept.append(line)
     return " ".join(kept) or text.strip()
-
-
-INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, HydraException, OmegaConfBaseException,
-                CheckpointError)
 
 
 def _format_warning(message: Union[Warning, str], category: type, filename: str, lineno: int,
