@@ -5,6 +5,7 @@ Reading order: ``train`` → ``_prepare`` (build everything, restore a checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -381,7 +382,8 @@ class Trainer:
                 context.batch_idx = batch_idx
                 context.inputs, context.target, context.additional_batch_items = to_device(batch, context.device)
                 callbacks.on_train_batch_start(context)
-                with run.autocast:
+                stepping = is_last or (batch_idx + 1) % accumulate == 0
+                with run.autocast if stepping or not ddp else _LocalAccumulation(run):
                     context.preds = model(context.inputs)
                     context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
                 run.train_loss.add(context.loss_log_items)
@@ -392,8 +394,7 @@ class Trainer:
                     context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
                 if not context.stop_training:
                     done = None
-                    stepping = is_last or (batch_idx + 1) % accumulate == 0
-                    self._backward(run, batch_idx, n_batches, stepping)
+                    self._backward(run, batch_idx, n_batches)
                     callbacks.on_train_batch_backward_end(context)
                     if stepping and not context.stop_training:
                         self._optimizer_step(run, batch_idx, n_batches, is_last)
@@ -434,19 +435,14 @@ class Trainer:
         return not stopped_in_batch
 
     # ---- pieces of the train step, kept beside the loop so the loop reads like the diagram ---------
-    def _backward(self, run: _Run, batch_idx: int, n_batches: Optional[int], stepping: bool) -> None:
-        """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler; under DDP only the
-        stepping micro-batch all-reduces its gradients."""
+    def _backward(self, run: _Run, batch_idx: int, n_batches: Optional[int]) -> None:
+        """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler."""
         context, accumulate = run.context, run.params.batch_accumulate
         window = window_size(batch_idx, n_batches, accumulate)
         loss = context.loss if window == 1 else context.loss / window
         if run.scaler is not None:
             loss = run.scaler.scale(loss)
-        if stepping or not run.distributed:
-            loss.backward()
-        else:
-            with run.model.no_sync():  # DDP: accumulate locally, all-reduce once per optimizer step
-                loss.backward()
+        loss.backward()  # under DDP it all-reduces only on a stepping micro-batch (_LocalAccumulation)
 
     def _optimizer_step(self, run: _Run, batch_idx: int, n_batches: Optional[int], is_last: bool) -> None:
         """Unscale, on_train_batch_gradient_step_start, then the step unless a stop or ``skip_step`` came."""
@@ -755,6 +751,23 @@ def _name_loss_items(run: _Run, count: int) -> None:
     if run.loss_names is not None and len(run.loss_names) != count:
         raise ValueError(f"the loss returned {count} components, earlier batches {len(run.loss_names)}")
     run.loss_names = loss_names(criterion, list(declared) if declared else None, count if count > 1 else 0)
+
+
+class _LocalAccumulation:
+    """Autocast plus DDP's ``no_sync()`` for a micro-batch that does not step: DDP decides at forward time whether
+    the backward all-reduces, so the forward must run inside no_sync (the all-reduce then happens once, on the
+    window's stepping micro-batch, over the accumulated gradients)."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> None:
+        self.stack.enter_context(self.run.model.no_sync())
+        self.stack.enter_context(self.run.autocast)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
 
 
 def _losses_finite(run: _Run, metrics: Mapping[str, Any]) -> bool:
