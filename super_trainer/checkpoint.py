@@ -5,15 +5,21 @@ A checkpoint is a dict with at least ``net`` (unwrapped model state_dict), ``epo
 ``scaler_state_dict``, ``ema_net``, ``callbacks``, ``rng_state``, ``lr_scheduler_state`` (plus
 ``global_step`` and ``format``). Writes go to a temp file in the same directory, are fsynced, then renamed
 over the target, so a crash leaves either the old file or the new one, never a truncated one.
+:class:`CheckpointWriter` does the same writes from a background thread, after copying the state to host memory,
+so the training thread only pays for the copy.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import random
+import shutil
 import tempfile
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,6 +29,8 @@ __all__ = [
     "CheckpointError",
     "REQUIRED_KEYS",
     "save_checkpoint",
+    "CheckpointWriter",
+    "copy_to_host",
     "read_checkpoint",
     "load_checkpoint_to_model",
     "transfer_weights",
@@ -39,6 +47,8 @@ REQUIRED_KEYS: Tuple[str, ...] = (
     "callbacks", "rng_state", "lr_scheduler_state",
 )
 FORMAT = "super_trainer/1"
+#: Name of CheckpointWriter's background thread (to find it in a thread dump or from a test).
+WRITER_THREAD_NAME = "super_trainer-ckpt-writer"
 
 
 class CheckpointError(RuntimeError):
@@ -77,6 +87,26 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     return path
 
 
+def _copy_file_atomically(source: Path, path: Path) -> Path:
+    """Copy a finished checkpoint file to ``path`` with the same temp + fsync + rename as save_checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp, open(source, "rb") as src:
+            shutil.copyfileobj(src, tmp, 16 * 1024 * 1024)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def _fsync_dir(directory: Path) -> None:
     # The rename is durable only once the directory entry is on disk; not every OS lets us open a dir.
     try:
@@ -89,6 +119,169 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# Objects a host copy can share with the live state: nothing can change them in place.
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, range)
+
+
+class _HostCopier:
+    """Copies a nested state to host memory. CUDA tensors go to pinned buffers with non_blocking copies and
+    ``finish()`` synchronizes once; the buffers are reused across saves when shapes and dtypes repeat."""
+
+    def __init__(self, pinned: Optional[List[torch.Tensor]] = None) -> None:
+        self._memo: Dict[int, torch.Tensor] = {}  # id(tensor) -> its copy: a tensor reached twice is copied once
+        self._pool = list(pinned or [])
+        self.pinned: List[torch.Tensor] = []  # the pinned buffers this copy uses, in traversal order
+        self._devices: set = set()
+
+    def copy(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in self._memo:
+                self._memo[id(obj)] = self._copy_tensor(obj)
+            return self._memo[id(obj)]
+        if isinstance(obj, _IMMUTABLE):
+            return obj
+        if isinstance(obj, dict):  # also OrderedDict (a state_dict's _metadata survives copy.copy) and defaultdict
+            out = copy.copy(obj)
+            for key, value in obj.items():
+                out[key] = self.copy(value)
+            return out
+        if isinstance(obj, list):
+            out = copy.copy(obj)
+            out[:] = [self.copy(value) for value in obj]
+            return out
+        if isinstance(obj, tuple):
+            items = [self.copy(value) for value in obj]
+            if type(obj) is tuple:
+                return tuple(items)
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple, torch.Size
+        if isinstance(obj, (set, frozenset)):
+            return type(obj)(self.copy(value) for value in obj)
+        if isinstance(obj, np.ndarray):
+            return obj.copy()
+        return copy.deepcopy(obj)
+
+    def _copy_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if tensor.is_cuda and tensor.layout == torch.strided:
+            buffer = self._pinned_buffer(tensor)
+            buffer.copy_(tensor, non_blocking=True)
+            self._devices.add(tensor.device)
+            return buffer
+        return tensor.to("cpu", copy=True)
+
+    def _pinned_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+        index = len(self.pinned)
+        if index < len(self._pool) and self._pool[index].shape == tensor.shape and self._pool[index].dtype == tensor.dtype:
+            buffer = self._pool[index]
+        else:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.pinned.append(buffer)
+        return buffer
+
+    def finish(self) -> None:
+        """Wait for the non_blocking device-to-host copies (once per device)."""
+        for device in self._devices:
+            torch.cuda.synchronize(device)
+
+
+def copy_to_host(state: Any) -> Any:
+    """A copy of ``state`` that later training cannot change: every tensor copied to CPU memory (a real copy,
+    also for CPU tensors), dicts, lists, tuples and sets rebuilt, numpy arrays copied, other objects deep-copied.
+    A tensor reached twice is copied once."""
+    copier = _HostCopier()
+    result = copier.copy(state)
+    copier.finish()
+    return result
+
+
+class CheckpointWriter:
+    """Writes checkpoints from a background thread, so training only waits for a copy of the state.
+
+    ``save(state, *paths)`` copies every tensor of ``state`` to host memory on the calling thread (CUDA tensors
+    into reused pinned buffers, non_blocking, one synchronize), then one background thread writes the copy to the
+    first path with :func:`save_checkpoint` (temp file + fsync + rename) and copies that file to the other paths,
+    each atomically. Training may change the live tensors as soon as ``save`` returns.
+
+    At most one write is in flight: ``save`` first waits for the previous one. An exception of a background
+    write is logged when it happens and raised (once) by the next ``save``, ``flush`` or ``close``. The thread
+    is not a daemon, so a write in flight completes before the interpreter exits, also after Ctrl-C. Files are
+    replaced atomically, so a reader sees the previous complete file until the new one lands; call ``flush()``
+    before reading a file that must hold the latest save. Use from one thread.
+    """
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._pinned: List[torch.Tensor] = []
+        self._closed = False
+
+    def save(self, state: Mapping[str, Any], *paths: PathLike) -> None:
+        """Copy ``state`` to host memory now and write it to every path in the background."""
+        self.save_many([(state, paths)])
+
+    def save_many(self, jobs: Sequence[Tuple[Mapping[str, Any], Sequence[PathLike]]]) -> None:
+        """``save`` for several states at once, in one background job (e.g. ckpt_latest and a ckpt_best holding
+        other weights): a tensor shared by the states is copied and held once. Written in the order given."""
+        if self._closed:
+            raise RuntimeError("CheckpointWriter.save called after close()")
+        planned = [(state, [Path(p) for p in paths]) for state, paths in jobs]
+        for _, paths in planned:
+            if not paths:
+                raise ValueError("CheckpointWriter.save needs at least one path per state")
+        self.flush()
+        copier = _HostCopier(self._pinned)
+        host_jobs = [(copier.copy(dict(state)), paths) for state, paths in planned]
+        copier.finish()
+        self._pinned = copier.pinned
+        self._thread = threading.Thread(target=self._write, args=(host_jobs,), name=WRITER_THREAD_NAME,
+                                        daemon=False)
+        self._thread.start()
+
+    def _write(self, jobs: List[Tuple[Dict[str, Any], List[Path]]]) -> None:
+        path = None
+        try:
+            for state, paths in jobs:
+                path = paths[0]
+                save_checkpoint(state, path)
+                for path in paths[1:]:
+                    _copy_file_atomically(paths[0], path)
+        except BaseException as err:  # handed to the training thread by flush()
+            note = f"raised while writing checkpoint {path} in the background"
+            if hasattr(err, "add_note"):
+                err.add_note(note)
+            logging.getLogger("super_trainer").error("%s: %s: %s (raised again at the next save or close)",
+                                                     note, type(err).__name__, err)
+            self._error = err
+
+    @property
+    def busy(self) -> bool:
+        """True while a background write is in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def flush(self) -> None:
+        """Wait until the write in flight, if any, is on disk; raise its exception if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """``flush()``, then refuse further saves and free the pinned buffers."""
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._pinned = []
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 def read_checkpoint(

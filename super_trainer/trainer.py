@@ -39,9 +39,9 @@ from .callbacks.lr import TorchSchedulerCallback
 from .checkpoint import (
     FORMAT,
     CheckpointError,
+    CheckpointWriter,
     get_rng_state,
     read_checkpoint,
-    save_checkpoint,
     set_rng_state,
     unwrap_model,
 )
@@ -104,6 +104,7 @@ class _Run:
     rng_to_restore: Optional[Dict[str, Any]] = None
     train_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
     eval_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
+    ckpt_writer: CheckpointWriter = dataclasses.field(default_factory=CheckpointWriter)  # closed by _fit
 
 
 class _class_or_instance_method:
@@ -302,8 +303,14 @@ class Trainer:
             context.exception, stop_reason = err, "exception"
             raise
         finally:
+            # The last checkpoint write lands before on_training_end, so callbacks there read finished files.
+            write_error = _close_writer(run)
+            if write_error is not None and stop_reason != "exception":
+                context.exception, stop_reason = write_error, "exception"
             context.stop_reason = stop_reason  # on_training_end sees the final reason
             callbacks.on_training_end(context)
+        if write_error is not None:
+            raise write_error
         return self._result(run, stop_reason)
 
     def _train_epoch(self, run: _Run) -> bool:
@@ -489,12 +496,16 @@ class Trainer:
             "rng_state": get_rng_state(),
             "lr_scheduler_state": schedulers or None,
         }
-        save_checkpoint(state, run.ckpt_dir / LATEST)
+        paths = [run.ckpt_dir / LATEST]
         if epochs_done in run.params.save_ckpt_epoch_list:
-            save_checkpoint(state, run.ckpt_dir / f"ckpt_epoch_{epochs_done}.pth")
-        if improved:
-            best = dict(state, net=ema_weights) if ema_weights is not None else state
-            save_checkpoint(best, run.ckpt_dir / BEST)
+            paths.append(run.ckpt_dir / f"ckpt_epoch_{epochs_done}.pth")
+        jobs = [(state, paths)]
+        if improved and ema_weights is not None:
+            jobs.append((dict(state, net=ema_weights), [run.ckpt_dir / BEST]))  # best holds the EMA weights as net
+        elif improved:
+            paths.append(run.ckpt_dir / BEST)
+        # Copies the state now (training may change it next) and writes it from a background thread.
+        run.ckpt_writer.save_many(jobs)
 
     def _result(self, run: _Run, stop_reason: str) -> TrainingResult:
         best = run.ckpt_dir / BEST
@@ -561,6 +572,17 @@ def _name_loss_items(run: _Run, count: int) -> None:
     if run.loss_names is not None and len(run.loss_names) != count:
         raise ValueError(f"the loss returned {count} components, earlier batches {len(run.loss_names)}")
     run.loss_names = loss_names(run.criterion, list(declared) if declared else None, count if count > 1 else 0)
+
+
+def _close_writer(run: _Run) -> Optional[BaseException]:
+    """Wait for the checkpoint write in flight; return its exception instead of raising it, so that
+    on_training_end still fires. When another exception is already propagating, it wins and this one is logged."""
+    try:
+        run.ckpt_writer.close()
+    except BaseException as err:  # also a second Ctrl-C during the wait: the write still completes before exit
+        logger.error("checkpoint write failed: %s: %s", type(err).__name__, err)
+        return err
+    return None
 
 
 def _validation_due(epoch: int, params: TrainingParams) -> bool:

@@ -1,6 +1,7 @@
 """Run by test_resume.py in a fresh process: train fully, train and get killed, or resume."""
 import argparse
 import os
+import threading
 
 import torch
 import torch.nn as nn
@@ -8,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from conftest import make_data
 from super_trainer import Callback, Trainer
+from super_trainer.checkpoint import WRITER_THREAD_NAME
 
 
 class InputJitter(Callback):
@@ -35,6 +37,11 @@ class KillAtEpoch(Callback):
 
     def on_train_loader_start(self, context):
         if context.epoch == self.epoch:
+            # Checkpoints are written by a background thread; let the one in flight land first, so the
+            # kill comes after epoch ``epoch`` was saved (a kill during the write keeps the previous file).
+            for thread in threading.enumerate():
+                if thread.name == WRITER_THREAD_NAME:
+                    thread.join()
             os._exit(17)
 
 
