@@ -223,3 +223,18 @@ def test_a_failed_write_fails_the_run_after_on_training_end(tmp_path, monkeypatc
     # raised at the next save: epoch 0's save raised, so epoch 1 never started
     assert recorder.events.count("on_train_loader_start") == (1 if fail_at == 1 else 2)
     assert not [p for p in (tmp_path / "f").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_reused_host_buffers_never_leak_into_the_previous_file(tmp_path):
+    weights = torch.zeros(1000)
+    writer = CheckpointWriter()
+    for value in range(3):
+        weights.fill_(value)
+        writer.save({"net": {"w": weights}, "copy": [weights]}, tmp_path / f"{value}.pth")
+        if value == 0:
+            first_buffer = writer._buffers[0].data_ptr()
+    assert writer._buffers[0].data_ptr() == first_buffer  # the copy went to the same host memory each time
+    writer.close()
+    for value in range(3):
+        state = torch.load(tmp_path / f"{value}.pth", weights_only=True)
+        assert torch.equal(state["net"]["w"], torch.full((1000,), float(value))) and state["copy"][0] is not None
