@@ -66,6 +66,8 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "max_train_batches": None,
     "max_valid_batches": None,
     "save_ckpt_epoch_list": [],
+    "save_ckpt_every_n_steps": None,
+    "max_keep_ckpts": None,
     "average_best_models": False,
     "resume": False,
     "resume_path": None,
@@ -74,6 +76,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "sg_logger": "tensorboard",
     "silent_mode": False,
     "progress_bar": True,
+    "stop_on_non_finite_loss": True,
 }
 
 MIXED_PRECISION_VALUES = (False, True, "bf16", "bfloat16", "fp16", "float16")
@@ -174,6 +177,8 @@ def _validate(params: TrainingParams) -> None:
     _int(params, "run_test_freq", 1, optional=True)
     _int(params, "max_train_batches", 1, optional=True)
     _int(params, "max_valid_batches", 1, optional=True)
+    _int(params, "save_ckpt_every_n_steps", 1, optional=True)
+    _int(params, "max_keep_ckpts", 1, optional=True)
     _int(params, "lr_warmup_epochs", 0)
     _int(params, "lr_warmup_steps", 0)
     _int(params, "lr_cooldown_epochs", 0)
@@ -210,7 +215,8 @@ def _validate(params: TrainingParams) -> None:
     elif not isinstance(phase_callbacks, (list, tuple)):
         raise _error("phase_callbacks", f"must be a list of callbacks, got {type(phase_callbacks).__name__}")
     for key in ("zero_weight_decay_on_bias_and_bn", "greater_metric_to_watch_is_better", "ema",
-                "average_best_models", "resume", "resume_weights_only", "silent_mode", "progress_bar"):
+                "average_best_models", "resume", "resume_weights_only", "silent_mode", "progress_bar",
+                "stop_on_non_finite_loss"):
         if not isinstance(params[key], bool):
             raise _error(key, f"must be true or false, got {params[key]!r}")
     if not isinstance(params["metric_to_watch"], str):

@@ -210,7 +210,10 @@ class Trainer:
             experiment_name=self.experiment_name, sg_logger=sg_logger, train_loader=train_loader,
             valid_loader=valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
             train_metrics=train_metrics, valid_metrics=valid_metrics, ema_model=ema,
-            lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0, **self._recipe_context,
+            lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0, max_epochs=params.max_epochs,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=steps_per_epoch * params.max_epochs if steps_per_epoch is not None else None,
+            batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), **self._recipe_context,
         )
         run = _Run(
             params=params, net=net, model=wrapped, optimizer=optimizer, criterion=criterion, callbacks=callbacks,
@@ -253,8 +256,9 @@ class Trainer:
             warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=3)
         run.start_epoch = int(state["epoch"])
         run.context.global_step = int(state.get("global_step", 0))
+        run.context.batches_seen = int(state.get("batches_seen", 0))
         run.best_metric = run.context.best_metric = state["best_metric"]
-        run.best_epoch = state.get("best_epoch")
+        run.best_epoch = run.context.best_epoch = state.get("best_epoch")
         run.last_metrics = dict(state.get("metrics") or {})
         run.history = list(state.get("history") or [])
         run.rng_to_restore = state["rng_state"]
@@ -290,6 +294,7 @@ class Trainer:
                 if run.test_loaders and (periodic_test or last_epoch):
                     self._test_all(run)
                 run.history.append(_history_entry(epoch, lr, time.perf_counter() - started, train_results, valid_results))
+                callbacks.on_epoch_end(context)
                 self._save_checkpoints(run, epochs_done=epoch + 1, improved=improved)
                 if context.stop_training:
                     break
@@ -364,6 +369,7 @@ class Trainer:
                             context.global_step += 1
                             callbacks.on_train_batch_gradient_step_end(context)
                 in_batch = False
+                context.batches_seen += 1
                 callbacks.on_train_batch_end(context)
                 if run.model is not run.net:
                     context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
@@ -468,7 +474,7 @@ class Trainer:
         if run.best_metric is not None and not better(value, run.best_metric):
             return False
         run.best_metric, run.best_epoch = value, context.epoch
-        context.best_metric = value
+        context.best_metric, context.best_epoch = value, context.epoch
         run.callbacks.on_validation_end_best_epoch(context)
         return True
 
@@ -484,6 +490,7 @@ class Trainer:
             "net": run.net.state_dict(),
             "epoch": epochs_done,
             "global_step": run.context.global_step,
+            "batches_seen": run.context.batches_seen,
             "acc": lookup_metric(run.last_metrics, run.params.metric_to_watch),
             "best_metric": run.best_metric,
             "best_epoch": run.best_epoch,

@@ -48,10 +48,11 @@ def expected_trace(epochs: int, n_train: int, n_valid: int, n_test: int, accumul
             trace.append("on_validation_loader_end")
             if epoch in best_epochs:
                 trace.append("on_validation_end_best_epoch")
-    if n_test:
-        trace.append("on_test_loader_start")
-        trace += ["on_test_batch_start", "on_test_batch_end"] * n_test
-        trace.append("on_test_loader_end")
+        if n_test and epoch == epochs - 1:
+            trace.append("on_test_loader_start")
+            trace += ["on_test_batch_start", "on_test_batch_end"] * n_test
+            trace.append("on_test_loader_end")
+        trace.append("on_epoch_end")
     trace.append("on_training_end")
     return trace
 

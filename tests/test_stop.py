@@ -75,7 +75,7 @@ def test_stop_outside_a_batch_finishes_the_epoch(tmp_path):
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert read_checkpoint(tmp_path / "stop" / "ckpt_latest.pth")["epoch"] == 2  # epoch 1 was saved
     assert recorder.events.count("on_test_loader_start") == 1  # the (last) epoch's test ran
-    assert recorder.events[-4:] == ["on_test_batch_start", "on_test_batch_end", "on_test_loader_end", "on_training_end"]
+    assert recorder.events[-4:] == ["on_test_batch_end", "on_test_loader_end", "on_epoch_end", "on_training_end"]
     assert math.isfinite(result.test_metrics["t"]["Accuracy"])
 
 

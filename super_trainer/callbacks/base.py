@@ -17,9 +17,10 @@ The trainer fires these events, in this order (SPEC §1)::
           for each valid batch: on_validation_batch_start, on_validation_batch_end
         on_validation_loader_end                 # metrics_dict holds this epoch's validation metrics
         on_validation_end_best_epoch             # only when metric_to_watch improved
-      on_test_loader_start                       # once per test loader, when test loaders were given
-        for each test batch: on_test_batch_start, on_test_batch_end
-      on_test_loader_end
+        on_test_loader_start                     # once per test loader, when a test is due (the last epoch,
+          for each test batch: on_test_batch_start, on_test_batch_end      # or every run_test_freq epochs)
+        on_test_loader_end
+        on_epoch_end                             # once per completed epoch, before its checkpoints
     on_training_end                              # always exactly once
 
 docs/events.md has the full table, including what a stop, an exception and Ctrl-C do.
@@ -60,6 +61,7 @@ EVENTS: Tuple[str, ...] = (
     "on_test_batch_start",
     "on_test_batch_end",
     "on_test_loader_end",
+    "on_epoch_end",
     "on_training_end",
 )
 
@@ -104,6 +106,8 @@ class PhaseContext:
         "sg_logger", "train_loader", "valid_loader", "test_loader", "training_params", "checkpoint_params",
         "architecture", "arch_params", "metric_to_watch", "valid_metrics", "train_metrics", "ema_model",
         "lr_warmup_epochs", "additional_batch_items", "global_step", "best_metric", "exception",
+        # SPEC §7 counters
+        "max_epochs", "steps_per_epoch", "total_steps", "batches_seen", "best_epoch", "rank", "world_size",
     )
 
     def __init__(self, **kwargs: Any) -> None:
@@ -111,6 +115,7 @@ class PhaseContext:
             setattr(self, name, None)
         self.stop_training = False
         self.stop_reason: Optional[str] = None
+        self.skip_step = False  # set at on_train_batch_gradient_step_start to skip that optimizer step
         self.update_context(**kwargs)
 
     def update_context(self, **kwargs: Any) -> None:
@@ -200,6 +205,11 @@ class Callback:
 
     def on_test_loader_end(self, context: PhaseContext) -> None:
         """metrics_dict holds this test loader's metrics."""
+
+    def on_epoch_end(self, context: PhaseContext) -> None:
+        """Once per completed epoch, after its validation, best-epoch and test events and before the epoch's
+        checkpoints are written (state changed here is saved). Not fired for an epoch cut short by a stop
+        during a batch. metrics_dict holds the last metrics computed (validation's on validation epochs)."""
 
     def on_training_end(self, context: PhaseContext) -> None:
         """Always exactly once, last; also after a stop, Ctrl-C, or an exception (context.exception set)."""
@@ -396,6 +406,7 @@ class CallbackHandler(Callback):
     on_test_batch_start = _forward("on_test_batch_start")
     on_test_batch_end = _forward("on_test_batch_end")
     on_test_loader_end = _forward("on_test_loader_end")
+    on_epoch_end = _forward("on_epoch_end")
     on_training_end = _forward("on_training_end")
 
 
