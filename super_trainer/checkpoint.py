@@ -229,15 +229,22 @@ class CheckpointWriter:
         """Copy ``state`` to host memory now and write it to every path in the background."""
         self.save_many([(state, paths)])
 
-    def save_many(self, jobs: Sequence[Tuple[Mapping[str, Any], Sequence[PathLike]]]) -> None:
+    def save_many(self, jobs: Sequence[Tuple[Mapping[str, Any], Sequence[PathLike]]],
+                  remove: Sequence[PathLike] = ()) -> None:
         """``save`` for several states at once, in one background job (e.g. ckpt_latest and a ckpt_best holding
-        other weights): a tensor shared by the states is copied and held once. Written in the order given."""
+        other weights): a tensor shared by the states is copied and held once. Written in the order given.
+        ``remove``: files deleted (when present) once every write of the job succeeded, e.g. checkpoints beyond
+        a keep limit, so a failed write never leaves fewer complete checkpoints than before."""
         if self._closed:
             raise RuntimeError("CheckpointWriter.save called after close()")
         planned = [(state, [Path(p) for p in paths]) for state, paths in jobs]
         for _, paths in planned:
             if not paths:
                 raise ValueError("CheckpointWriter.save needs at least one path per state")
+        removed = [Path(p) for p in remove]
+        clash = {str(p) for p in removed} & {str(p) for _, paths in planned for p in paths}
+        if clash:
+            raise ValueError(f"CheckpointWriter.save_many: {sorted(clash)} both written and removed")
         self.flush()
         copier = _HostCopier(self._buffers)
         self._buffers = []
@@ -245,11 +252,11 @@ class CheckpointWriter:
         copier.finish()
         if self.reuse_buffers:
             self._buffers = copier.buffers
-        self._thread = threading.Thread(target=self._write, args=(host_jobs,), name=WRITER_THREAD_NAME,
+        self._thread = threading.Thread(target=self._write, args=(host_jobs, removed), name=WRITER_THREAD_NAME,
                                         daemon=False)
         self._thread.start()
 
-    def _write(self, jobs: List[Tuple[Dict[str, Any], List[Path]]]) -> None:
+    def _write(self, jobs: List[Tuple[Dict[str, Any], List[Path]]], remove: List[Path]) -> None:
         path = None
         try:
             for state, paths in jobs:
@@ -257,6 +264,8 @@ class CheckpointWriter:
                 save_checkpoint(state, path)
                 for path in paths[1:]:
                     _copy_file_atomically(paths[0], path)
+            for path in remove:
+                path.unlink(missing_ok=True)
         except BaseException as err:  # handed to the training thread by flush()
             note = f"raised while writing checkpoint {path} in the background"
             if hasattr(err, "add_note"):

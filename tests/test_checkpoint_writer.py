@@ -238,3 +238,21 @@ def test_reused_host_buffers_never_leak_into_the_previous_file(tmp_path):
     for value in range(3):
         state = torch.load(tmp_path / f"{value}.pth", weights_only=True)
         assert torch.equal(state["net"]["w"], torch.full((1000,), float(value))) and state["copy"][0] is not None
+
+
+def test_remove_happens_only_after_the_writes_succeeded(tmp_path, monkeypatch):
+    old = tmp_path / "ckpt_epoch_1.pth"
+    writer = CheckpointWriter()
+    writer.save({"v": torch.ones(1)}, old)
+    writer.flush()
+    monkeypatch.setattr(torch, "save", _failing_save)
+    writer.save_many([({"v": torch.zeros(1)}, [tmp_path / "ckpt_epoch_2.pth"])], remove=[old])
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    monkeypatch.undo()
+    assert old.is_file()  # the failed write removed nothing
+    writer.save_many([({"v": torch.zeros(1)}, [tmp_path / "ckpt_epoch_2.pth"])], remove=[old, tmp_path / "gone.pth"])
+    writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_epoch_2.pth"]
+    with pytest.raises(ValueError, match="both written and removed"):
+        CheckpointWriter().save_many([({"v": torch.ones(1)}, [old])], remove=[old])
