@@ -15,8 +15,9 @@ Method (see benchmarks/README.md):
   for all of it, as it did before ``CheckpointWriter``.
 - Writer: time of ``writer.save(state, path)`` — the host copy of every tensor plus starting the thread: all the
   training thread waits for. The first save allocates the host buffers; later saves reuse them (as every
-  checkpoint after a run's first does), so the first is reported on its own and the ratio uses the later ones. The background write is then timed until ``flush()`` returns, while the training
-  thread keeps running training steps; their mean time is compared with steps run with no write in flight (on a
+  checkpoint after a run's first does), so the first is reported on its own and the ratio uses the later ones.
+  The background write is then timed until ``flush()`` returns, while the training
+  thread keeps running training steps; their median time is compared with steps run with no write in flight (on a
   machine with few cores the background thread competes with training for the CPU, which this shows).
 - Both write the same state to the same temp dir (``--dir``, default the system temp dir: a real disk, unlike
   /dev/shm). Repetitions alternate sync and writer, with one training step between; the table shows medians.

@@ -10,9 +10,9 @@ Method (see benchmarks/README.md):
 
 - Data is a plain list of pre-built ``(x, y)`` CPU tensors, the same list object for both loops, so no
   DataLoader collation hides (or adds) cost.
-- Only the train pass of each epoch is timed. In the trainer two timing callbacks stamp
-  ``time.perf_counter()`` at ``on_train_loader_start`` (running after every other listener) and
-  ``on_train_loader_end`` (running before every other listener); the hand loop is timed over the same span
+- Only the train pass of each epoch is timed. In the trainer two timing callbacks read the clock (``--clock``:
+  wall ``time.perf_counter()`` or the thread's CPU time) at ``on_train_loader_start`` (running after every other
+  listener) and ``on_train_loader_end`` (running before every other listener); the hand loop is timed over the same span
   (the batch loop plus the one end-of-epoch host sync). Per-epoch costs outside that span (checkpoint
   writes, logger setup, params YAML) are therefore not counted: this is the per-*step* overhead.
 - s/step of an epoch = epoch time / batches. The first epoch of every run is dropped as warm-up; the
@@ -56,6 +56,10 @@ Batches = List[Tuple[torch.Tensor, torch.Tensor]]
 
 N_CALLBACKS = 50
 
+# The clock every loop stamps with: wall time (default) or, with --clock thread, the CPU time of the calling
+# thread, which other processes on a shared machine do not inflate (but which leaves out waits, such as fsync).
+clock: Callable[[], float] = time.perf_counter
+
 
 # ---- model, data ---------------------------------------------------------------------------------
 
@@ -96,7 +100,7 @@ class _StampStart(Callback):
 
     def on_train_loader_start(self, context: Any) -> None:
         self.times.net_type = type(context.net).__name__
-        self.times.start = time.perf_counter()
+        self.times.start = clock()
 
 
 class _StampEnd(Callback):
@@ -106,7 +110,7 @@ class _StampEnd(Callback):
         self.times = times
 
     def on_train_loader_end(self, context: Any) -> None:
-        self.times.seconds.append(time.perf_counter() - self.times.start)
+        self.times.seconds.append(clock() - self.times.start)
 
 
 class IdleCallback(Callback):
@@ -127,7 +131,7 @@ Timings = Tuple[List[float], float]
 
 def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int, compile: bool = False) -> Timings:
     """The reference loop: batch loop + one host sync per epoch."""
-    fit_start = time.perf_counter()
+    fit_start = clock()
     device = torch.device("cpu")
     model = make_mlp(sizes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -136,7 +140,7 @@ def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int, compile: bool
     seconds = []
     for _ in range(epochs):
         model.train()
-        started = time.perf_counter()
+        started = clock()
         running = torch.zeros((), device=device)
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -147,8 +151,8 @@ def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int, compile: bool
             opt.zero_grad(set_to_none=True)
             running += loss.detach()
         float(running)
-        seconds.append(time.perf_counter() - started)
-    return seconds, time.perf_counter() - fit_start
+        seconds.append(clock() - started)
+    return seconds, clock() - fit_start
 
 
 QUIET = {"sg_logger": "base", "progress_bar": False}
@@ -158,7 +162,7 @@ def trainer_loop(sizes: Sequence[int], batches: Batches, epochs: int, extra_para
                  extra_callbacks: Callable[[], List[Callback]], root: str, name: str, compile: bool = False,
                  net_types: Optional[List[str]] = None) -> Timings:
     """Trainer.train with ``extra_params`` (and ``torch.compile(model)`` passed in when ``compile``)."""
-    fit_start = time.perf_counter()
+    fit_start = clock()
     times = EpochTimes()
     params = {
         "max_epochs": epochs,
@@ -179,7 +183,7 @@ def trainer_loop(sizes: Sequence[int], batches: Batches, epochs: int, extra_para
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
         Trainer(experiment_name=name, ckpt_root_dir=root, device="cpu").train(
             model=model, training_params=params, train_loader=batches, valid_loader=None)
-    fit = time.perf_counter() - fit_start
+    fit = clock() - fit_start
     assert len(times.seconds) == epochs, times.seconds
     if net_types is not None:
         net_types.append(times.net_type)
@@ -214,17 +218,17 @@ def ignite_loop(sizes: Sequence[int], batches: Batches, epochs: int, root: str, 
     step, ``loss.item()``), timed from EPOCH_STARTED to EPOCH_COMPLETED by the first handlers attached."""
     from ignite.engine import Events, create_supervised_trainer
 
-    fit_start = time.perf_counter()
+    fit_start = clock()
     times = EpochTimes()
     model = make_mlp(sizes)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     engine = create_supervised_trainer(model, opt, torch.nn.CrossEntropyLoss(), device="cpu")
-    engine.add_event_handler(Events.EPOCH_STARTED, lambda _: setattr(times, "start", time.perf_counter()))
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda _: setattr(times, "start", clock()))
     engine.add_event_handler(Events.EPOCH_COMPLETED,
-                             lambda _: times.seconds.append(time.perf_counter() - times.start))
+                             lambda _: times.seconds.append(clock() - times.start))
     with _silenced():
         engine.run(batches, max_epochs=epochs)
-    return times.seconds, time.perf_counter() - fit_start
+    return times.seconds, clock() - fit_start
 
 
 class _OneLoader:
@@ -245,7 +249,7 @@ def lightning_loop(sizes: Sequence[int], batches: Batches, epochs: int, root: st
     timed from on_train_epoch_start to on_train_epoch_end by a callback."""
     import lightning.pytorch as pl
 
-    fit_start = time.perf_counter()
+    fit_start = clock()
     times = EpochTimes()
 
     class Module(pl.LightningModule):
@@ -263,16 +267,16 @@ def lightning_loop(sizes: Sequence[int], batches: Batches, epochs: int, root: st
 
     class Stamp(pl.Callback):
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
-            times.start = time.perf_counter()
+            times.start = clock()
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-            times.seconds.append(time.perf_counter() - times.start)
+            times.seconds.append(clock() - times.start)
 
     with _silenced():
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=[Stamp()],
                              default_root_dir=os.path.join(root, name))
         trainer.fit(Module(), train_dataloaders=_OneLoader(batches))
-    return times.seconds, time.perf_counter() - fit_start
+    return times.seconds, clock() - fit_start
 
 
 # ---- cases -------------------------------------------------------------------------------------------
@@ -463,6 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--groups", default=",".join(GROUPS),
                         help=f"comma-separated groups to run, of {', '.join(GROUPS)} (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops (default 1)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall: time.perf_counter (default); thread: time.thread_time, the training thread's "
+                             "CPU time, steadier on a loaded machine but blind to waits (fsync, sleeping)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--ckpt-base", metavar="DIR", default=_default_ckpt_base(),
@@ -476,6 +483,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--groups: unknown {unknown}; valid: {', '.join(GROUPS)}")
     rounds = args.rounds or (2 if args.quick else 7)
     torch.set_num_threads(args.threads)
+    global clock
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -495,7 +504,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"super_trainer {super_trainer.__version__} overhead benchmark{' (--quick)' if args.quick else ''}")
     print(f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}, "
           f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}")
-    print(f"  trainer ckpt_root_dir under {args.ckpt_base or tempfile.gettempdir()}")
+    print(f"  trainer ckpt_root_dir under {args.ckpt_base or tempfile.gettempdir()}; clock: "
+          f"{'time.thread_time (training thread CPU time)' if args.clock == 'thread' else 'time.perf_counter (wall)'}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for g in groups:
         print(f"  {g.name}: MLP {'-'.join(map(str, g.sizes))}, batch {g.batch_size}, {g.steps} steps/epoch x "
               f"{g.epochs} epochs (first dropped), {len(results[g.name + '/hand'].fits)} interleaved rounds")
@@ -548,7 +559,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         payload = {
             "torch": torch.__version__, "super_trainer": super_trainer.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "quick": args.quick, "rounds": rounds, "ckpt_base": args.ckpt_base or tempfile.gettempdir(),
+            "quick": args.quick, "rounds": rounds, "clock": args.clock, "loadavg": os.getloadavg(),
+            "ckpt_base": args.ckpt_base or tempfile.gettempdir(),
             "wall_s": elapsed, "cases": rows, "dispatch_s_per_event": dispatch,
         }
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -178,7 +178,8 @@ class _HostCopier:
     def _buffer(self, tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
         index = len(self.buffers)
         buffer = self._pool[index] if index < len(self._pool) else None
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype or buffer.is_pinned() != pinned:
+        fits = buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype
+        if not fits or buffer.is_pinned() != pinned:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
         self.buffers.append(buffer)
         return buffer
