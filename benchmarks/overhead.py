@@ -530,7 +530,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     measured[label], ok = check(results)
                     outcomes.append("PASS" if ok else f"FAIL({label})")
                     failed |= not ok
-            status = " ".join(dict.fromkeys(outcomes)) if "PASS" not in outcomes or len(set(outcomes)) > 1 else "PASS"
+            failures = [o for o in outcomes if o != "PASS"]
+            status = " ".join(failures) if failures else ("PASS" if outcomes else "")
             note = ""
             if v.name.startswith(f"tiny_{N_CALLBACKS}_"):
                 added = res.median - results["tiny_quiet"].median

@@ -10,14 +10,17 @@ so the training thread only pays for the copy.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
+import queue
 import random
 import shutil
 import tempfile
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -30,6 +33,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "save_checkpoint",
     "CheckpointWriter",
+    "wait_for_writes",
     "copy_to_host",
     "read_checkpoint",
     "load_checkpoint_to_model",
@@ -123,6 +127,7 @@ def _fsync_dir(directory: Path) -> None:
 
 # Objects a host copy can share with the live state: nothing can change them in place.
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, range)
+_SCALARS = frozenset((type(None), bool, int, float, str))
 
 
 class _HostCopier:
@@ -150,9 +155,12 @@ class _HostCopier:
             return out
         if isinstance(obj, list):
             out = copy.copy(obj)
-            out[:] = [self.copy(value) for value in obj]
+            if not all(type(value) in _SCALARS for value in obj):  # fast path: e.g. Python's RNG state
+                out[:] = [self.copy(value) for value in obj]
             return out
         if isinstance(obj, tuple):
+            if all(type(value) in _SCALARS for value in obj):
+                return obj  # immutable all the way down
             items = [self.copy(value) for value in obj]
             if type(obj) is tuple:
                 return tuple(items)
@@ -204,15 +212,16 @@ class CheckpointWriter:
     """Writes checkpoints from a background thread, so training only waits for a copy of the state.
 
     ``save(state, *paths)`` copies every tensor of ``state`` to host memory on the calling thread (CUDA tensors
-    into pinned buffers, non_blocking, one synchronize), then one background thread writes the copy to the
+    into pinned buffers, non_blocking, one synchronize), then the writer's thread writes the copy to the
     first path with :func:`save_checkpoint` (temp file + fsync + rename) and copies that file to the other paths,
     each atomically. Training may change the live tensors as soon as ``save`` returns.
 
     At most one write is in flight: ``save`` first waits for the previous one. An exception of a background
-    write is logged when it happens and raised (once) by the next ``save``, ``flush`` or ``close``. The thread
-    is not a daemon, so a write in flight completes before the interpreter exits, also after Ctrl-C. Files are
-    replaced atomically, so a reader sees the previous complete file until the new one lands; call ``flush()``
-    before reading a file that must hold the latest save. Use from one thread.
+    write is logged when it happens and raised (once) by the next ``save``, ``flush`` or ``close``. A write in
+    flight completes before the interpreter exits (an atexit hook waits for it), also after Ctrl-C; only a hard
+    kill loses it, leaving the previous file. Files are replaced atomically, so a reader sees the previous
+    complete file until the new one lands; call ``flush()`` (or :func:`wait_for_writes`) before reading a file
+    that must hold the latest save. Use from one thread; ``close()`` it (or use ``with``) to end its thread.
 
     ``reuse_buffers`` (default True) keeps the host buffers of one save for the next (a save waits for the previous
     write, so they are free again): the copy then rewrites memory that is already mapped (and pinned), about 3x
@@ -221,7 +230,10 @@ class CheckpointWriter:
 
     def __init__(self, reuse_buffers: bool = True) -> None:
         self.reuse_buffers = reuse_buffers
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[threading.Thread] = None  # started at the first save, ended by close()
+        self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._idle = threading.Event()  # set while no write is in flight
+        self._idle.set()
         self._error: Optional[BaseException] = None
         self._buffers: List[torch.Tensor] = []
         self._closed = False
@@ -253,9 +265,25 @@ class CheckpointWriter:
         copier.finish()
         if self.reuse_buffers:
             self._buffers = copier.buffers
-        self._thread = threading.Thread(target=self._write, args=(host_jobs, removed), name=WRITER_THREAD_NAME,
-                                        daemon=False)
-        self._thread.start()
+        if self._thread is None or not self._thread.is_alive():  # first save, or a fork() left no thread
+            # A daemon thread started once: a new thread per save would make every save wait until the OS
+            # schedules it (milliseconds on a loaded machine). The atexit hook lets the last write finish.
+            self._thread = threading.Thread(target=self._run, name=WRITER_THREAD_NAME, daemon=True)
+            self._thread.start()
+            _LIVE_WRITERS.add(self)
+        self._idle.clear()
+        self._jobs.put((host_jobs, removed))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._write(*job)
+            finally:
+                del job  # drop the host copy before reporting idle
+                self._idle.set()
 
     def _write(self, jobs: List[Tuple[Dict[str, Any], List[Path]]], remove: List[Path]) -> None:
         path = None
@@ -278,30 +306,46 @@ class CheckpointWriter:
     @property
     def busy(self) -> bool:
         """True while a background write is in flight."""
-        return self._thread is not None and self._thread.is_alive()
+        return not self._idle.is_set()
 
     def flush(self) -> None:
         """Wait until the write in flight, if any, is on disk; raise its exception if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._idle.wait()
         error, self._error = self._error, None
         if error is not None:
             raise error
 
     def close(self) -> None:
-        """``flush()``, then refuse further saves and free the host buffers."""
+        """``flush()``, then end the thread, refuse further saves and free the host buffers."""
         try:
             self.flush()
         finally:
             self._closed = True
             self._buffers = []
+            if self._thread is not None and self._idle.is_set():
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+                _LIVE_WRITERS.discard(self)
 
     def __enter__(self) -> "CheckpointWriter":
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+_LIVE_WRITERS: "weakref.WeakSet[CheckpointWriter]" = weakref.WeakSet()
+
+
+def wait_for_writes() -> None:
+    """Wait until every CheckpointWriter's write in flight is on disk (their errors stay for their next
+    ``save``/``flush``/``close``). Runs at interpreter exit, so no started write is lost to a normal exit."""
+    for writer in list(_LIVE_WRITERS):
+        writer._idle.wait()
+
+
+atexit.register(wait_for_writes)
 
 
 def read_checkpoint(

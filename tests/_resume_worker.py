@@ -1,7 +1,6 @@
 """Run by test_resume.py in a fresh process: train fully, train and get killed, or resume."""
 import argparse
 import os
-import threading
 
 import torch
 import torch.nn as nn
@@ -9,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from conftest import make_data
 from super_trainer import Callback, Trainer
-from super_trainer.checkpoint import WRITER_THREAD_NAME
+from super_trainer.checkpoint import wait_for_writes
 
 
 class InputJitter(Callback):
@@ -39,9 +38,7 @@ class KillAtEpoch(Callback):
         if context.epoch == self.epoch:
             # Checkpoints are written by a background thread; let the one in flight land first, so the
             # kill comes after epoch ``epoch`` was saved (a kill during the write keeps the previous file).
-            for thread in threading.enumerate():
-                if thread.name == WRITER_THREAD_NAME:
-                    thread.join()
+            wait_for_writes()
             os._exit(17)
 
 
