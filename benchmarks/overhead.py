@@ -168,7 +168,8 @@ def trainer_loop(sizes: Sequence[int], batches: Batches, epochs: int, extra_para
         "max_epochs": epochs,
         "initial_lr": 0.01,
         "optimizer": "SGD",
-        "optimizer_params": {"momentum": 0.9},
+        # weight_decay 0 explicitly: the trainer's SG-compatible SGD default is 1e-4, the hand loop has none
+        "optimizer_params": {"momentum": 0.9, "weight_decay": 0.0},
         "loss": "CrossEntropyLoss",
         "valid_metrics_list": [],
         "metric_to_watch": "CrossEntropyLoss",

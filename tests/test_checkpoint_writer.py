@@ -256,3 +256,17 @@ def test_remove_happens_only_after_the_writes_succeeded(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_epoch_2.pth"]
     with pytest.raises(ValueError, match="both written and removed"):
         CheckpointWriter().save_many([({"v": torch.ones(1)}, [old])], remove=[old])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_are_copied_through_pinned_memory(tmp_path):
+    weights = torch.zeros(1 << 20, device="cuda")
+    writer = CheckpointWriter()
+    for value in range(2):
+        writer.save({"net": {"w": weights}}, tmp_path / f"{value}.pth")
+        weights.add_(1.0)  # queued on the device right after save() returned
+    assert writer._buffers[0].is_pinned()
+    writer.close()
+    for value in range(2):
+        state = torch.load(tmp_path / f"{value}.pth", weights_only=True)
+        assert state["net"]["w"].device.type == "cpu" and bool((state["net"]["w"] == value).all())
