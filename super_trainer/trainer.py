@@ -365,7 +365,9 @@ class Trainer:
         finally:
             # The last checkpoint write lands before on_training_end, so callbacks there read finished files.
             write_error = _close_writer(run)
-            if write_error is not None and stop_reason != "exception":
+            if isinstance(write_error, KeyboardInterrupt):  # Ctrl-C during that wait
+                stop_reason = "exception" if stop_reason == "exception" else "interrupted"
+            elif write_error is not None and stop_reason != "exception":
                 context.exception, stop_reason = write_error, "exception"
             context.stop_reason = stop_reason  # on_training_end sees the final reason
             callbacks.on_training_end(context)
@@ -835,12 +837,14 @@ class StepClosure:
 
 
 def _close_writer(run: _Run) -> Optional[BaseException]:
-    """Wait for the checkpoint write in flight; return its exception instead of raising it, so that
-    on_training_end still fires. When another exception is already propagating, it wins and this one is logged."""
+    """Wait for the checkpoint write in flight; return its exception (already logged by the writer) instead of
+    raising it, so that on_training_end still fires. An exception already propagating wins over it."""
     try:
         run.ckpt_writer.close()
-    except BaseException as err:  # also a second Ctrl-C during the wait: the write still completes before exit
-        logger.error("checkpoint write failed: %s: %s", type(err).__name__, err)
+    except KeyboardInterrupt as err:
+        logger.warning("Ctrl-C while waiting for the last checkpoint write; it still completes before exit")
+        return err
+    except BaseException as err:
         return err
     return None
 

@@ -270,3 +270,36 @@ def test_cuda_tensors_are_copied_through_pinned_memory(tmp_path):
     for value in range(2):
         state = torch.load(tmp_path / f"{value}.pth", weights_only=True)
         assert state["net"]["w"].device.type == "cpu" and bool((state["net"]["w"] == value).all())
+
+
+def test_ctrl_c_while_waiting_for_the_last_write(tmp_path, monkeypatch):
+    """A Ctrl-C during the final wait still fires on_training_end ("interrupted") and re-raises; the write
+    itself goes on and lands."""
+    import os
+    import signal
+
+    from super_trainer.checkpoint import wait_for_writes
+
+    real_save, gate, calls = torch.save, threading.Event(), []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the epoch's checkpoint (the first is the step-0 one)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            assert gate.wait(10)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    reasons = []
+
+    class End(Callback):
+        def on_training_end(self, context):
+            reasons.append(context.stop_reason)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer("c", tmp_path).train(model=make_model(), training_params=quiet_params(
+            max_epochs=1, phase_callbacks=[End()]), train_loader=make_loader(), valid_loader=make_loader(16))
+    assert reasons == ["interrupted"]
+    gate.set()
+    wait_for_writes()
+    assert read_checkpoint(tmp_path / "c" / "ckpt_latest.pth")["epoch"] == 1
