@@ -120,3 +120,22 @@ def test_ctrl_c_prints_one_line_and_no_epoch_line_for_the_partial_epoch(tmp_path
     assert LINE.match(lines[0]) and LINE.match(lines[0]).group(1) == "1"
     assert lines[1] == (f"Training interrupted in epoch 2/3 | resume from {tmp_path / 'ctrl_c' / 'ckpt_latest.pth'} "
                         f"| best Accuracy {result.best_metric:.4g} @1")
+
+
+def test_epoch_line_names_loss_components_and_shows_the_largest_lr(tmp_path, capsys):
+    import torch
+
+    class TwoTerms(torch.nn.Module):
+        component_names = ["cls", "reg"]
+
+        def forward(self, preds, target):
+            cls = torch.nn.functional.cross_entropy(preds, target)
+            reg = preds.pow(2).mean()
+            return cls + 0.01 * reg, torch.stack([cls.detach(), reg.detach()])
+
+    Trainer("terms", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=1, loss=TwoTerms(), metric_to_watch="TwoTerms/cls", greater_metric_to_watch_is_better=False,
+        initial_lr={"0.": 0.0, "default": 0.05}), train_loader=make_loader(), valid_loader=make_loader(16))
+    line = capsys.readouterr().out.strip()
+    assert re.match(r"^Epoch 1/1 \| train TwoTerms/cls [\d.]+ \| valid TwoTerms/cls [\d.]+ \(best [\d.]+ @1\) "
+                    r"TwoTerms/reg [\d.]+ Accuracy [\d.]+ \| lr 0.05 \| [\d.]+s$", line), line

@@ -26,6 +26,11 @@ def _fmt(value: Any) -> Optional[str]:
     return None  # per-class lists and other non-scalars are left to the logs
 
 
+def _label(loss_name: str) -> str:
+    """"loss" for a single loss; a component ("LossClass/component") keeps its name."""
+    return loss_name if "/" in loss_name else "loss"
+
+
 def _epochs(context: PhaseContext) -> str:
     """``"3/10"``: the 1-based epoch number over max_epochs."""
     epoch = (context.epoch or 0) + 1
@@ -67,7 +72,7 @@ class EpochSummary(Callback):
     def on_train_loader_end(self, context: PhaseContext) -> None:
         self._train = dict(context.metrics_dict or {})
         lrs = getattr(context, "epoch_lrs", None) or [g["lr"] for g in context.optimizer.param_groups]
-        self._lr = lrs[0] if lrs else None
+        self._lr = max(lrs) if lrs else None  # param groups may differ (a frozen one has 0): the largest
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:
         self._valid = dict(context.metrics_dict or {})
@@ -83,9 +88,9 @@ class EpochSummary(Callback):
     def line(self, context: PhaseContext) -> str:
         """The summary of the epoch that just completed."""
         parts = [f"Epoch {_epochs(context)}"]
-        train_loss = next((_fmt(v) for v in self._train.values() if _fmt(v) is not None), None)
-        if train_loss is not None:
-            parts.append(f"train loss {train_loss}")
+        first = next(((name, _fmt(v)) for name, v in self._train.items() if _fmt(v) is not None), None)
+        if first is not None:  # the loss (a loss with components: its first component, by name)
+            parts.append(f"train {_label(first[0])} {first[1]}")
         if self._valid:
             watched = str(context.metric_to_watch or "").lower()
             shown = []
@@ -93,7 +98,7 @@ class EpochSummary(Callback):
                 text = _fmt(value)
                 if text is None:
                     continue
-                item = f"{'loss' if index == 0 and name in self._train else name} {text}"
+                item = f"{_label(name) if index == 0 and name in self._train else name} {text}"
                 if name.lower() == watched and context.best_metric is not None:
                     item += f" (best {_best(context)})"
                 shown.append(item)
