@@ -7,7 +7,7 @@ import contextlib
 import math
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from .callbacks.lr import build_lr_callbacks
 from .callbacks.progress import ProgressBar
 from .metrics import loss_names
 from .params import TrainingParams
+from . import sam as _sam  # noqa: F401  (registers the SAM optimizer)
 from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
 
 __all__ = [
@@ -50,6 +51,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
+    if isinstance(params.optimizer, Mapping):  # {Name: {kwargs}}, e.g. {SAM: {base: SGD, rho: 0.05}}
+        params = _optimizer_from_mapping(params)
     spec = params.optimizer
     if isinstance(spec, torch.optim.Optimizer):
         optimizer = spec
@@ -65,6 +68,16 @@ def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optim
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]  # lr0 of every schedule
     return optimizer
+
+
+def _optimizer_from_mapping(params: TrainingParams) -> TrainingParams:
+    """``optimizer: {Name: {kwargs}}`` as ``optimizer: Name`` with the kwargs under optimizer_params
+    (optimizer_params wins on a key given in both)."""
+    name, kwargs = parse_spec(params.optimizer, "optimizer")
+    if name == "_target_":
+        raise ValueError("training_params.optimizer: give {Name: {params}}, not a _target_ (the trainer passes "
+                         "the param groups itself)")
+    return TrainingParams(params, optimizer=name, optimizer_params={**kwargs, **dict(params.optimizer_params)})
 
 
 def _registry_get(registry: Any, name: str, key: str) -> Any:
@@ -149,9 +162,12 @@ def known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List
     return None
 
 
-def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str]) -> None:
+def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str],
+                          callbacks: Sequence[Any] = ()) -> None:
+    """ValueError unless ``metric`` is a metrics_dict key: a loss name, a metric title, or a name in a
+    callback's ``metric_names`` (metrics it adds at on_validation_loader_end)."""
     base = getattr(criterion, "__name__", None) or type(criterion).__name__
-    keys = list(names or [base]) + titles
+    keys = list(names or [base]) + titles + [str(n) for cb in callbacks for n in (getattr(cb, "metric_names", ()) or ())]
     lowered = metric.lower()
     if any(k.lower() == lowered for k in keys):
         return

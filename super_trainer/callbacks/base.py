@@ -28,7 +28,7 @@ docs/events.md has the full table, including what a stop, an exception and Ctrl-
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "EVENTS",
@@ -137,12 +137,15 @@ class Callback:
     Optional attributes and methods:
 
     - ``priority`` (class or instance attribute): int, name or :class:`Priority`; lower runs first.
+    - ``metric_names`` (class or instance attribute): the metrics_dict keys this callback adds at
+      on_validation_loader_end, so ``metric_to_watch`` may name them (checked before training).
     - ``state_dict()`` / ``load_state_dict(state)``: state saved in every checkpoint and restored on
       resume, stored under ``state_key`` (default: the class name; override it when you train with two
       stateful instances of one class). State must be made of tensors, numbers, strings, lists, dicts.
     """
 
     priority: Union[int, str, Priority] = Priority.NORMAL
+    metric_names: Sequence[str] = ()
 
     @property
     def state_key(self) -> str:

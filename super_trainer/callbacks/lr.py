@@ -192,6 +192,8 @@ class TorchSchedulerCallback(Callback):
     """Steps a ``torch.optim.lr_scheduler`` scheduler at one phase; its state goes into checkpoints.
 
     ``ReduceLROnPlateau`` is stepped with ``metrics_dict[metric_name]`` (default phase VALIDATION_EPOCH_END).
+    A scheduler stepped with a metric runs at LOW priority (others VERY_HIGH), so it sees metrics that
+    NORMAL callbacks add to metrics_dict at the same event.
     """
 
     priority = Priority.VERY_HIGH
@@ -214,6 +216,8 @@ class TorchSchedulerCallback(Callback):
                 raise ValueError(f"training_params.lr_mode: unknown phase {phase!r}; valid phases: "
                                  f"{', '.join(p.value for p in Phase)}") from None
         self.phase = phase
+        if metric_name is not None:
+            self.priority = Priority.LOW
         self.scheduler: Optional[Any] = None
         self._pending_state: Optional[Dict[str, Any]] = None
         setattr(self, PHASE_EVENTS[self.phase], self._step)
