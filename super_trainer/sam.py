@@ -50,7 +50,7 @@ class SAM(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad * p.abs() if group["adaptive"] else p.grad
-                norms.append(torch.linalg.vector_norm(g.float(), 2))
+                norms.append(torch.linalg.vector_norm(g, 2))
         if not norms:
             return torch.zeros(())
         return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2)
