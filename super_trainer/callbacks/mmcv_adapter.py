@@ -110,6 +110,10 @@ class RunnerView:
     def current_lr(self) -> List[float]:
         return [group["lr"] for group in self.context.optimizer.param_groups]
 
+    def __getattr__(self, name: str) -> Any:  # only for names not found the normal way
+        raise AttributeError(f"runner.{name} is not part of MMCVHookAdapter's runner view (see "
+                             "docs/migrating_from_mmcv.md); runner.context is the PhaseContext with everything else")
+
 
 def _train_batches(context: PhaseContext) -> Optional[int]:
     try:
