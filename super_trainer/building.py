@@ -4,8 +4,11 @@ mistake surfaces as one ValueError naming the training_params key."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,7 +31,7 @@ from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
 __all__ = [
     "resolve_device", "seed_everything", "build_optimizer", "param_groups", "build_criterion", "known_loss_names",
     "check_metric_to_watch", "autocast_and_scaler", "builtin_callbacks", "user_callbacks", "optimizer_steps_per_epoch",
-    "write_params_yaml",
+    "write_params_yaml", "restart_callback_states", "step_takes_closure",
 ]
 
 
@@ -266,3 +269,39 @@ def write_params_yaml(params: TrainingParams, path: Path) -> None:
     tmp = path.with_suffix(".yaml.tmp")
     OmegaConf.save(OmegaConf.create(plain(dict(params))), tmp)
     tmp.replace(path)
+
+
+def restart_callback_states(callbacks: List[Callback]) -> None:
+    """Give each stateful user callback the state it had when first given to a Trainer, so a second
+    ``train()`` with the same objects (a re-run notebook cell) behaves like the first. A resume then loads
+    the checkpoint's state over it."""
+    for callback in callbacks:
+        if not (callable(getattr(callback, "state_dict", None)) and callable(getattr(callback, "load_state_dict", None))):
+            continue
+        initial = getattr(callback, "_initial_state_for_super_trainer", None)
+        if initial is None:
+            try:
+                callback._initial_state_for_super_trainer = copy.deepcopy(callback.state_dict())
+            except AttributeError:  # __slots__: the object cannot remember; it keeps its state
+                warnings.warn(f"{type(callback).__name__}: cannot remember its initial state (no __dict__); a second "
+                              "train() starts from the state the first left", stacklevel=4)
+            continue
+        try:
+            callback.load_state_dict(copy.deepcopy(initial))
+        except Exception as err:
+            raise ValueError(f"callback {getattr(callback, 'state_key', type(callback).__name__)!r}: cannot restore "
+                             f"its initial state for a new run: load_state_dict failed ({err})") from err
+
+
+def step_takes_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose step() uses a closure beyond evaluating it first (LBFGS, SAM, third-party
+    optimizers with a ``closure`` parameter). torch's other optimizers only evaluate it before changing the
+    weights, so they step without one and pay nothing."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    if type(optimizer).__module__.startswith("torch.optim"):
+        return False
+    try:
+        return "closure" in inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):
+        return False

@@ -29,6 +29,9 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "unwrap_model",
+    "check_callback_states",
+    "check_optimizer_fits",
+    "prune_epoch_checkpoints",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -224,3 +227,60 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
                 "visible; CUDA RNG not restored",
                 stacklevel=2,
             )
+
+
+def check_callback_states(callbacks: Any) -> None:
+    """Every stateful callback's state must load back with ``weights_only=True``; otherwise no checkpoint of
+    the run could be resumed. Checked once, at the first write, naming the callback's state_key."""
+    import io
+
+    for key, callback in callbacks.state_keys().items():
+        buffer = io.BytesIO()
+        try:
+            torch.save(callback.state_dict(), buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"callback state {key!r} cannot be checkpointed: weights_only loading refuses it ({first_line}); "
+                "make state_dict() return only tensors, numbers, strings, lists and dicts"
+            ) from None
+
+
+#: Optimizer hyperparameters torch fills in by itself when a state_dict lacks them (older torch versions).
+_OPTIONAL_GROUP_KEYS = {"foreach", "fused", "capturable", "differentiable", "maximize", "decoupled_weight_decay",
+                        "initial_lr", "name"}
+
+
+def check_optimizer_fits(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], path: PathLike) -> None:
+    """CheckpointError, before any event, when the checkpoint's optimizer state belongs to another optimizer
+    (torch would load it and fail at the first step with a bare KeyError)."""
+    saved_type = state.get("optimizer_type")
+    this_type = type(optimizer).__name__
+    if saved_type is not None and saved_type != this_type:
+        raise CheckpointError(f"checkpoint {path} holds {saved_type} state but this run's optimizer is {this_type}; "
+                              "resume with the same optimizer, or load only the weights (load_checkpoint_to_model)")
+    groups = (state.get("optimizer_state_dict") or {}).get("param_groups") or []
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint {path} has {len(groups)} optimizer param groups, this run has "
+                              f"{len(optimizer.param_groups)} (initial_lr mapping or zero_weight_decay_on_bias_and_bn "
+                              "differ?)")
+    for saved, current in zip(groups, optimizer.param_groups):
+        missing = sorted(set(current) - set(saved) - {"params"} - _OPTIONAL_GROUP_KEYS)
+        if missing:
+            raise CheckpointError(f"checkpoint {path} holds another optimizer's state: its param groups lack "
+                                  f"{missing}, which {this_type} needs; resume with the same optimizer")
+
+
+def prune_epoch_checkpoints(directory: PathLike, keep: Any) -> None:
+    """Delete the oldest ``ckpt_epoch_<N>.pth`` files beyond the newest ``keep`` (None keeps all)."""
+    if keep is None:
+        return
+    found = []
+    for path in Path(directory).glob("ckpt_epoch_*.pth"):
+        number = path.stem[len("ckpt_epoch_"):]
+        if number.isdigit():
+            found.append((int(number), path))
+    for _, path in sorted(found)[:-keep]:
+        path.unlink(missing_ok=True)

@@ -144,15 +144,41 @@ def make_collection(metrics: Dict[str, Metric], device: torch.device) -> Optiona
     return collection
 
 
+def _rows(items: List[torch.Tensor]) -> torch.Tensor:
+    """Batch items (0-d or (K,)) and restored blocks ((n, K)) as one (batches, K) tensor."""
+    if all(item.dim() <= 1 for item in items):
+        return torch.stack(items).reshape(len(items), -1)
+    return torch.cat([item if item.dim() == 2 else item.reshape(1, -1) for item in items])
+
+
 class LossAverager:
     """Mean of per-batch loss items over an epoch. Batches only append a detached tensor (no host sync, no
     arithmetic on the hot path); the mean is taken once, in float64, when the epoch's metrics are read."""
 
     def __init__(self) -> None:
         self._items: List[torch.Tensor] = []
+        self._checked = 0  # items already seen finite by all_finite_since_check
 
     def reset(self) -> None:
         self._items = []
+        self._checked = 0
+
+    def stacked(self) -> Optional[torch.Tensor]:
+        """The items so far as one ``(batches, K)`` tensor on the CPU (for a mid-epoch checkpoint)."""
+        return _rows(self._items).cpu() if self._items else None
+
+    def load(self, stacked: Optional[torch.Tensor]) -> None:
+        """Continue from what ``stacked()`` returned (a resumed epoch's average covers the whole epoch)."""
+        self.reset()
+        if stacked is not None:
+            self._items = [stacked]  # one (batches, K) block; _rows() tells it from the 0-d/(K,) batch items
+            self._checked = 1
+
+    def all_finite_since_check(self) -> bool:
+        """Whether every item added since the last call is finite: one host sync, O(items since then)."""
+        fresh = self._items[self._checked:]
+        self._checked = len(self._items)
+        return not fresh or bool(torch.isfinite(_rows(fresh)).all())
 
     def add(self, items: torch.Tensor) -> None:
         """Add one batch's detached loss items: a 0-d loss or a ``(K,)`` components tensor."""
@@ -162,9 +188,10 @@ class LossAverager:
         """The mean over batches (and over ranks when distributed); one host sync."""
         if not self._items:
             return []
-        stacked = torch.stack(self._items).to(torch.float64).reshape(len(self._items), -1)
+        stacked = _rows(self._items).to(torch.float64)
         total = stacked.sum(dim=0)
-        count = torch.tensor([float(len(self._items))], dtype=torch.float64, device=total.device)
+        batches = stacked.shape[0]
+        count = torch.tensor([float(batches)], dtype=torch.float64, device=total.device)
         if dist.is_available() and dist.is_initialized():
             packed = torch.cat([total, count])
             dist.all_reduce(packed)

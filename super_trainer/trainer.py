@@ -22,6 +22,8 @@ from . import distributed
 from .batches import count_batches, numbered, rescale_grads, to_device, window_size
 from .building import (
     autocast_and_scaler,
+    restart_callback_states,
+    step_takes_closure,
     build_criterion,
     build_optimizer,
     builtin_callbacks,
@@ -39,6 +41,9 @@ from .callbacks.lr import TorchSchedulerCallback
 from .checkpoint import (
     FORMAT,
     CheckpointError,
+    check_callback_states,
+    check_optimizer_fits,
+    prune_epoch_checkpoints,
     get_rng_state,
     read_checkpoint,
     save_checkpoint,
@@ -46,6 +51,7 @@ from .checkpoint import (
     unwrap_model,
 )
 from .ema import ModelEMA
+from .interrupts import DeferredInterrupt
 from .metrics import LossAverager, build_metrics, lookup_metric, loss_names, make_collection, metric_values
 from .params import TrainingParams, resolve_training_params
 
@@ -74,17 +80,15 @@ class TrainingResult:
 
 @dataclasses.dataclass
 class _Run:
-    """Everything one ``train()`` call built; the loop functions read and update it."""
+    """What one ``train()`` call built and the loop's own bookkeeping. Everything a callback may change
+    (criterion, loaders, stop flags, counters) lives on the context instead, so the trainer sees every write."""
 
     params: TrainingParams
     net: nn.Module  # the user's model (unwrapped), trained in place
     model: nn.Module  # what the forward pass calls: net, or DDP(net)
     optimizer: torch.optim.Optimizer
-    criterion: Callable[..., Any]
     callbacks: CallbackHandler
     context: PhaseContext
-    train_loader: Any
-    valid_loader: Any
     test_loaders: Dict[str, Any]
     train_batches: Optional[int]  # batches per epoch, None when the loader has no len()
     train_metrics: Any
@@ -95,6 +99,8 @@ class _Run:
     scaler: Optional[torch.amp.GradScaler]
     ema: Optional[ModelEMA]
     ckpt_dir: Path
+    train_loader_counted: Any = None  # the train loader train_batches was counted for
+    step_with_closure: bool = False  # the optimizer's step() wants a closure (LBFGS, SAM, ...)
     start_epoch: int = 0
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
@@ -102,6 +108,12 @@ class _Run:
     history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     test_results: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     rng_to_restore: Optional[Dict[str, Any]] = None
+    resume_progress: Optional[Dict[str, Any]] = None  # a mid-epoch checkpoint's position in its epoch
+    epoch_rng: Optional[Dict[str, Any]] = None  # RNG state the running epoch's loader iterator was created from
+    epoch_started: float = 0.0
+    states_checked: bool = False  # callback states passed the weights_only check
+    last_checkpoint_step: int = -1  # global_step of the last mid-epoch checkpoint
+    interrupt: DeferredInterrupt = dataclasses.field(default_factory=DeferredInterrupt)
     train_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
     eval_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
 
@@ -180,6 +192,12 @@ class Trainer:
         optimizer = build_optimizer(net, params)
         criterion = build_criterion(params, device)
         train_batches = count_batches(train_loader, params.max_train_batches)
+        if train_batches == 0:
+            raise ValueError(f"train_loader has no batches (len(train_loader) == 0): nothing to train on; check the "
+                             "dataset's size, batch_size and drop_last")
+        if valid_loader is not None and count_batches(valid_loader, None) == 0:
+            raise ValueError("valid_loader has no batches (len(valid_loader) == 0): validation metrics and "
+                             "ckpt_best would be meaningless; pass valid_loader=None to train without validation")
         steps_per_epoch = optimizer_steps_per_epoch(params, train_batches)
 
         train_metrics = build_metrics(params.train_metrics_list, "training_params.train_metrics_list")
@@ -189,8 +207,18 @@ class Trainer:
         names = known_loss_names(criterion, params)
 
         autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
+        step_with_closure = step_takes_closure(optimizer)
+        if step_with_closure and params.batch_accumulate > 1:
+            raise ValueError(f"training_params.batch_accumulate: {type(optimizer).__name__}.step recomputes the loss "
+                             "of the current batch through a closure, so it cannot accumulate; use batch_accumulate 1")
+        if step_with_closure and scaler is not None:
+            raise ValueError(f"training_params.mixed_precision: {type(optimizer).__name__}.step needs a closure, "
+                             "which fp16's GradScaler does not support; use 'bf16' or no mixed precision")
         ema = ModelEMA(net, **params.ema_params) if params.ema else None
-        callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + user_callbacks(params))
+        given_callbacks = user_callbacks(params)
+        callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + given_callbacks)
+        if not params.resume:
+            restart_callback_states(given_callbacks)
         if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
             check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics), callbacks.callbacks)
         for callback in callbacks.callbacks:
@@ -215,9 +243,9 @@ class Trainer:
             batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), **self._recipe_context,
         )
         run = _Run(
-            params=params, net=net, model=wrapped, optimizer=optimizer, criterion=criterion, callbacks=callbacks,
-            context=context, train_loader=train_loader, valid_loader=valid_loader, test_loaders=test_loaders,
-            train_batches=train_batches,
+            params=params, net=net, model=wrapped, optimizer=optimizer, callbacks=callbacks,
+            context=context, test_loaders=test_loaders, train_batches=train_batches,
+            train_loader_counted=train_loader, step_with_closure=step_with_closure,
             train_metrics=make_collection(train_metrics, device), valid_metrics=make_collection(valid_metrics, device),
             test_metrics=make_collection(test_metrics, device), loss_names=names, autocast=autocast,
             scaler=scaler, ema=ema, ckpt_dir=self.ckpt_dir,
@@ -237,6 +265,7 @@ class Trainer:
             warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=3)
             return
         state = read_checkpoint(path, weights_only=params.resume_weights_only)
+        check_optimizer_fits(run.optimizer, state, path)
         try:
             run.net.load_state_dict(state["net"])
             run.optimizer.load_state_dict(state["optimizer_state_dict"])
@@ -261,48 +290,55 @@ class Trainer:
         run.last_metrics = dict(state.get("metrics") or {})
         run.history = list(state.get("history") or [])
         run.rng_to_restore = state["rng_state"]
-        logger.info("resuming %s from %s at epoch %d", self.experiment_name, path, run.start_epoch)
+        run.resume_progress = state.get("epoch_progress")
+        if run.resume_progress is not None:
+            logger.info("resuming %s from %s in epoch %d after batch %d", self.experiment_name, path,
+                        run.start_epoch, run.resume_progress["batches"])
+        else:
+            logger.info("resuming %s from %s at epoch %d", self.experiment_name, path, run.start_epoch)
 
     # ---- running ----------------------------------------------------------------------------------
     def _fit(self, run: _Run) -> TrainingResult:
         context, callbacks, params = run.context, run.callbacks, run.params
         context.epoch = run.start_epoch
         context.history = run.history  # completed epochs, as TrainingResult.history (read by CSVLogger)
+        context.lock_trainer_owned()
         stop_reason = "completed"
         try:
-            callbacks.on_training_start(context)
-            if run.rng_to_restore is not None:
-                set_rng_state(run.rng_to_restore)  # after on_training_start, so resumed epochs draw as the original
-            elif distributed.is_main_process():
-                self._save_checkpoints(run, epochs_done=run.start_epoch, improved=False)  # a loadable latest from step 0
-            for epoch in range(run.start_epoch, params.max_epochs):
-                context.epoch = epoch
-                started = time.perf_counter()
-                if not self._train_epoch(run):
-                    break  # stopped mid-epoch: the partial epoch is not validated, tested nor saved
-                lr = context.epoch_lrs[0]
-                train_results = dict(context.metrics_dict)
-                valid_results: Dict[str, Any] = {}
-                improved = False
-                if run.valid_loader is not None and _validation_due(epoch, params):
-                    valid_results = self._validate(run)
-                    improved = self._track_best(run, valid_results)
-                context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
-                last_epoch = epoch + 1 == params.max_epochs or context.stop_training
-                periodic_test = params.run_test_freq is not None and (epoch + 1) % params.run_test_freq == 0
-                if run.test_loaders and (periodic_test or last_epoch):
-                    self._test_all(run)
-                run.history.append(_history_entry(epoch, lr, time.perf_counter() - started, train_results, valid_results))
-                callbacks.on_epoch_end(context)
-                self._save_checkpoints(run, epochs_done=epoch + 1, improved=improved)
-                if context.stop_training:
-                    break
+            with run.interrupt:
+                callbacks.on_training_start(context)
+                if run.rng_to_restore is not None and run.resume_progress is None:
+                    set_rng_state(run.rng_to_restore)  # after on_training_start: resumed epochs draw as the original
+                elif run.rng_to_restore is None and distributed.is_main_process():
+                    self._save_checkpoints(run, epochs_done=run.start_epoch, improved=False)  # loadable from step 0
+                for epoch in range(run.start_epoch, params.max_epochs):
+                    context.epoch = epoch
+                    if not self._train_epoch(run):
+                        break  # stopped mid-epoch: the partial epoch is not validated, tested nor saved
+                    lr = context.epoch_lrs[0]
+                    train_results = dict(context.metrics_dict)
+                    valid_results: Dict[str, Any] = {}
+                    improved = False
+                    if context.valid_loader is not None and _validation_due(epoch, params):
+                        valid_results = self._validate(run)
+                        improved = self._track_best(run, valid_results)
+                    context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
+                    last_epoch = epoch + 1 == params.max_epochs or context.stop_training
+                    periodic_test = params.run_test_freq is not None and (epoch + 1) % params.run_test_freq == 0
+                    if run.test_loaders and (periodic_test or last_epoch):
+                        self._test_all(run)
+                    run.history.append(_history_entry(epoch, lr, time.perf_counter() - run.epoch_started,
+                                                      train_results, valid_results))
+                    callbacks.on_epoch_end(context)
+                    self._save_checkpoints(run, epochs_done=epoch + 1, improved=improved)
+                    if context.stop_training:
+                        break
             if context.stop_training:
                 stop_reason = context.stop_reason or "stopped_by_callback"
         except KeyboardInterrupt:
             stop_reason = "interrupted"
             context.stop_training = True
-            logger.warning("training interrupted; %s holds the last completed epoch", run.ckpt_dir / LATEST)
+            logger.warning("training interrupted; %s holds the last checkpointed state", run.ckpt_dir / LATEST)
         except BaseException as err:
             context.exception, stop_reason = err, "exception"
             raise
@@ -312,21 +348,26 @@ class Trainer:
         return self._result(run, stop_reason)
 
     def _train_epoch(self, run: _Run) -> bool:
-        """One pass over the train loader; False when a stop (or Ctrl-C) came during a batch."""
+        """One pass over the train loader; False when a stop, a non-finite loss or Ctrl-C came during a batch."""
         context, callbacks, params = run.context, run.callbacks, run.params
-        model, optimizer, scaler = run.model, run.optimizer, run.scaler
-        accumulate, n_batches = params.batch_accumulate, run.train_batches
+        model, optimizer, accumulate, interrupt = run.model, run.optimizer, params.batch_accumulate, run.interrupt
+        n_batches = self._count_train_batches(run)
+        resume, run.resume_progress = run.resume_progress, None
         model.train()
         run.train_loss.reset()
         if run.train_metrics is not None:
             run.train_metrics.reset()
+        run.epoch_started = time.perf_counter() - (resume["seconds"] if resume else 0.0)
+        context.epoch_start_step = context.global_step if resume is None else resume["epoch_start_step"]
         callbacks.on_train_loader_start(context)
         # A stop requested outside a batch lets this epoch finish; hold it so the batch checks below
         # react only to stops requested during a batch.
         held_stop, context.stop_training = context.stop_training, False
+        batches = self._epoch_batches(run, n_batches, resume)
+        resumed_at = done = resume["batches"] if resume else 0  # batches whose work is in the weights (None: mid-update)
         in_batch = False
         try:
-            for batch_idx, batch, is_last in numbered(run.train_loader, n_batches, params.max_train_batches):
+            for batch_idx, batch, is_last in batches:
                 in_batch = True
                 context.batch_idx = batch_idx
                 context.inputs, context.target, context.additional_batch_items = to_device(batch, context.device)
@@ -341,37 +382,35 @@ class Trainer:
                 if run.model is not run.net:  # DDP: every rank must agree before the collective in backward
                     context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
                 if not context.stop_training:
-                    window = window_size(batch_idx, n_batches, accumulate)
-                    loss = context.loss if window == 1 else context.loss / window
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    done = None
+                    stepping = is_last or (batch_idx + 1) % accumulate == 0
+                    self._backward(run, batch_idx, n_batches, stepping)
                     callbacks.on_train_batch_backward_end(context)
-                    if (is_last or (batch_idx + 1) % accumulate == 0) and not context.stop_training:
-                        if scaler is not None:
-                            scaler.unscale_(optimizer)
-                        if is_last and n_batches is None and (batch_idx + 1) % accumulate:
-                            # len() unknown: micro-batches were scaled by 1/accumulate; the last window was shorter
-                            rescale_grads(run.net, accumulate / ((batch_idx % accumulate) + 1))
-                        callbacks.on_train_batch_gradient_step_start(context)
-                        if not context.stop_training:
-                            if scaler is not None:
-                                scaler.step(optimizer)
-                                scaler.update()
-                            else:
-                                optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                            context.global_step += 1
-                            callbacks.on_train_batch_gradient_step_end(context)
-                in_batch = False
+                    if stepping and not context.stop_training:
+                        self._optimizer_step(run, batch_idx, n_batches, is_last)
+                done, in_batch = batch_idx + 1, False
                 context.batches_seen += 1
                 callbacks.on_train_batch_end(context)
+                checkpoint_due = bool(params.save_ckpt_every_n_steps) and not is_last and self._step_checkpoint_due(run)
+                if interrupt.requested:  # the first Ctrl-C: stop here, where the state is consistent
+                    context.stop_training = True
                 if run.model is not run.net:
                     context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
+                if interrupt.requested:
+                    raise KeyboardInterrupt
                 if context.stop_training:
                     break
-        except KeyboardInterrupt:  # Ctrl-C stops like a stop requested during a batch
+                if checkpoint_due:
+                    self._save_progress(run, done)
+        except KeyboardInterrupt:  # Ctrl-C stops like a stop requested during a batch, and keeps its place
             context.stop_training, context.stop_reason = True, "interrupted"
             if in_batch:
-                callbacks.on_train_batch_end(context)
+                callbacks.on_train_batch_end(context)  # the interrupted batch still gets its end event
+            if done is None:
+                logger.warning("Ctrl-C came during a backward pass or optimizer step; %s holds the last "
+                               "checkpointed state", run.ckpt_dir / LATEST)
+            elif done > resumed_at and not self._non_finite_seen(run, "the Ctrl-C checkpoint"):
+                self._save_progress(run, done)
         stopped_in_batch = context.stop_training
         if stopped_in_batch:
             optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation window is dropped
@@ -379,15 +418,120 @@ class Trainer:
             context.stop_training = held_stop
         context.metrics_dict = self._epoch_metrics(run, run.train_loss, run.train_metrics)
         context.epoch_lrs = [group["lr"] for group in optimizer.param_groups]  # before epoch-end schedules
+        if not stopped_in_batch and params.stop_on_non_finite_loss and not _losses_finite(run, context.metrics_dict):
+            self._stop_for_non_finite_loss(run)
+            stopped_in_batch = True
         callbacks.on_train_loader_end(context)
         return not stopped_in_batch
+
+    # ---- pieces of the train step, kept beside the loop so the loop reads like the diagram ---------
+    def _backward(self, run: _Run, batch_idx: int, n_batches: Optional[int], stepping: bool) -> None:
+        """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler; under DDP only the
+        stepping micro-batch all-reduces its gradients."""
+        context, accumulate = run.context, run.params.batch_accumulate
+        window = window_size(batch_idx, n_batches, accumulate)
+        loss = context.loss if window == 1 else context.loss / window
+        if run.scaler is not None:
+            loss = run.scaler.scale(loss)
+        if stepping or run.model is run.net:
+            loss.backward()
+        else:
+            with run.model.no_sync():  # DDP: accumulate locally, all-reduce once per optimizer step
+                loss.backward()
+
+    def _optimizer_step(self, run: _Run, batch_idx: int, n_batches: Optional[int], is_last: bool) -> None:
+        """Unscale, on_train_batch_gradient_step_start, then the step unless a stop or ``skip_step`` came."""
+        context, optimizer, scaler, accumulate = run.context, run.optimizer, run.scaler, run.params.batch_accumulate
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if is_last and n_batches is None and (batch_idx + 1) % accumulate:
+            # len() unknown: micro-batches were scaled by 1/accumulate; the last window was shorter
+            rescale_grads(run.net, accumulate / ((batch_idx % accumulate) + 1))
+        run.callbacks.on_train_batch_gradient_step_start(context)
+        if context.stop_training:
+            return
+        if context.skip_step:
+            context.skip_step = False
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # ends this step's unscale_ bookkeeping
+            return
+        if run.step_with_closure:
+            optimizer.step(StepClosure(self, run))
+        elif scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        context.global_step += 1
+        run.callbacks.on_train_batch_gradient_step_end(context)
+        if run.params.stop_on_non_finite_loss and context.global_step % run.params.log_interval == 0:
+            self._non_finite_seen(run, "training")
+
+    def _count_train_batches(self, run: _Run) -> Optional[int]:
+        """Batches in this epoch's pass over ``context.train_loader`` (a callback may have replaced it)."""
+        loader = run.context.train_loader
+        if loader is not run.train_loader_counted:
+            run.train_loader_counted = loader
+            counted = count_batches(loader, run.params.max_train_batches)
+            steps = optimizer_steps_per_epoch(run.params, counted)
+            if steps != run.context.steps_per_epoch and run.context.steps_per_epoch is not None:
+                warnings.warn(f"context.train_loader was replaced by one with {steps} optimizer steps per epoch "
+                              f"instead of {run.context.steps_per_epoch}; LR schedules and EMA computed their "
+                              "horizon from the first loader", stacklevel=3)
+            run.train_batches, run.context.steps_per_epoch = counted, steps
+        return run.train_batches
+
+    def _epoch_batches(self, run: _Run, n_batches: Optional[int],
+                       resume: Optional[Dict[str, Any]]) -> Iterator[Tuple[int, Any, bool]]:
+        """The epoch's (batch_idx, batch, is_last) iterator, created from a recorded RNG state. On a mid-epoch
+        resume the loader is re-created from the checkpoint's epoch RNG state and the batches already trained
+        are drawn and dropped (loaded, not trained), then the run continues from the checkpoint's RNG state."""
+        if resume is not None:
+            set_rng_state(resume["epoch_rng_state"])
+        run.epoch_rng = get_rng_state()
+        batches = numbered(run.context.train_loader, n_batches, run.params.max_train_batches)
+        if resume is None:
+            return batches
+        for _ in range(resume["batches"]):
+            next(batches)
+        set_rng_state(run.rng_to_restore)
+        items = resume["loss_items"]
+        run.train_loss.load(items.to(run.context.device) if items is not None else None)
+        if resume.get("grads"):
+            for name, param in run.net.named_parameters():
+                if name in resume["grads"]:
+                    param.grad = resume["grads"][name].to(param.device)
+        return batches
+
+    def _step_checkpoint_due(self, run: _Run) -> bool:
+        """A mid-epoch checkpoint is due once global_step reaches a new multiple of save_ckpt_every_n_steps
+        (and the losses since the last check are finite)."""
+        step = run.context.global_step
+        if step % run.params.save_ckpt_every_n_steps or step == run.last_checkpoint_step:
+            return False
+        return not self._non_finite_seen(run, "a step checkpoint")
+
+    def _non_finite_seen(self, run: _Run, before: str) -> bool:
+        """Reads the losses logged since the last check (one host sync); stops with "nan_loss" if any is NaN/Inf."""
+        if not run.params.stop_on_non_finite_loss or run.train_loss.all_finite_since_check():
+            return False
+        self._stop_for_non_finite_loss(run)
+        logger.warning("non-finite loss before %s; stopping without checkpointing epoch %d", before, run.context.epoch)
+        return True
+
+    def _stop_for_non_finite_loss(self, run: _Run) -> None:
+        run.context.stop_training, run.context.stop_reason = True, "nan_loss"
+        logger.warning("non-finite training loss in epoch %d: training stops (stop_reason 'nan_loss'); ckpt_latest "
+                       "and ckpt_best keep the last good weights", run.context.epoch)
 
     def _validate(self, run: _Run) -> Dict[str, Any]:
         """One pass over the valid loader with the EMA weights when EMA is on; returns metrics_dict."""
         context, callbacks = run.context, run.callbacks
         callbacks.on_validation_loader_start(context)
         limit = run.params.max_valid_batches
-        batches = numbered(run.valid_loader, count_batches(run.valid_loader, limit), limit)
+        batches = numbered(context.valid_loader, count_batches(context.valid_loader, limit), limit)
         self._evaluate(run, batches, run.valid_metrics,
                        callbacks.on_validation_batch_start, callbacks.on_validation_batch_end)
         context.metrics_dict = self._epoch_metrics(run, run.eval_loss, run.valid_metrics)
@@ -419,16 +563,19 @@ class Trainer:
         run.eval_loss.reset()
         if metrics is not None:
             metrics.reset()
+        criterion, interrupt = context.criterion, run.interrupt
         with torch.no_grad():
             for batch_idx, batch, _ in batches:
+                if interrupt.requested:  # Ctrl-C during evaluation: no need to wait for the pass to end
+                    raise KeyboardInterrupt
                 context.batch_idx = batch_idx
                 context.inputs, context.target, context.additional_batch_items = to_device(batch, context.device)
                 on_batch_start(context)
                 with run.autocast:
                     context.preds = model(context.inputs)
-                    if run.criterion is not None:
+                    if criterion is not None:
                         context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
-                if run.criterion is not None:
+                if criterion is not None:
                     run.eval_loss.add(context.loss_log_items)
                 if metrics is not None:
                     metrics.update(context.preds, context.target)
@@ -439,7 +586,7 @@ class Trainer:
     def _loss(self, run: _Run, preds: Any, target: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         """The criterion's value and its detached log items (the 0-d loss itself, or the ``(K,)`` components
         of a loss that returns ``(loss, components)``); names the components on first use."""
-        out = run.criterion(preds, target)
+        out = run.context.criterion(preds, target)
         if type(out) is tuple:
             loss, components = out
             items = components.detach().reshape(-1)
@@ -471,14 +618,14 @@ class Trainer:
         run.callbacks.on_validation_end_best_epoch(context)
         return True
 
-    def _save_checkpoints(self, run: _Run, epochs_done: int, improved: bool) -> None:
-        """ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed. Rank 0 only."""
-        if not distributed.is_main_process():
-            return
-        ema_weights = run.ema.state_dict() if run.ema is not None else None
+    def _checkpoint_state(self, run: _Run, epochs_done: int) -> Dict[str, Any]:
+        """The checkpoint dict of SPEC §3 for the state right now."""
+        if not run.states_checked:
+            check_callback_states(run.callbacks)  # fail at the first write, not at a resume months later
+            run.states_checked = True
         schedulers = {cb.state_key: cb.state_dict() for cb in run.callbacks.callbacks
                       if isinstance(cb, TorchSchedulerCallback)}
-        state = {
+        return {
             "format": FORMAT,
             "net": run.net.state_dict(),
             "epoch": epochs_done,
@@ -489,19 +636,46 @@ class Trainer:
             "best_epoch": run.best_epoch,
             "metrics": _plain_metrics(run.last_metrics),
             "history": run.history,
+            "optimizer_type": type(run.optimizer).__name__,
             "optimizer_state_dict": run.optimizer.state_dict(),
             "scaler_state_dict": run.scaler.state_dict() if run.scaler is not None else None,
-            "ema_net": ema_weights,
+            "ema_net": run.ema.state_dict() if run.ema is not None else None,
             "callbacks": run.callbacks.state_dict(),
             "rng_state": get_rng_state(),
             "lr_scheduler_state": schedulers or None,
         }
+
+    def _save_checkpoints(self, run: _Run, epochs_done: int, improved: bool) -> None:
+        """ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed. Rank 0 only."""
+        if not distributed.is_main_process():
+            return
+        state = self._checkpoint_state(run, epochs_done)
         save_checkpoint(state, run.ckpt_dir / LATEST)
         if epochs_done in run.params.save_ckpt_epoch_list:
             save_checkpoint(state, run.ckpt_dir / f"ckpt_epoch_{epochs_done}.pth")
+            prune_epoch_checkpoints(run.ckpt_dir, run.params.max_keep_ckpts)
         if improved:
+            ema_weights = state["ema_net"]
             best = dict(state, net=ema_weights) if ema_weights is not None else state
             save_checkpoint(best, run.ckpt_dir / BEST)
+
+    def _save_progress(self, run: _Run, batches_done: int) -> None:
+        """ckpt_latest in the middle of an epoch: the state after ``batches_done`` batches of the running epoch,
+        with what a resume needs to continue exactly (SPEC §7 "Mid-epoch checkpoints"). Rank 0 only."""
+        run.last_checkpoint_step = run.context.global_step
+        if not distributed.is_main_process():
+            return
+        state = self._checkpoint_state(run, epochs_done=run.context.epoch)
+        grads = {name: p.grad.detach().clone() for name, p in run.net.named_parameters() if p.grad is not None}
+        state["epoch_progress"] = {
+            "batches": batches_done,
+            "epoch_start_step": run.context.epoch_start_step,
+            "epoch_rng_state": run.epoch_rng,
+            "loss_items": run.train_loss.stacked(),
+            "grads": grads or None,  # an accumulation window cut by Ctrl-C continues where it was
+            "seconds": time.perf_counter() - run.epoch_started,
+        }
+        save_checkpoint(state, run.ckpt_dir / LATEST)
 
     def _result(self, run: _Run, stop_reason: str) -> TrainingResult:
         best = run.ckpt_dir / BEST
@@ -530,8 +704,8 @@ class Trainer:
         context = PhaseContext(net=net, device=device, criterion=criterion, experiment_name=self.experiment_name,
                                ckpt_dir=self.ckpt_dir, test_metrics=metrics)
         run = _Run(
-            params=TrainingParams(), net=net, model=net, optimizer=None, criterion=criterion,  # type: ignore[arg-type]
-            callbacks=handler, context=context, train_loader=None, valid_loader=None, test_loaders={name: test_loader},
+            params=TrainingParams(), net=net, model=net, optimizer=None,  # type: ignore[arg-type]
+            callbacks=handler, context=context, test_loaders={name: test_loader},
             train_batches=None, train_metrics=None, valid_metrics=None, test_metrics=make_collection(metrics, device),
             loss_names=known_loss_names(criterion, TrainingParams(loss_logging_items_names=None)) if criterion else [],
             autocast=autocast, scaler=None, ema=None, ckpt_dir=self.ckpt_dir,
@@ -561,13 +735,54 @@ def _is_recipe(value: Any) -> bool:
     return isinstance(value, (str, Path, DictConfig)) or (isinstance(value, Mapping) and "training_hyperparams" in value)
 
 def _name_loss_items(run: _Run, count: int) -> None:
-    declared = run.params.get("loss_logging_items_names") or getattr(run.criterion, "component_names", None)
+    criterion = run.context.criterion
+    declared = run.params.get("loss_logging_items_names") or getattr(criterion, "component_names", None)
     if declared and len(declared) != count:
         raise ValueError(f"training_params.loss_logging_items_names has {len(declared)} names but the loss "
                          f"returned {count} components")
     if run.loss_names is not None and len(run.loss_names) != count:
         raise ValueError(f"the loss returned {count} components, earlier batches {len(run.loss_names)}")
-    run.loss_names = loss_names(run.criterion, list(declared) if declared else None, count if count > 1 else 0)
+    run.loss_names = loss_names(criterion, list(declared) if declared else None, count if count > 1 else 0)
+
+
+def _losses_finite(run: _Run, metrics: Mapping[str, Any]) -> bool:
+    """The epoch's loss averages are finite (a NaN/Inf in any batch makes its average non-finite)."""
+    return all(math.isfinite(metrics[name]) for name in run.loss_names or [] if isinstance(metrics.get(name), float))
+
+
+class StepClosure:
+    """The closure the trainer passes to ``optimizer.step`` for optimizers that take one (LBFGS, SAM, ...).
+
+    Called while the weights are still those of the batch's backward, it returns the batch's loss without
+    recomputing. Once the weights changed (SAM's perturbation, LBFGS's line search) it zeroes the gradients and
+    recomputes forward, loss and backward on the current batch under the trainer's autocast. A weight change is
+    seen through the parameters' version counters and, for writes through ``.data`` that bypass them, a norm
+    fingerprint (one host sync per call; only these optimizers pay it)."""
+
+    def __init__(self, trainer: "Trainer", run: _Run) -> None:
+        self.trainer, self.run = trainer, run
+        self.params = [p for p in run.net.parameters() if p.requires_grad]
+        self.loss = run.context.loss.detach()
+        self.versions, self.fingerprint = self._snapshot()
+
+    def _snapshot(self) -> Tuple[List[int], Optional[torch.Tensor]]:
+        with torch.no_grad():
+            norms = torch.stack(torch._foreach_norm(self.params)) if self.params else None
+        return [p._version for p in self.params], norms
+
+    def __call__(self) -> torch.Tensor:
+        versions, fingerprint = self._snapshot()
+        unchanged = versions == self.versions and (fingerprint is None or torch.equal(fingerprint, self.fingerprint))
+        if unchanged:
+            return self.loss
+        run, context = self.run, self.run.context
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad(), run.autocast:
+            preds = run.model(context.inputs)
+            loss, _ = self.trainer._loss(run, preds, context.target)
+        loss.backward()
+        self.loss, self.versions, self.fingerprint = loss.detach(), versions, fingerprint
+        return self.loss
 
 
 def _validation_due(epoch: int, params: TrainingParams) -> bool:

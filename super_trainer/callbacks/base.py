@@ -27,8 +27,10 @@ docs/events.md has the full table, including what a stop, an exception and Ctrl-
 """
 from __future__ import annotations
 
+import difflib
 import enum
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 __all__ = [
     "EVENTS",
@@ -91,14 +93,45 @@ def resolve_priority(value: Any, owner: object = None) -> int:
     raise ValueError(f"priority{who} must be an int or one of {names}; got {value!r}")
 
 
+class _TrainerOwned:
+    """A context field the trainer owns while training (``net``, ``optimizer``): it can be read, and its
+    contents changed, but replacing the object raises, because the trainer, its wrappers (DDP, compile),
+    the EMA and the LR schedules keep using the object they were built around."""
+
+    def __init__(self, advice: str) -> None:
+        self.advice = advice
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, context: Any, owner: type) -> Any:
+        if context is None:
+            return self
+        return context.__dict__.get(self.slot)
+
+    def __set__(self, context: Any, value: Any) -> None:
+        current = context.__dict__.get(self.slot)
+        if context.__dict__.get("_trainer_owned_locked") and value is not current:
+            raise AttributeError(f"context.{self.name} cannot be replaced during training (the trainer keeps "
+                                 f"using the {self.name} it was given); {self.advice}")
+        context.__dict__[self.slot] = value
+
+
 class PhaseContext:
     """The one mutable object every event receives.
 
     Created once per ``Trainer.train()`` call. All fields are None until set (``stop_training`` is False);
     ``epoch`` and ``batch_idx`` are 0-based, ``global_step`` counts optimizer steps taken. A callback may
     write any field; later callbacks and the trainer see the write (replacing ``inputs`` at
-    on_train_batch_start changes what the model sees; ``stop_training = True`` stops training).
+    on_train_batch_start changes what the model sees; ``stop_training = True`` stops training; a new
+    ``criterion`` serves from the next batch, a new ``train_loader`` / ``valid_loader`` from the next pass).
+    ``net`` and ``optimizer`` cannot be replaced while training (an AttributeError says so): change their
+    contents instead.
     """
+
+    net = _TrainerOwned("change its contents instead (net.load_state_dict(...), or edit its modules in place)")
+    optimizer = _TrainerOwned("change its contents instead (optimizer.load_state_dict(...), edit "
+                              "optimizer.param_groups, or optimizer.add_param_group(...))")
 
     FIELDS: Tuple[str, ...] = (
         "epoch", "batch_idx", "optimizer", "metrics_dict", "inputs", "preds", "target", "loss",
@@ -122,6 +155,11 @@ class PhaseContext:
         """Set any attributes, known fields or new ones."""
         for name, value in kwargs.items():
             setattr(self, name, value)
+
+    def lock_trainer_owned(self, locked: bool = True) -> None:
+        """From now on (the trainer calls this before on_training_start) ``net`` and ``optimizer`` cannot be
+        replaced."""
+        self.__dict__["_trainer_owned_locked"] = locked
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("epoch", "batch_idx", "global_step", "loss"))
@@ -215,7 +253,9 @@ class Callback:
         during a batch. metrics_dict holds the last metrics computed (validation's on validation epochs)."""
 
     def on_training_end(self, context: PhaseContext) -> None:
-        """Always exactly once, last; also after a stop, Ctrl-C, or an exception (context.exception set)."""
+        """Always exactly once, last; also after a stop, Ctrl-C, or an exception (context.exception set).
+        Every callback's on_training_end runs even if an earlier one raises; the first exception then
+        propagates."""
 
 
 class Phase(str, enum.Enum):
@@ -302,6 +342,58 @@ def _fire(receivers: Tuple[Callable[[PhaseContext], None], ...]) -> Callable[[Ph
     return fire
 
 
+def _fire_all(receivers: Tuple[Callable[[PhaseContext], None], ...]) -> Callable[[PhaseContext], None]:
+    """on_training_end: every receiver runs even when one raises (so loggers still close); the first
+    exception is re-raised afterwards."""
+
+    def fire(context: PhaseContext) -> None:
+        first: Optional[BaseException] = None
+        for receive in receivers:
+            try:
+                receive(context)
+            except BaseException as err:  # noqa: B902 - also Ctrl-C: the rest must still close their files
+                first = first or err
+        if first is not None:
+            raise first
+
+    return fire
+
+
+#: Hook names from other trainers (Lightning, Keras, HF) and the event that does their job here.
+FOREIGN_HOOKS: Dict[str, str] = {
+    "on_fit_start": "on_training_start", "on_train_start": "on_training_start",
+    "on_train_begin": "on_training_start", "on_fit_end": "on_training_end", "on_train_end": "on_training_end",
+    "on_exception": "on_training_end (context.exception is set)",
+    "on_train_epoch_start": "on_train_loader_start", "on_epoch_begin": "on_train_loader_start",
+    "on_epoch_start": "on_train_loader_start", "on_train_epoch_end": "on_train_loader_end or on_epoch_end",
+    "on_train_batch_begin": "on_train_batch_start", "on_before_backward": "on_train_batch_loss_end",
+    "on_after_backward": "on_train_batch_backward_end",
+    "on_before_optimizer_step": "on_train_batch_gradient_step_start",
+    "on_before_zero_grad": "on_train_batch_gradient_step_end", "on_step_end": "on_train_batch_gradient_step_end",
+    "on_validation_start": "on_validation_loader_start", "on_validation_epoch_start": "on_validation_loader_start",
+    "on_validation_end": "on_validation_loader_end", "on_validation_epoch_end": "on_validation_loader_end",
+    "on_test_start": "on_test_loader_start", "on_test_epoch_start": "on_test_loader_start",
+    "on_test_end": "on_test_loader_end", "on_test_epoch_end": "on_test_loader_end",
+    "on_save_checkpoint": "state_dict()", "on_load_checkpoint": "load_state_dict(state)",
+}
+_warned_hooks: Set[Tuple[type, str]] = set()
+
+
+def warn_unknown_hooks(callback: object) -> None:
+    """Warn once per class and name about ``on_*`` methods that are not events: the trainer never calls them
+    (typically a hook name from another trainer, e.g. Lightning's ``on_train_epoch_end``)."""
+    cls = type(callback)
+    for name in dir(cls):
+        if not name.startswith("on_") or name in EVENTS or (cls, name) in _warned_hooks:
+            continue
+        if not callable(getattr(cls, name, None)):
+            continue
+        _warned_hooks.add((cls, name))
+        closest = FOREIGN_HOOKS.get(name) or next(iter(difflib.get_close_matches(name, EVENTS, n=1, cutoff=0)), "")
+        warnings.warn(f"{cls.__name__}.{name} is not a super_trainer event and will never be called; "
+                      f"the closest event is {closest} (events: docs/events.md)", stacklevel=4)
+
+
 def _forward(event: str) -> Callable[["CallbackHandler", PhaseContext], None]:
     def forward(self: "CallbackHandler", context: PhaseContext) -> None:
         for receive in self._dispatch[event]:
@@ -330,6 +422,7 @@ class CallbackHandler(Callback):
             if not isinstance(callback, Callback) and not any(_receives(callback, e) for e in EVENTS):
                 raise TypeError(f"{callback!r} is not a Callback: callbacks subclass super_trainer.Callback")
             resolve_priority(getattr(callback, "priority", Priority.NORMAL), callback)
+            warn_unknown_hooks(callback)
         self.callbacks.extend(callbacks)
         ordered = sorted(  # sorted() is stable, so equal priorities keep the given order
             self.callbacks, key=lambda cb: resolve_priority(getattr(cb, "priority", Priority.NORMAL), cb)
@@ -341,7 +434,7 @@ class CallbackHandler(Callback):
         for event, receivers in self._dispatch.items():
             # Instance attributes shadow the class-level forwarders with the cheapest callable that does the
             # same: nothing, the one receiver itself, or a loop over the receivers.
-            setattr(self, event, _fire(receivers))
+            setattr(self, event, _fire_all(receivers) if event == "on_training_end" else _fire(receivers))
         self.state_keys()  # fail now, not at the first checkpoint, on colliding state keys
 
     def receivers(self, event: str) -> Tuple[Callable[[PhaseContext], None], ...]:
