@@ -294,6 +294,24 @@ def test_sam_step_equals_a_hand_computed_sam_update():
     assert not torch.allclose(expected, w0 - lr * g0)  # plain SGD would land elsewhere
 
 
+def test_sam_in_the_trainer_equals_hand_computed_sam_steps(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    model = nn.Linear(3, 1, bias=False).double()
+    w = model.weight.detach().clone().T  # (3, 1)
+    lr, rho = 0.1, 0.05
+    result = Trainer("sam", tmp_path).train(model=model, training_params=quiet_params(
+        max_epochs=1, loss="MSELoss", initial_lr=lr, optimizer={"SAM": {"base": "SGD", "rho": rho}},
+        optimizer_params={"momentum": 0.0, "weight_decay": 0.0}),
+        train_loader=DataLoader(TensorDataset(x, y), batch_size=4))
+    assert result.stop_reason == "completed"
+    for start in (0, 4, 8):  # three batches, each one SAM step
+        xb, yb = x[start:start + 4], y[start:start + 4]
+        g = mse_grad(w, xb, yb)
+        w = w - lr * mse_grad(w + rho * g / g.norm(), xb, yb)
+    assert torch.allclose(model.weight.detach().T, w, rtol=0, atol=1e-12)
+
+
 def test_sam_shares_param_groups_and_state_with_its_base():
     params = [nn.Parameter(torch.ones(2))]
     optimizer = SAM(params, base="SGD", rho=0.1, lr=0.5, momentum=0.9)

@@ -224,6 +224,18 @@ class FreezeFirstLayer(TrainingStageSwitchCallbackBase):
             param.requires_grad_(False)
 
 
+class SmoothLabels(TrainingStageSwitchCallbackBase):
+    """A new criterion from the switch epoch on."""
+
+    def __init__(self, next_stage_start_epoch):
+        super().__init__(next_stage_start_epoch)
+        self.applied_at = []
+
+    def apply_stage_change(self, context):
+        self.applied_at.append(context.epoch)
+        context.criterion = nn.CrossEntropyLoss(label_smoothing=0.5)
+
+
 class StopAfterEpoch(Callback):
     def __init__(self, epoch):
         self.epoch = epoch
@@ -247,21 +259,21 @@ def test_stage_switch_applies_at_its_epoch(tmp_path):
     assert torch.equal(weights_after_epoch[0], weights_after_epoch[2])  # frozen from epoch 1
 
 
-def test_stage_switch_survives_resume(tmp_path):
-    reference, _ = train(tmp_path, "straight", callbacks=[FreezeFirstLayer(1)], max_epochs=4)
-    first = FreezeFirstLayer(1)
+@pytest.mark.parametrize("stage", [FreezeFirstLayer, SmoothLabels])
+def test_stage_switch_survives_resume(tmp_path, stage):
+    reference, _ = train(tmp_path, "straight", callbacks=[stage(1)], max_epochs=4)
+    first = stage(1)
     _, stopped = train(tmp_path, "resumed", callbacks=[first, StopAfterEpoch(2)], max_epochs=4)
     assert stopped.stop_reason == "stopped_by_callback" and len(stopped.history) == 3 and first.applied_at == [1]
-    second = FreezeFirstLayer(1)
+    second = stage(1)
     resumed, _ = train(tmp_path, "resumed", callbacks=[second], max_epochs=4, resume=True)
     assert second.applied_at == [3]  # re-applied at on_training_start of the resumed run
-    assert not resumed[0].weight.requires_grad
-    for key, value in reference.state_dict().items():
+    for key, value in reference.state_dict().items():  # so the resumed run equals the uninterrupted one
         assert torch.equal(value, resumed.state_dict()[key]), key
-    # control: resuming without the stage callback trains the first layer again, so the weights differ
-    train(tmp_path, "resumed_copy", callbacks=[FreezeFirstLayer(1), StopAfterEpoch(2)], max_epochs=4)
-    unfrozen, _ = train(tmp_path, "resumed_copy", max_epochs=4, resume=True)
-    assert not torch.equal(unfrozen[0].weight, reference[0].weight)
+    # control: resuming without the stage callback trains in the first stage again, so the weights differ
+    train(tmp_path, "resumed_copy", callbacks=[stage(1), StopAfterEpoch(2)], max_epochs=4)
+    first_stage_again, _ = train(tmp_path, "resumed_copy", max_epochs=4, resume=True)
+    assert not torch.equal(first_stage_again[0].weight, reference[0].weight)
 
 
 def test_stage_switch_needs_apply_stage_change():
