@@ -41,6 +41,11 @@ class BatchVisualizationCallback(Callback):
         self.tag = tag or f"{key.capitalize()}/batch_{batch_idx}"
         setattr(self, _EVENTS[key], self._maybe_log)  # receive only the one event (like PhaseCallback)
 
+    def on_training_start(self, context: PhaseContext) -> None:
+        if context.sg_logger is not None and not callable(getattr(context.sg_logger, "add_images", None)):
+            raise ValueError(f"BatchVisualizationCallback: the logger {type(context.sg_logger).__name__} has no "
+                             "add_images(tag, images, step); use sg_logger 'tensorboard' or 'base'")
+
     def _maybe_log(self, context: PhaseContext) -> None:
         if context.batch_idx != self.batch_idx or context.sg_logger is None:
             return
