@@ -170,7 +170,8 @@ def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]
     """ValueError unless ``metric`` is a metrics_dict key: a loss name, a metric title, or a name in a
     callback's ``metric_names`` (metrics it adds at on_validation_loader_end)."""
     base = getattr(criterion, "__name__", None) or type(criterion).__name__
-    keys = list(names or [base]) + titles + [str(n) for cb in callbacks for n in (getattr(cb, "metric_names", ()) or ())]
+    declared = [str(n) for cb in callbacks for n in (getattr(cb, "metric_names", ()) or ())]
+    keys = list(names or [base]) + titles + declared
     lowered = metric.lower()
     if any(k.lower() == lowered for k in keys):
         return

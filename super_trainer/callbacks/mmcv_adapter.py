@@ -146,7 +146,8 @@ class MMCVHookAdapter(Callback):
 
     def __init__(self, hook: Any, priority: Union[int, str, None] = None) -> None:
         self.hook = hook
-        self.priority = _resolve_mmcv_priority(priority if priority is not None else getattr(hook, "priority", "NORMAL"))
+        given = priority if priority is not None else getattr(hook, "priority", "NORMAL")
+        self.priority = _resolve_mmcv_priority(given)
         self.runner = RunnerView()
         self.calls: Dict[str, List[Callable[..., Any]]] = {}
         for event, groups in MMCV_EVENTS.items():
