@@ -231,6 +231,34 @@ def test_mmcv_hook_should_stop_and_priority_names(tmp_path):
         MMCVHookAdapter(hook, priority="URGENT")
 
 
+def test_mmcv_hook_helpers_for_hooks_that_subclass_mmcv_hook(tmp_path):
+    from super_trainer.callbacks import MMCVHook as Hook  # stands in for `from mmcv.runner import Hook`
+
+    class EveryOtherEpoch(Hook):
+        def __init__(self):
+            self.marks = []
+
+        def after_train_iter(self, runner):
+            if self.end_of_epoch(runner):
+                self.marks.append(("end_of_epoch", runner.iter))
+            if self.is_last_iter(runner):
+                self.marks.append(("last_iter", runner.iter))
+            if self.every_n_iters(runner, 3):
+                self.marks.append(("every_3_iters", runner.iter))
+
+        def after_train_epoch(self, runner):
+            if self.every_n_epochs(runner, 2) or self.is_last_epoch(runner):
+                self.marks.append(("epoch", runner.epoch))
+
+    hook = EveryOtherEpoch()
+    adapter = MMCVHookAdapter(hook)
+    assert adapter.calls.keys() == {"on_training_start", "on_train_batch_end", "on_train_loader_end"}
+    Trainer("mmcv_helpers", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=3, phase_callbacks=[adapter]), train_loader=make_loader(16, 8), valid_loader=make_loader(8))
+    assert hook.marks == [("end_of_epoch", 1), ("every_3_iters", 2), ("end_of_epoch", 3), ("epoch", 1),
+                          ("end_of_epoch", 5), ("last_iter", 5), ("every_3_iters", 5), ("epoch", 2)]
+
+
 def test_mmengine_style_hook_gets_batch_idx_outputs_and_metrics(tmp_path):
     seen = []
 

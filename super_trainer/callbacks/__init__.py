@@ -19,7 +19,7 @@ from .lr import (
     StepLRSchedule,
     TorchSchedulerCallback,
 )
-from .mmcv_adapter import MMCVHookAdapter
+from .mmcv_adapter import MMCVHook, MMCVHookAdapter
 from .plateau import ReduceLROnPlateauCallback
 from .progress import ProgressBar
 from .stage_switch import TrainingStageSwitchCallbackBase
@@ -40,5 +40,6 @@ __all__ = [
     "LinearEpochLRWarmup", "LinearBatchLRWarmup", "StepLRSchedule", "CosineLRSchedule", "PolyLRSchedule",
     "ExpLRSchedule", "FunctionLRSchedule", "TorchSchedulerCallback",
     "CancelTrainingCallback", "ReduceLROnPlateauCallback", "StopOnNonFiniteLoss", "GradientNormLogger",
-    "BatchVisualizationCallback", "ModelConversionCheckCallback", "MMCVHookAdapter", "TrainingStageSwitchCallbackBase",
+    "BatchVisualizationCallback", "ModelConversionCheckCallback", "MMCVHookAdapter", "MMCVHook",
+    "TrainingStageSwitchCallbackBase",
 ]

@@ -97,7 +97,12 @@ class ModelConversionCheckCallback(Callback):
             return
         finally:
             net.train(was_training)
-        torch_outputs = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        if isinstance(expected, torch.Tensor):
+            torch_outputs = [expected]
+        elif isinstance(expected, dict):  # the exporter flattens a dict's values in order
+            torch_outputs = list(expected.values())
+        else:
+            torch_outputs = list(expected)
         if len(torch_outputs) != len(outputs):
             self._fail(f"ModelConversionCheckCallback: torch gave {len(torch_outputs)} outputs, onnxruntime "
                        f"{len(outputs)}")

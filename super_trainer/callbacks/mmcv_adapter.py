@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .base import Callback, PhaseContext, Priority
 
-__all__ = ["MMCVHookAdapter", "MMCV_PRIORITIES", "MMCV_EVENTS", "RunnerView"]
+__all__ = ["MMCVHookAdapter", "MMCVHook", "MMCV_PRIORITIES", "MMCV_EVENTS", "RunnerView"]
 
 logger = logging.getLogger("super_trainer")
 
@@ -54,6 +54,7 @@ class RunnerView:
         self.context: Optional[PhaseContext] = None
         self.iter = 0
         self.max_iters: Optional[int] = None
+        self.iters_per_epoch: Optional[int] = None
         self.outputs: Dict[str, Any] = {}
         self.meta: Dict[str, Any] = {}
         self.logger = logger
@@ -113,6 +114,37 @@ class RunnerView:
     def __getattr__(self, name: str) -> Any:  # only for names not found the normal way
         raise AttributeError(f"runner.{name} is not part of MMCVHookAdapter's runner view (see "
                              "docs/migrating_from_mmcv.md); runner.context is the PhaseContext with everything else")
+
+
+class MMCVHook:
+    """mmcv's ``Hook`` helper methods, for hooks written against ``mmcv.runner.Hook`` when mmcv is not
+    installed: replace ``from mmcv.runner import Hook`` by
+    ``from super_trainer.callbacks.mmcv_adapter import MMCVHook as Hook``. It defines no hook points (so
+    the adapter still receives only the events the subclass implements), only the helpers."""
+
+    @staticmethod
+    def every_n_epochs(runner: RunnerView, n: int) -> bool:
+        return (runner.epoch + 1) % n == 0 if n > 0 else False
+
+    @staticmethod
+    def every_n_inner_iters(runner: RunnerView, n: int) -> bool:
+        return (runner.inner_iter + 1) % n == 0 if n > 0 else False
+
+    @staticmethod
+    def every_n_iters(runner: RunnerView, n: int) -> bool:
+        return (runner.iter + 1) % n == 0 if n > 0 else False
+
+    @staticmethod
+    def end_of_epoch(runner: RunnerView) -> bool:
+        return runner.iters_per_epoch is not None and runner.inner_iter + 1 == runner.iters_per_epoch
+
+    @staticmethod
+    def is_last_epoch(runner: RunnerView) -> bool:
+        return runner.epoch + 1 == runner.max_epochs
+
+    @staticmethod
+    def is_last_iter(runner: RunnerView) -> bool:
+        return runner.max_iters is not None and runner.iter + 1 == runner.max_iters
 
 
 def _train_batches(context: PhaseContext) -> Optional[int]:
@@ -183,6 +215,7 @@ class MMCVHookAdapter(Callback):
         runner.context = context
         if event == "on_training_start":
             batches = _train_batches(context)
+            runner.iters_per_epoch = batches
             runner.max_iters = batches * int(context.max_epochs) if batches is not None else None
         seen = int(context.batches_seen or 0)
         if event == "on_train_batch_start":
