@@ -96,11 +96,18 @@ def test_base_logger_histogram_line_and_bad_image_message(tmp_path):
     assert "histogram h (step 4): count=3 min=1 max=3 mean=2" in (tmp_path / "experiment.log").read_text()
 
 
-def test_make_grid_rejects_non_images():
+def test_visualization_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="N, C, H, W"):
         make_grid(torch.zeros(4, 8))
     with pytest.raises(ValueError, match="phase"):
         BatchVisualizationCallback("eval")
+
+    class ScalarsOnly:
+        def add_scalar(self, tag, value, step):
+            pass
+
+    with pytest.raises(ValueError, match="has no add_images"):
+        train_images(tmp_path, "noimg", [BatchVisualizationCallback()], ScalarsOnly(), max_epochs=1)
 
 
 # ---- ModelConversionCheckCallback ----------------------------------------------------------------------
@@ -229,6 +236,8 @@ def test_mmcv_hook_should_stop_and_priority_names(tmp_path):
     assert MMCVHookAdapter(hook).priority == 40
     with pytest.raises(ValueError, match="HIGHEST"):
         MMCVHookAdapter(hook, priority="URGENT")
+    with pytest.raises(AttributeError, match="runner.log_buffer is not part of"):
+        MMCVHookAdapter(hook).runner.log_buffer
 
 
 def test_mmcv_hook_helpers_for_hooks_that_subclass_mmcv_hook(tmp_path):
