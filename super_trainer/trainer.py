@@ -360,6 +360,9 @@ class Trainer:
         run.epoch_started = time.perf_counter() - (resume["seconds"] if resume else 0.0)
         context.epoch_start_step = context.global_step if resume is None else resume["epoch_start_step"]
         callbacks.on_train_loader_start(context)
+        if resume is not None:  # an epoch-start schedule just ran again: the lr is the checkpoint's
+            for group, lr in zip(optimizer.param_groups, resume["lrs"]):
+                group["lr"] = lr
         # A stop requested outside a batch lets this epoch finish; hold it so the batch checks below
         # react only to stops requested during a batch.
         held_stop, context.stop_training = context.stop_training, False
@@ -674,6 +677,7 @@ class Trainer:
             "loss_items": run.train_loss.stacked(),
             "grads": grads or None,  # an accumulation window cut by Ctrl-C continues where it was
             "seconds": time.perf_counter() - run.epoch_started,
+            "lrs": [group["lr"] for group in run.optimizer.param_groups],
         }
         save_checkpoint(state, run.ckpt_dir / LATEST)
 

@@ -1,6 +1,7 @@
 """Run by test_resume.py in a fresh process: train fully, train and get killed, or resume."""
 import argparse
 import os
+import signal
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,28 @@ class KillAtEpoch(Callback):
             os._exit(17)
 
 
+class KillAtBatch(Callback):
+    """A hard crash when the run's ``batches_seen``-th train batch (0-based, over all epochs) starts."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_train_batch_start(self, context):
+        if context.batches_seen == self.batch:
+            os._exit(17)
+
+
+class CtrlCAtBatch(Callback):
+    """A real SIGINT (as Ctrl-C sends) while the ``batches_seen``-th train batch runs."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_train_batch_start(self, context):
+        if context.batches_seen == self.batch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["full", "killed", "resume"], required=True)
@@ -45,6 +68,9 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--ema", action="store_true")
+    parser.add_argument("--every", type=int, default=None, help="save_ckpt_every_n_steps")
+    parser.add_argument("--kill-batch", type=int, default=None, help="os._exit when this train batch starts")
+    parser.add_argument("--sigint-batch", type=int, default=None, help="SIGINT while this train batch runs")
     args = parser.parse_args()
 
     torch.manual_seed(1234)  # a different init than the trainer's seed, like any user model
@@ -52,18 +78,25 @@ def main():
     loader = DataLoader(make_data(96, seed=2), batch_size=16, shuffle=True)
     valid = DataLoader(make_data(32, seed=9), batch_size=16)
     callbacks = [InputJitter()]
-    if args.mode == "killed":
+    if args.mode == "killed" and args.kill_batch is not None:
+        callbacks.append(KillAtBatch(args.kill_batch))
+    elif args.mode == "killed" and args.sigint_batch is not None:
+        callbacks.append(CtrlCAtBatch(args.sigint_batch))
+    elif args.mode == "killed":
         callbacks.append(KillAtEpoch(2))
     params = {
         "max_epochs": 4, "initial_lr": 0.05, "optimizer": "SGD", "optimizer_params": {"momentum": 0.9},
         "lr_mode": "cosine", "lr_warmup_epochs": 1, "batch_accumulate": 2, "mixed_precision": args.amp,
         "ema": args.ema, "ema_params": {"decay": 0.9, "decay_type": "threshold"},
         "phase_callbacks": callbacks, "resume": args.mode == "resume", "sg_logger": "base", "progress_bar": False,
+        "save_ckpt_every_n_steps": args.every,
     }
     result = Trainer("exp", args.root, device="cpu").train(model=model, training_params=params, train_loader=loader,
                                                            valid_loader=valid)
     torch.save({"net": model.state_dict(), "epochs": [h["epoch"] for h in result.history],
-                "count": callbacks[0].count, "best_metric": result.best_metric}, args.out)
+                "train_losses": [h["train/CrossEntropyLoss"] for h in result.history],
+                "count": callbacks[0].count, "best_metric": result.best_metric, "stop_reason": result.stop_reason},
+               args.out)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,52 @@ def test_resume_can_raise_max_epochs(tmp_path):
                                              train_loader=make_loader(), valid_loader=make_loader(16))
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
     assert read_checkpoint(tmp_path / "grow" / "ckpt_latest.pth")["epoch"] == 3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The worker's run without interruption (checkpoint cadence does not change the weights)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    full = run_worker("full", root / "a", root / "full.pt", [])
+    assert full.returncode == 0, full.stderr
+    return root / "full.pt"
+
+
+def _assert_same_run(full_out, resumed_out):
+    a = torch.load(full_out, weights_only=True)
+    b = torch.load(resumed_out, weights_only=True)
+    for key, value in a["net"].items():
+        assert torch.equal(value, b["net"][key]), key
+    assert a["count"] == b["count"]
+    assert b["epochs"] == [0, 1, 2, 3]
+    assert a["train_losses"] == b["train_losses"]  # the resumed epoch's average covers the whole epoch
+    assert a["best_metric"] == b["best_metric"]
+
+
+# The worker: 6 batches per epoch, batch_accumulate 2 (3 steps per epoch), 4 epochs, shuffle, dropout, momentum,
+# warmup + cosine. With save_ckpt_every_n_steps=2 ckpt_latest is written after step 2 (epoch 0, batch 3),
+# step 4 (epoch 1, batch 1), step 8 (epoch 2, batch 3), ... (epoch ends write their own).
+@pytest.mark.parametrize("kill_batch,position", [(8, (1, 2)), (9, (1, 2)), (16, (2, 4))],
+                         ids=["right-after-a-step-checkpoint", "between-two-checkpoints", "later-epoch"])
+def test_hard_kill_mid_epoch_resumes_bit_exact(tmp_path, uninterrupted, kill_batch, position):
+    flags = ["--every", "2"]
+    killed = run_worker("killed", tmp_path / "b", tmp_path / "never.pt", [*flags, "--kill-batch", str(kill_batch)])
+    assert killed.returncode == 17, killed.stderr
+    partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    assert (partial["epoch"], partial["epoch_progress"]["batches"]) == position
+    resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", flags)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(uninterrupted, tmp_path / "resumed.pt")
+
+
+def test_ctrl_c_mid_window_checkpoints_the_batch_and_resumes_bit_exact(tmp_path, uninterrupted):
+    # SIGINT during epoch 1's batch 2: the first micro-batch of a window, so gradients are pending
+    stopped = run_worker("killed", tmp_path / "b", tmp_path / "stopped.pt", ["--sigint-batch", "8"])
+    assert stopped.returncode == 0, stopped.stderr
+    assert torch.load(tmp_path / "stopped.pt", weights_only=True)["stop_reason"] == "interrupted"
+    partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    assert (partial["epoch"], partial["epoch_progress"]["batches"]) == (1, 3)
+    assert partial["epoch_progress"]["grads"]  # the window's first half is carried over
+    resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", [])
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(uninterrupted, tmp_path / "resumed.pt")

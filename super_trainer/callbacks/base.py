@@ -149,6 +149,7 @@ class PhaseContext:
         self.stop_training = False
         self.stop_reason: Optional[str] = None
         self.skip_step = False  # set at on_train_batch_gradient_step_start to skip that optimizer step
+        self.epoch_start_step = 0  # global_step when the running epoch began (step-based schedules count from it)
         self.update_context(**kwargs)
 
     def update_context(self, **kwargs: Any) -> None:

@@ -58,17 +58,10 @@ class _Schedule(Callback):
 class _StepwiseSchedule(_Schedule):
     """Updates the lr after each optimizer step, so step k uses the value computed after step k-1."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._epoch_first_step = 0
-
-    def on_train_loader_start(self, context: PhaseContext) -> None:
-        self._epoch_first_step = context.global_step
-
     def on_train_batch_gradient_step_end(self, context: PhaseContext) -> None:
         if not self._active(context):
             return
-        step_in_epoch = context.global_step - 1 - self._epoch_first_step  # b: index of the step just taken
+        step_in_epoch = context.global_step - 1 - context.epoch_start_step  # b: index of the step just taken
         factor = self.factor(context.epoch - self.warmup_epochs, step_in_epoch)
         _set_lrs(context.optimizer, lambda lr0: lr0 * factor)
 
@@ -123,7 +116,7 @@ class FunctionLRSchedule(_StepwiseSchedule):
     def on_train_batch_gradient_step_end(self, context: PhaseContext) -> None:
         if not self._active(context):
             return
-        step_in_epoch = context.global_step - 1 - self._epoch_first_step
+        step_in_epoch = context.global_step - 1 - context.epoch_start_step
         max_epoch = self.max_epochs - self.warmup_epochs - self.cooldown_epochs
         epoch = context.epoch - self.warmup_epochs
         _set_lrs(context.optimizer, lambda lr0: float(self.function(
