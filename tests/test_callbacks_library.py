@@ -113,6 +113,11 @@ def test_plateau_respects_cooldown_min_lr_and_threshold(tmp_path):
     assert lrs(result) == [0.1, 0.1, 0.05]
 
 
+def test_plateau_warns_when_a_schedule_would_overwrite_its_lr(tmp_path):
+    with pytest.warns(UserWarning, match="lr_mode 'cosine' also sets the lr"):
+        train(tmp_path, "cos", callbacks=[ReduceLROnPlateauCallback()], max_epochs=1, lr_mode="cosine")
+
+
 def test_plateau_state_is_checkpointed(tmp_path):
     plateau = ReduceLROnPlateauCallback("my_metric", "min", patience=2, iteration_patience=12)
     train(tmp_path, "state", callbacks=[ScriptedMetric(VALUES), plateau], max_epochs=4)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Dict, Optional
 
 from ..metrics import lookup_metric
@@ -64,6 +65,10 @@ class ReduceLROnPlateauCallback(Callback):
         self.reductions = 0
 
     def on_training_start(self, context: PhaseContext) -> None:
+        lr_mode = (context.training_params or {}).get("lr_mode")
+        if lr_mode is not None:
+            warnings.warn(f"ReduceLROnPlateauCallback: lr_mode {lr_mode!r} also sets the lr and will overwrite its "
+                          "reductions; use it with lr_mode None (warmup is fine)", stacklevel=2)
         if self.monitor is None:
             self.monitor = context.metric_to_watch
         if self.mode is None:
