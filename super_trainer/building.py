@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import math
 import random
 import warnings
@@ -23,7 +24,9 @@ from .callbacks.grad_clip import GradientClipping
 from .callbacks.logging import BaseLogger, TensorBoardLogger
 from .callbacks.lr import build_lr_callbacks
 from .callbacks.progress import ProgressBar
+from .checkpoint import unwrap_model
 from .metrics import loss_names
+from .optimizers import sg_optimizer_defaults
 from .params import TrainingParams
 from . import sam as _sam  # noqa: F401  (registers the SAM optimizer)
 from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
@@ -31,8 +34,11 @@ from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
 __all__ = [
     "resolve_device", "seed_everything", "build_optimizer", "param_groups", "build_criterion", "known_loss_names",
     "check_metric_to_watch", "autocast_and_scaler", "builtin_callbacks", "user_callbacks", "optimizer_steps_per_epoch",
-    "write_params_yaml", "restart_callback_states", "step_takes_closure",
+    "write_params_yaml", "restart_callback_states", "step_takes_closure", "convert_sync_bn", "forward_module",
+    "is_compiled", "PrePredictionCallback",
 ]
+
+logger = logging.getLogger("super_trainer")
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -55,12 +61,15 @@ def seed_everything(seed: int) -> None:
 
 def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
     if isinstance(params.optimizer, Mapping):  # {Name: {kwargs}}, e.g. {SAM: {base: SGD, rho: 0.05}}
-        params = _optimizer_from_mapping(params)
+        _optimizer_from_mapping(params)
     spec = params.optimizer
     if isinstance(spec, torch.optim.Optimizer):
         optimizer = spec
     else:
         factory = spec if isinstance(spec, type) else _registry_get(OPTIMIZERS, spec, "optimizer")
+        # SG 3.7's per-optimizer defaults (SGD: momentum 0.9, weight_decay 1e-4, ...) under the given values;
+        # written back so training_params.yaml shows what the optimizer really got
+        params["optimizer_params"] = {**sg_optimizer_defaults(factory), **dict(params.optimizer_params)}
         groups = param_groups(net, params.initial_lr, params.zero_weight_decay_on_bias_and_bn,
                                params.optimizer_params.get("weight_decay", 0.0))
         default_lr = groups[-1]["lr"] if groups else 0.0
@@ -73,14 +82,14 @@ def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optim
     return optimizer
 
 
-def _optimizer_from_mapping(params: TrainingParams) -> TrainingParams:
-    """``optimizer: {Name: {kwargs}}`` as ``optimizer: Name`` with the kwargs under optimizer_params
-    (optimizer_params wins on a key given in both)."""
+def _optimizer_from_mapping(params: TrainingParams) -> None:
+    """Rewrite ``optimizer: {Name: {kwargs}}`` as ``optimizer: Name`` with the kwargs under optimizer_params
+    (optimizer_params wins on a key given in both), so training_params.yaml shows what was built."""
     name, kwargs = parse_spec(params.optimizer, "optimizer")
     if name == "_target_":
         raise ValueError("training_params.optimizer: give {Name: {params}}, not a _target_ (the trainer passes "
                          "the param groups itself)")
-    return TrainingParams(params, optimizer=name, optimizer_params={**kwargs, **dict(params.optimizer_params)})
+    params["optimizer"], params["optimizer_params"] = name, {**kwargs, **dict(params.optimizer_params)}
 
 
 def _registry_get(registry: Any, name: str, key: str) -> Any:
@@ -138,7 +147,7 @@ def no_decay_names(net: nn.Module) -> set:
 
 
 def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
-    spec = params["loss"]
+    spec = _sg_loss_name(params["loss"])
     name, _ = parse_spec(spec, "loss")
     if name is None:
         if not callable(spec):
@@ -147,14 +156,62 @@ def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable
         criterion = spec
     else:
         try:
-            criterion = LOSSES.build(spec, **dict(params.get("criterion_params") or {}))
+            criterion = LOSSES.build(spec, **_sg_criterion_params(spec, dict(params.get("criterion_params") or {})))
         except ValueError as err:
             raise ValueError(f"training_params.loss: {err}") from None
         except TypeError as err:
             raise ValueError(f"training_params.criterion_params: {err}") from None
     if isinstance(criterion, nn.Module):
         criterion = criterion.to(device)
+    if params.get("torch_compile_loss"):
+        logger.info("torch_compile_loss: compiling the loss with %s", params.get("torch_compile_options") or {})
+        criterion = torch.compile(criterion, **_compile_kwargs(params))
     return criterion
+
+
+#: SuperGradients' loss names (and its deprecated lower-case ones) for the torch losses they are.
+SG_LOSS_NAMES = {"cross_entropy": "CrossEntropyLoss", "MSE": "MSELoss", "mse": "MSELoss"}
+
+
+def _sg_loss_name(spec: Any) -> Any:
+    """``spec`` with a SuperGradients loss name replaced by the torch one (unless the user registered that name)."""
+    name, params = parse_spec(spec, "loss")
+    if name not in SG_LOSS_NAMES or name in LOSSES:
+        return spec
+    return SG_LOSS_NAMES[name] if isinstance(spec, str) else {SG_LOSS_NAMES[name]: params}
+
+#: SuperGradients' CrossEntropyLoss arguments that torch's lacks, with their "off" values.
+_SG_CE_OFF = {"smooth_dist": None, "from_logits": True}
+
+
+def _sg_criterion_params(spec: Any, given: Dict[str, Any]) -> Dict[str, Any]:
+    """SG's ``smooth_eps`` (label smoothing) for a CrossEntropyLoss: torch's ``label_smoothing``, which computes
+    the same loss, −((1−ε)·log p_y + ε·mean_c log p_c), for class-index targets."""
+    name, spec_params = parse_spec(spec, "loss")
+    if name is None or name == "_target_":
+        return given
+    try:
+        factory = LOSSES.get(name)
+    except ValueError:
+        return given  # LOSSES.build names the unknown loss
+    if not (isinstance(factory, type) and issubclass(factory, nn.CrossEntropyLoss)):
+        return given
+    merged = {**given, **spec_params}
+    params = dict(given)
+    if "smooth_eps" in merged:
+        eps = merged["smooth_eps"]
+        params.pop("smooth_eps", None)
+        if eps is not None:
+            if "label_smoothing" in merged:
+                raise ValueError("training_params.criterion_params: give smooth_eps or label_smoothing, not both")
+            params["label_smoothing"] = float(eps)
+    for key, off in _SG_CE_OFF.items():
+        if key in merged:
+            if merged[key] != off:
+                raise ValueError(f"training_params.criterion_params: SuperGradients' {key}={merged[key]!r} is not "
+                                 f"supported (only {off!r}); use label_smoothing / smooth_eps")
+            params.pop(key, None)
+    return params
 
 
 def known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List[str]]:
@@ -200,21 +257,107 @@ def autocast_and_scaler(setting: Union[bool, str], device: torch.device) -> Tupl
 
 def builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ckpt_dir: Path) -> List[Callback]:
     callbacks: List[Callback] = list(build_lr_callbacks(params, steps_per_epoch or 1))
+    if params.get("pre_prediction_callback") is not None:
+        callbacks.append(PrePredictionCallback(params.pre_prediction_callback))
     if params.ema:
         callbacks.append(EMAUpdate(total_steps=(steps_per_epoch or 1) * params.max_epochs))
     if params.clip_grad_norm:
         callbacks.append(GradientClipping(params.clip_grad_norm))
-    if params.average_best_models:
+    if params.average_best_models and params.get("save_model", True):  # save_model False: no checkpoint files
         callbacks.append(AverageBestModels(params.metric_to_watch, params.greater_metric_to_watch_is_better))
     if params.sg_logger == "tensorboard":
-        callbacks.append(TensorBoardLogger(log_dir=ckpt_dir))
+        callbacks.append(TensorBoardLogger(log_dir=ckpt_dir, **_logger_params(TensorBoardLogger, params)))
     elif params.sg_logger == "base":
-        callbacks.append(BaseLogger(log_dir=ckpt_dir))
+        callbacks.append(BaseLogger(log_dir=ckpt_dir, **_logger_params(BaseLogger, params)))
     elif isinstance(params.sg_logger, Callback):
         callbacks.append(params.sg_logger)
+    if not isinstance(params.sg_logger, str) and params.get("sg_logger_params"):
+        logger.info("sg_logger_params: ignoring %s: sg_logger is an object, already built",
+                    sorted(params.sg_logger_params))
     if params.progress_bar and not params.silent_mode:
         callbacks.append(ProgressBar())
     return callbacks
+
+
+#: sg_logger_params entries of SG's base_sg_logger and their "off" values: ignored with an INFO line when off,
+#: with a WARNING when set to a feature super_trainer's loggers lack.
+_SG_LOGGER_OFF = {"tb_files_user_prompt": False, "launch_tensorboard": False, "tensorboard_port": None,
+                  "save_checkpoints_remote": False, "save_tensorboard_remote": False, "save_logs_remote": False,
+                  "monitor_system": True, "project_name": "", "model_name": None}
+
+
+def _logger_params(logger_cls: type, params: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``sg_logger_params`` entries ``logger_cls`` accepts; the others are ignored with one log line."""
+    given = dict(params.get("sg_logger_params") or {})
+    accepted = set(inspect.signature(logger_cls.__init__).parameters) - {"self", "log_dir"}
+    used = {k: v for k, v in given.items() if k in accepted}
+    ignored = {k: v for k, v in given.items() if k not in accepted}
+    if ignored:
+        lost = {k: v for k, v in ignored.items() if k not in _SG_LOGGER_OFF or v != _SG_LOGGER_OFF[k]}
+        log = logger.warning if lost else logger.info
+        log("sg_logger_params: ignoring %s (%s accepts %s)%s", sorted(ignored), logger_cls.__name__,
+            sorted(accepted) or "none", f"; not supported: {lost}" if lost else "")
+    return used
+
+
+class PrePredictionCallback(Callback):
+    """SG's ``pre_prediction_callback``: ``inputs, target = fn(inputs, target, batch_idx)`` on every train batch,
+    before any on_train_batch_start handler sees the batch."""
+
+    priority = 0  # before everything, as SG calls it before on_train_batch_start
+
+    def __init__(self, function: Any) -> None:
+        try:
+            function = CALLBACKS.build(function) if not callable(function) else function
+        except ValueError as err:
+            raise ValueError(f"training_params.pre_prediction_callback: {err}") from None
+        if not callable(function):
+            raise ValueError(f"training_params.pre_prediction_callback: {function!r} is not callable "
+                             "(fn(inputs, targets, batch_idx) -> (inputs, targets))")
+        self.function = function
+
+    def on_train_batch_start(self, context: Any) -> None:
+        context.inputs, context.target = self.function(context.inputs, context.target, context.batch_idx)
+
+
+def convert_sync_bn(net: nn.Module, params: Mapping[str, Any], is_distributed: bool, device: torch.device) -> nn.Module:
+    """``sync_bn``: BatchNorm layers become SyncBatchNorm under DDP (batch statistics over all ranks); on one
+    process a no-op with a log line. Returns the module to train (the same one unless it is itself a BatchNorm)."""
+    if not params.get("sync_bn"):
+        return net
+    if not is_distributed:
+        logger.info("sync_bn: a single process, so BatchNorm layers stay as they are")
+        return net
+    if device.type != "cuda":
+        raise ValueError("training_params.sync_bn: SyncBatchNorm needs CUDA devices; set sync_bn false on CPU")
+    logger.info("sync_bn: converting BatchNorm layers to SyncBatchNorm")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+
+
+def _compile_kwargs(params: Mapping[str, Any]) -> Dict[str, Any]:
+    kwargs = dict(params.get("torch_compile_options") or {})
+    if params.get("torch_compile_mode") is not None:
+        kwargs["mode"] = params["torch_compile_mode"]
+    return kwargs
+
+
+def is_compiled(model: Any) -> bool:
+    """True for what torch.compile(module) returns."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
+def forward_module(given: nn.Module, net: nn.Module, wrapped: nn.Module, params: Mapping[str, Any]) -> nn.Module:
+    """What the training forward calls: ``torch_compile`` compiles ``wrapped`` (net or DDP(net)); a model the user
+    passed already compiled stays compiled. Checkpoints keep saving ``net``'s plain state_dict."""
+    if params.get("torch_compile"):
+        logger.info("torch_compile: compiling the model with %s (the first batches are slow)", _compile_kwargs(params))
+        return torch.compile(wrapped, **_compile_kwargs(params))
+    if is_compiled(given) and unwrap_model(given) is net:
+        if wrapped is net:
+            return given  # the user's own compiled wrapper, options and all
+        logger.info("the model was given compiled: compiling its DistributedDataParallel wrapper instead")
+        return torch.compile(wrapped)
+    return wrapped
 
 
 def user_callbacks(params: TrainingParams) -> List[Callback]:

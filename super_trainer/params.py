@@ -5,15 +5,21 @@ Every mistake raises ``ValueError`` before the first batch, naming the key and w
 from __future__ import annotations
 
 import copy
+import difflib
+import math
+import numbers
 from collections.abc import Mapping as MappingABC
-from typing import Any, Dict, Mapping
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .callbacks.lr import normalize_lr_mode, normalize_warmup_mode
 from .registry import close_matches, to_plain
 
-__all__ = ["DEFAULT_TRAINING_PARAMS", "REQUIRED", "TrainingParams", "resolve_training_params"]
+__all__ = ["DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
+           "resolve_training_params"]
 
 
 class _Required:
@@ -77,10 +83,52 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "silent_mode": False,
     "progress_bar": True,
     "stop_on_non_finite_loss": True,
+    # SuperGradients keys super_trainer implements with SG's meaning (SPEC §7)
+    "save_model": True,
+    "ckpt_name": "ckpt_latest.pth",
+    "ckpt_best_name": "ckpt_best.pth",
+    "sync_bn": False,
+    "torch_compile": False,
+    "torch_compile_mode": None,
+    "torch_compile_loss": False,
+    "torch_compile_options": {},
+    "step_lr_update_freq": None,
+    "sg_logger_params": {},
+    "pre_prediction_callback": None,
 }
 
+#: SuperGradients 3.7 training_params keys for features super_trainer does not have, each with the value that
+#: means "off" in SG (its default). That value is accepted silently; any other raises one ValueError that
+#: lists every such key (SPEC §7). docs/migrating_from_supergradients.md explains each.
+SG_UNSUPPORTED_DEFAULTS: Dict[str, Any] = {
+    "run_id": None,
+    "resume_from_remote_sg_logger": False,
+    "load_opt_params": True,
+    "launch_tensorboard": False,
+    "tensorboard_port": None,
+    "tb_files_user_prompt": False,
+    "save_tensorboard_to_s3": False,
+    "precise_bn": False,
+    "precise_bn_batch_size": None,
+    "dataset_statistics": False,
+    "enable_qat": False,
+    "finetune": False,
+    "kill_ddp_pgroup_on_end": True,
+}
+
+#: SuperGradients keys whose listed values all describe what super_trainer already does (it logs no package
+#: list; a resume loads weights strictly, which fits a checkpoint of the same model either way).
+SG_NO_OP_VALUES: Dict[str, Tuple[Any, ...]] = {
+    "log_installed_packages": (True, False),
+    "resume_strict_load": (False, True),
+}
+
+#: Hydra's instantiate flags, present when a recipe node is passed without hydra.utils.instantiate.
+HYDRA_KEYS = ("_convert_", "_recursive_")
+
 MIXED_PRECISION_VALUES = (False, True, "bf16", "bfloat16", "fp16", "float16")
-SG_LOGGERS = ("tensorboard", "base")
+SG_LOGGERS = ("tensorboard", "base", "base_sg_logger")
+TORCH_COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options", "disable")
 
 
 class TrainingParams(dict):
@@ -122,11 +170,8 @@ def resolve_training_params(given: Any) -> TrainingParams:
     given = to_plain(given)
     if not isinstance(given, MappingABC):
         raise ValueError(f"training_params must be a dict or DictConfig, got {type(given).__name__}")
-    for key in given:
-        if key not in DEFAULT_TRAINING_PARAMS:
-            hint = close_matches(str(key), DEFAULT_TRAINING_PARAMS, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(f"training_params: unknown key {key!r}{suggestion}")
+    given = {k: v for k, v in given.items() if k not in HYDRA_KEYS}
+    _check_keys(given)
     params = TrainingParams(copy.deepcopy(DEFAULT_TRAINING_PARAMS))  # no run shares a mutable default
     params.update(given)
     for key, value in params.items():
@@ -134,6 +179,96 @@ def resolve_training_params(given: Any) -> TrainingParams:
             raise _error(key, "is required")
     _validate(params)
     return params
+
+
+def _close_key(key: str) -> Optional[str]:
+    """A known key that ``key`` is plausibly a typo of, or None (a hint to an unrelated key misleads)."""
+    known = list(DEFAULT_TRAINING_PARAMS) + list(SG_UNSUPPORTED_DEFAULTS) + list(SG_NO_OP_VALUES)
+    found = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.8)
+    return found[0] if found and abs(len(found[0]) - len(key)) <= 3 else None
+
+
+def _check_keys(given: Mapping[str, Any]) -> None:
+    """Unknown keys, and SuperGradients keys set to a feature super_trainer lacks: one ValueError for all."""
+    unknown = [str(k) for k in given if k not in DEFAULT_TRAINING_PARAMS and k not in SG_UNSUPPORTED_DEFAULTS
+               and k not in SG_NO_OP_VALUES]
+    if len(unknown) == 1:
+        hint = _close_key(unknown[0])
+        raise ValueError(f"training_params: unknown key {unknown[0]!r}" + (f"; did you mean {hint!r}?" if hint else
+                         " (docs/training_params.md lists every key)"))
+    if unknown:
+        described = [repr(k) + (f" (did you mean {_close_key(k)!r}?)" if _close_key(k) else "") for k in unknown]
+        raise ValueError(f"training_params: unknown keys {', '.join(described)} (docs/training_params.md lists "
+                         "every key)")
+    unsupported = []
+    for key, off in SG_UNSUPPORTED_DEFAULTS.items():
+        if key in given and not _same(given[key], off):
+            unsupported.append(f"{key}={given[key]!r} (SG's default: {off!r})")
+    for key, values in SG_NO_OP_VALUES.items():
+        if key in given and not any(_same(given[key], v) for v in values):
+            unsupported.append(f"{key}={given[key]!r} (supported: {', '.join(map(repr, values))})")
+    if unsupported:
+        raise ValueError(
+            "training_params: these SuperGradients keys are not supported by super_trainer with these values: "
+            + "; ".join(unsupported) + ". Remove them or set them to SG's default "
+            "(docs/migrating_from_supergradients.md)")
+
+
+def _same(value: Any, default: Any) -> bool:
+    return type(value) is type(default) and value == default if isinstance(default, bool) else value == default
+
+
+def _lr_updates(params: TrainingParams) -> None:
+    """lr_updates: any sequence of integral numbers (list, tuple, numpy array, numpy ints) → a list of ints;
+    or computed from step_lr_update_freq the way SuperGradients does."""
+    updates = params["lr_updates"]
+    if updates is None:
+        updates = []
+    if isinstance(updates, MappingABC) and "_target_" in updates:  # SG recipes: {_target_: numpy.arange, ...}
+        from hydra.utils import instantiate
+
+        try:
+            updates = instantiate(dict(updates))
+        except Exception as err:  # hydra wraps the target's own error
+            raise _error("lr_updates", f"cannot build {dict(updates)!r}: {err}") from None
+    if isinstance(updates, (str, bytes, MappingABC)) or not isinstance(updates, (SequenceABC, np.ndarray)):
+        raise _error("lr_updates", f"must be a sequence of epoch numbers (ints), got {updates!r}")
+    values = np.asarray(updates).reshape(-1).tolist() if isinstance(updates, np.ndarray) else list(updates)
+    for u in values:
+        integral = isinstance(u, numbers.Integral) or (isinstance(u, float) and u.is_integer())
+        if isinstance(u, (bool, np.bool_)) or not integral:
+            raise _error("lr_updates", f"must be a sequence of epoch numbers (ints), got {u!r} in {updates!r}")
+    params["lr_updates"] = [int(u) for u in values]
+    freq = params["step_lr_update_freq"]
+    if freq is None:
+        return
+    _number(params, "step_lr_update_freq")
+    if params["lr_updates"]:
+        raise _error("step_lr_update_freq", "and lr_updates are mutually exclusive; give one of them")
+    if params["lr_mode"] != "step":
+        raise _error("step_lr_update_freq", f"applies only to lr_mode 'step', got lr_mode {params['lr_mode']!r}")
+    # SG: a decay every `freq` epochs, at ceil(freq·x) for x = 1, 2, ..., within [W, M - C)
+    end = params["max_epochs"] - params["lr_cooldown_epochs"]
+    epochs = (math.ceil(freq * x) for x in range(1, end))
+    params["lr_updates"] = [e for e in epochs if params["lr_warmup_epochs"] <= e < end]
+
+
+def _compile_options(params: TrainingParams) -> None:
+    options = params["torch_compile_options"]
+    if options is None:
+        options = params["torch_compile_options"] = {}
+    if not isinstance(options, MappingABC):
+        raise _error("torch_compile_options", f"must be a mapping of torch.compile arguments, got {options!r}")
+    unknown = sorted(set(options) - set(TORCH_COMPILE_OPTIONS))
+    if unknown:
+        raise _error("torch_compile_options", f"unknown torch.compile arguments {unknown}; valid: {list(TORCH_COMPILE_OPTIONS)}")
+    mode = params["torch_compile_mode"]
+    if mode is not None:
+        if not isinstance(mode, str):
+            raise _error("torch_compile_mode", f"must be a torch.compile mode name or None, got {mode!r}")
+        if options.get("mode") not in (None, mode):
+            raise _error("torch_compile_mode", f"{mode!r} contradicts torch_compile_options.mode {options['mode']!r}")
+    params["torch_compile_options"] = dict(options)
 
 
 def _validate(params: TrainingParams) -> None:
@@ -191,22 +326,34 @@ def _validate(params: TrainingParams) -> None:
         raise _error("mixed_precision", f"must be one of {list(MIXED_PRECISION_VALUES)}, got {params['mixed_precision']!r}")
     sg_logger = params["sg_logger"]
     if not (sg_logger in SG_LOGGERS or hasattr(sg_logger, "add_scalar")):
-        raise _error("sg_logger", f"must be one of {list(SG_LOGGERS)} or a logger object, got {sg_logger!r}")
+        raise _error("sg_logger", f"must be one of {list(SG_LOGGERS)} or a logger object, got {sg_logger!r} "
+                                  "(SuperGradients' other loggers are not supported)")
+    if sg_logger == "base_sg_logger":
+        params["sg_logger"] = "tensorboard"  # SG's default logger: TensorBoard + experiment.log
+    if params["sg_logger_params"] is None:
+        params["sg_logger_params"] = {}
+    if not isinstance(params["sg_logger_params"], MappingABC):
+        raise _error("sg_logger_params", f"must be a mapping, got {params['sg_logger_params']!r}")
+    for key in ("ckpt_name", "ckpt_best_name"):
+        name = params[key]
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+            raise _error(key, f"must be a file name inside the experiment dir, got {name!r}")
+    if params["ckpt_best_name"] == "ckpt_latest.pth":
+        raise _error("ckpt_best_name", "must differ from ckpt_latest.pth, which holds the latest checkpoint")
+    _compile_options(params)
     epochs = params["save_ckpt_epoch_list"] or []
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in epochs):
         raise _error("save_ckpt_epoch_list", f"must be a list of epoch counts >= 1, got {epochs!r}")
     params["save_ckpt_epoch_list"] = list(epochs)
-    updates = params["lr_updates"] or []
-    if not all(isinstance(u, int) and not isinstance(u, bool) for u in updates):
-        raise _error("lr_updates", f"must be a list of epochs (ints), got {updates!r}")
     params["lr_mode"] = normalize_lr_mode(params["lr_mode"])
     params["warmup_mode"] = normalize_warmup_mode(params["warmup_mode"])
+    _lr_updates(params)
     if params["lr_mode"] == "function" and not callable(params["lr_schedule_function"]):
         raise _error("lr_schedule_function", "must be a callable when lr_mode is 'function'")
-    if params["warmup_mode"] == "linear_epoch_step" and params["lr_warmup_epochs"] == 0:
-        raise _error("warmup_mode", "'linear_epoch_step' needs lr_warmup_epochs > 0")
-    if params["warmup_mode"] == "linear_batch_step" and params["lr_warmup_epochs"] == 0 and params["lr_warmup_steps"] == 0:
-        raise _error("warmup_mode", "'linear_batch_step' needs lr_warmup_steps > 0 or lr_warmup_epochs > 0")
+    # A warmup_mode with no warmup epochs and no warmup steps means no warmup (SG's default recipe does this).
+    if params["warmup_mode"] == "linear_epoch_step" and params["lr_warmup_epochs"] == 0 and params["lr_warmup_steps"]:
+        raise _error("warmup_mode", "'linear_epoch_step' needs lr_warmup_epochs > 0; for lr_warmup_steps use "
+                                    "warmup_mode 'linear_batch_step' (LinearBatchLRWarmup)")
     if params["lr_warmup_epochs"] + params["lr_cooldown_epochs"] > params["max_epochs"]:
         raise _error("lr_warmup_epochs", "plus lr_cooldown_epochs must not exceed max_epochs")
     phase_callbacks = params["phase_callbacks"]
@@ -216,7 +363,7 @@ def _validate(params: TrainingParams) -> None:
         raise _error("phase_callbacks", f"must be a list of callbacks, got {type(phase_callbacks).__name__}")
     for key in ("zero_weight_decay_on_bias_and_bn", "greater_metric_to_watch_is_better", "ema",
                 "average_best_models", "resume", "resume_weights_only", "silent_mode", "progress_bar",
-                "stop_on_non_finite_loss"):
+                "stop_on_non_finite_loss", "save_model", "sync_bn", "torch_compile", "torch_compile_loss"):
         if not isinstance(params[key], bool):
             raise _error(key, f"must be true or false, got {params[key]!r}")
     if not isinstance(params["metric_to_watch"], str):

@@ -28,6 +28,8 @@ from .building import (
     build_optimizer,
     builtin_callbacks,
     check_metric_to_watch,
+    convert_sync_bn,
+    forward_module,
     known_loss_names,
     optimizer_steps_per_epoch,
     resolve_device,
@@ -188,7 +190,7 @@ class Trainer:
         if params.seed is not None:
             seed_everything(params.seed)
 
-        net = unwrap_model(model).to(device)
+        net = convert_sync_bn(unwrap_model(model).to(device), params, is_distributed, device)
         optimizer = build_optimizer(net, params)
         criterion = build_criterion(params, device)
         train_batches = count_batches(train_loader, params.max_train_batches)
@@ -228,6 +230,7 @@ class Trainer:
         wrapped = net
         if is_distributed:
             wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = forward_module(model, net, wrapped, params)  # torch_compile, or the user's compiled model
 
         sg_logger = next((cb for cb in callbacks.callbacks if isinstance(cb, BaseLogger)), None)
         if sg_logger is None and not isinstance(params.sg_logger, str):
@@ -260,7 +263,7 @@ class Trainer:
     def _restore(self, run: _Run) -> None:
         """Load ckpt_latest (or resume_path) into the run, before any event fires."""
         params = run.params
-        path = Path(params.resume_path) if params.resume_path else run.ckpt_dir / LATEST
+        path = Path(params.resume_path) if params.resume_path else run.ckpt_dir / params.ckpt_name
         if params.resume_path is None and not path.exists():
             warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=3)
             return
@@ -436,7 +439,7 @@ class Trainer:
         loss = context.loss if window == 1 else context.loss / window
         if run.scaler is not None:
             loss = run.scaler.scale(loss)
-        if stepping or run.model is run.net:
+        if stepping or not distributed.is_distributed():  # (run.model may be a compiled net: no no_sync)
             loss.backward()
         else:
             with run.model.no_sync():  # DDP: accumulate locally, all-reduce once per optimizer step
@@ -649,8 +652,9 @@ class Trainer:
         }
 
     def _save_checkpoints(self, run: _Run, epochs_done: int, improved: bool) -> None:
-        """ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed. Rank 0 only."""
-        if not distributed.is_main_process():
+        """ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed. Rank 0 only; none
+        when save_model is False."""
+        if not distributed.is_main_process() or not run.params.save_model:
             return
         state = self._checkpoint_state(run, epochs_done)
         save_checkpoint(state, run.ckpt_dir / LATEST)
@@ -660,13 +664,13 @@ class Trainer:
         if improved:
             ema_weights = state["ema_net"]
             best = dict(state, net=ema_weights) if ema_weights is not None else state
-            save_checkpoint(best, run.ckpt_dir / BEST)
+            save_checkpoint(best, run.ckpt_dir / run.params.ckpt_best_name)
 
     def _save_progress(self, run: _Run, batches_done: int) -> None:
         """ckpt_latest in the middle of an epoch: the state after ``batches_done`` batches of the running epoch,
         with what a resume needs to continue exactly (SPEC §7 "Mid-epoch checkpoints"). Rank 0 only."""
         run.last_checkpoint_step = run.context.global_step
-        if not distributed.is_main_process():
+        if not distributed.is_main_process() or not run.params.save_model:
             return
         state = self._checkpoint_state(run, epochs_done=run.context.epoch)
         grads = {name: p.grad.detach().clone() for name, p in run.net.named_parameters() if p.grad is not None}
@@ -682,7 +686,7 @@ class Trainer:
         save_checkpoint(state, run.ckpt_dir / LATEST)
 
     def _result(self, run: _Run, stop_reason: str) -> TrainingResult:
-        best = run.ckpt_dir / BEST
+        best = run.ckpt_dir / run.params.get("ckpt_best_name", BEST)
         latest = run.ckpt_dir / LATEST
         return TrainingResult(
             best_metric=run.best_metric, best_epoch=run.best_epoch, metrics=dict(run.last_metrics),

@@ -40,6 +40,7 @@ __all__ = [
     "PhaseCallback",
     "PhaseContext",
     "Priority",
+    "parse_phase",
     "resolve_priority",
 ]
 
@@ -292,21 +293,30 @@ PHASE_EVENTS: Dict[Phase, str] = {
 }
 
 
+def parse_phase(value: Any, what: str = "phase") -> Phase:
+    """A :class:`Phase` from a Phase, its name ("TRAIN_EPOCH_END", any case) or "Phase.TRAIN_EPOCH_END" (as a
+    YAML recipe gives it); ValueError naming ``what`` and the valid phases otherwise."""
+    if isinstance(value, Phase):
+        return value
+    name = str(value).strip()
+    if name.lower().startswith("phase."):
+        name = name[len("phase."):]
+    try:
+        return Phase(name.upper())
+    except ValueError:
+        raise ValueError(f"{what}: unknown phase {value!r}; valid phases: {', '.join(p.value for p in Phase)} "
+                         "(a Phase, its name, or 'Phase.NAME')") from None
+
+
 class PhaseCallback(Callback):
     """A callback that runs ``__call__(context)`` on exactly one event, chosen by ``phase``.
 
-    ``phase`` is a :class:`Phase` or its name (``PhaseCallback("TRAIN_EPOCH_END")``). Subclasses override
-    ``__call__``.
+    ``phase`` is a :class:`Phase`, its name (``PhaseCallback("TRAIN_EPOCH_END")``) or "Phase.TRAIN_EPOCH_END".
+    Subclasses override ``__call__``.
     """
 
     def __init__(self, phase: Union[Phase, str]) -> None:
-        if not isinstance(phase, Phase):
-            try:
-                phase = Phase(str(phase).upper())
-            except ValueError:
-                raise ValueError(
-                    f"unknown phase {phase!r}; valid phases: {', '.join(p.value for p in Phase)}"
-                ) from None
+        phase = parse_phase(phase, type(self).__name__)
         self.phase = phase
         # The instance attribute shadows the no-op event method, so the handler sees this event overridden.
         setattr(self, PHASE_EVENTS[phase], self.__call__)

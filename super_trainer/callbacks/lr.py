@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from ..metrics import lookup_metric
-from .base import PHASE_EVENTS, Callback, Phase, PhaseContext, Priority
+from .base import PHASE_EVENTS, Callback, Phase, PhaseContext, Priority, parse_phase
 
 __all__ = [
     "LR_MODES",
@@ -200,17 +200,9 @@ class TorchSchedulerCallback(Callback):
         if needs_metric and not metric_name:
             raise ValueError("training_params.lr_mode: ReduceLROnPlateau needs metric_name (a metrics_dict key)")
         default_phase = Phase.VALIDATION_EPOCH_END if needs_metric else Phase.TRAIN_EPOCH_END
-        if phase is None:
-            phase = default_phase
-        elif not isinstance(phase, Phase):
-            try:
-                phase = Phase(str(phase).upper())
-            except ValueError:
-                raise ValueError(f"training_params.lr_mode: unknown phase {phase!r}; valid phases: "
-                                 f"{', '.join(p.value for p in Phase)}") from None
-        self.phase = phase
+        self.phase = default_phase if phase is None else parse_phase(phase, "training_params.lr_mode phase")
         if metric_name is not None:
-            self.priority = Priority.LOW
+            self.priority = Priority.LOW  # after NORMAL callbacks that add metrics at the same event
         self.scheduler: Optional[Any] = None
         self._pending_state: Optional[Dict[str, Any]] = None
         setattr(self, PHASE_EVENTS[self.phase], self._step)
