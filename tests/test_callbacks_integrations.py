@@ -124,7 +124,7 @@ def test_model_conversion_check_passes_and_leaves_training_unchanged(tmp_path):
     pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
     from super_trainer.callbacks import ModelConversionCheckCallback
 
-    check = ModelConversionCheckCallback(batch_size=2)  # input shape from train_loader.dataset[0]
+    check = ModelConversionCheckCallback(primary_batch_size=2)  # input shape from train_loader.dataset[0]
     checked = make_model()
     Trainer("onnx", tmp_path).train(model=checked, training_params=quiet_params(max_epochs=1, phase_callbacks=[check]),
                                     train_loader=make_loader(16, 8, shuffle=True), valid_loader=make_loader(8))
@@ -152,10 +152,12 @@ def test_model_conversion_check_catches_a_model_that_exports_differently(tmp_pat
             self.calls += 1
             return self.linear(x) * self.calls
 
-    with pytest.raises(RuntimeError, match="differs from torch's"):
+    with pytest.raises(RuntimeError, match=r"\(counter\): onnxruntime output differs from torch's"):
         Trainer("onnx_bad", tmp_path).train(
             model=CountsCalls(), training_params=quiet_params(
-                max_epochs=1, phase_callbacks=[ModelConversionCheckCallback(input_dimensions=(8,))]),
+                max_epochs=1, phase_callbacks=[{"ModelConversionCheckCallback": {  # SG's arguments, by name
+                    "model_name": "counter", "input_dimensions": [8], "primary_batch_size": 4,
+                    "do_constant_folding": True, "output_names": ["output"]}}]),
             train_loader=make_loader(16, 8), valid_loader=make_loader(8))
 
 
