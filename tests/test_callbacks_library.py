@@ -36,6 +36,14 @@ def test_every_new_callback_is_registered_by_name():
         assert CALLBACKS.get(name).__name__ == name
 
 
+def test_docs_callbacks_md_covers_every_registered_callback():
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "callbacks.md").read_text(encoding="utf-8")
+    missing = [name for name in CALLBACKS.names() if f"`{name}" not in text]
+    assert not missing, f"document these built-in callbacks in docs/callbacks.md: {missing}"
+
+
 # ---- CancelTrainingCallback ---------------------------------------------------------------------------
 
 class TouchStopFile(Callback):
