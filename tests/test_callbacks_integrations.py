@@ -225,6 +225,24 @@ def test_mmcv_hook_runs_unchanged_in_mmcv_call_order(tmp_path):
     assert hook.calls[-1] == ("after_run", 6, [0.1])
 
 
+class RecipeHook:
+    instances = []
+
+    def __init__(self, every):
+        self.every, self.epochs = every, []
+        RecipeHook.instances.append(self)
+
+    def after_train_epoch(self, runner):
+        self.epochs.append(runner.epoch)
+
+
+def test_mmcv_hook_from_a_recipe_style_spec(tmp_path):
+    spec = {"MMCVHookAdapter": {"hook": {"_target_": f"{__name__}.RecipeHook", "every": 2}, "priority": "LOW"}}
+    Trainer("mmcv_spec", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=2, phase_callbacks=[spec]), train_loader=make_loader(16, 8), valid_loader=make_loader(8))
+    assert RecipeHook.instances[-1].epochs == [0, 1] and RecipeHook.instances[-1].every == 2
+
+
 def test_mmcv_hook_should_stop_and_priority_names(tmp_path):
     hook = OTXStyleHook(stop_at_epoch=0)
     result = Trainer("mmcv_stop", tmp_path).train(

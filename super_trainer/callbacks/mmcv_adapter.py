@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .base import Callback, PhaseContext, Priority
 
@@ -169,6 +169,7 @@ class MMCVHookAdapter(Callback):
     docs/migrating_from_mmcv.md). The hook is used unchanged: its methods receive a :class:`RunnerView`
     (``runner.epoch``, ``runner.iter``, ``runner.model``, ``runner.should_stop = True`` …).
 
+    ``hook`` is the hook object, or (from a recipe) a Hydra ``{_target_: package.HookClass, ...}`` mapping.
     Only the hook methods it defines are called, so the adapter receives only those events. mmengine-style
     methods with ``batch_idx`` / ``data_batch`` / ``outputs`` / ``metrics`` parameters get them by name.
     ``priority``: an mmcv name (HIGHEST, VERY_HIGH, …, LOWEST) or int; default the hook's ``priority``
@@ -177,6 +178,10 @@ class MMCVHookAdapter(Callback):
     """
 
     def __init__(self, hook: Any, priority: Union[int, str, None] = None) -> None:
+        if isinstance(hook, Mapping) and "_target_" in hook:  # from a recipe: {hook: {_target_: pkg.MyHook, ...}}
+            from hydra.utils import instantiate
+
+            hook = instantiate(dict(hook))
         self.hook = hook
         given = priority if priority is not None else getattr(hook, "priority", "NORMAL")
         self.priority = _resolve_mmcv_priority(given)
