@@ -20,7 +20,7 @@ class RMSpropTF(torch.optim.Optimizer):
 
     - g ← g + weight_decay·p (or, with ``decoupled_decay``, p ← p·(1 − weight_decay) first)
     - v ← v + (1 − alpha)·(g² − v), with v starting at **ones** (torch's RMSprop starts at zeros)
-    - centered: m ← m + (1 − alpha)·(g − m); d = sqrt(v − m² + eps), else d = sqrt(v + eps) (eps **inside** the sqrt)
+    - centered: m ← m + (1 − alpha)·(g − m), d = sqrt(v − m² + eps); else d = sqrt(v + eps) (eps inside the sqrt)
     - momentum > 0: b ← momentum·b + lr·g/d, p ← p − b (lr inside the buffer, ``lr_in_momentum=True``), or
       b ← momentum·b + g/d, p ← p − lr·b; without momentum p ← p − lr·g/d.
     """

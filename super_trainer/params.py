@@ -261,7 +261,8 @@ def _compile_options(params: TrainingParams) -> None:
         raise _error("torch_compile_options", f"must be a mapping of torch.compile arguments, got {options!r}")
     unknown = sorted(set(options) - set(TORCH_COMPILE_OPTIONS))
     if unknown:
-        raise _error("torch_compile_options", f"unknown torch.compile arguments {unknown}; valid: {list(TORCH_COMPILE_OPTIONS)}")
+        raise _error("torch_compile_options",
+                     f"unknown torch.compile arguments {unknown}; valid: {list(TORCH_COMPILE_OPTIONS)}")
     mode = params["torch_compile_mode"]
     if mode is not None:
         if not isinstance(mode, str):

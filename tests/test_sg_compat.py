@@ -256,7 +256,8 @@ def test_torch_compile_trains_the_compiled_module_and_saves_plain_weights(tmp_pa
     before = [p.detach().clone() for p in model.parameters()]
     watch = Watch()
     result = Trainer("compiled", tmp_path, device="cpu").train(
-        model=model, training_params=quiet_params(max_epochs=1, torch_compile=True, phase_callbacks=[watch], batch_accumulate=2,
+        model=model, training_params=quiet_params(max_epochs=1, torch_compile=True, phase_callbacks=[watch],
+                                                  batch_accumulate=2,  # no DDP no_sync on a compiled net
                                                   torch_compile_options={"backend": counting_backend}),
         train_loader=make_loader(), valid_loader=make_loader(16))
     assert graphs, "the compiled wrapper's forward never ran"
@@ -296,7 +297,8 @@ def test_phase_accepts_phase_name_and_dotted_name(tmp_path):
 
 
 def feed(callback, values, steps=None):
-    context = PhaseContext(metric_to_watch="Acc", training_params=TrainingParams(greater_metric_to_watch_is_better=True))
+    context = PhaseContext(metric_to_watch="Acc",
+                           training_params=TrainingParams(greater_metric_to_watch_is_better=True))
     callback.on_training_start(context)
     event = getattr(callback, {Phase.VALIDATION_EPOCH_END: "on_validation_loader_end",
                                Phase.TRAIN_EPOCH_END: "on_train_loader_end"}[callback.phase])
