@@ -294,7 +294,8 @@ def _validate(params: TrainingParams) -> None:
         _number(params, "initial_lr")
     if not (is_instance or isinstance(optimizer, str) or (isinstance(optimizer, MappingABC) and len(optimizer) == 1)
             or (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer))):
-        raise _error("optimizer", f"must be a torch.optim name ('SGD', 'AdamW', ...), class or instance, got {optimizer!r}")
+        raise _error("optimizer", f"must be a torch.optim name ('SGD', 'AdamW', ...), {{Name: {{params}}}}, class or "
+                                  f"instance, got {optimizer!r}")
     for key in ("optimizer_params", "criterion_params", "ema_params"):
         if params[key] is None:
             params[key] = {}
