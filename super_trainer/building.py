@@ -35,7 +35,7 @@ __all__ = [
     "resolve_device", "seed_everything", "build_optimizer", "param_groups", "build_criterion", "known_loss_names",
     "check_metric_to_watch", "autocast_and_scaler", "builtin_callbacks", "user_callbacks", "optimizer_steps_per_epoch",
     "write_params_yaml", "restart_callback_states", "step_takes_closure", "convert_sync_bn", "forward_module",
-    "is_compiled", "PrePredictionCallback",
+    "is_compiled", "PrePredictionCallback", "model_param_groups",
 ]
 
 logger = logging.getLogger("super_trainer")
@@ -70,9 +70,13 @@ def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optim
         # SG 3.7's per-optimizer defaults (SGD: momentum 0.9, weight_decay 1e-4, ...) under the given values;
         # written back so training_params.yaml shows what the optimizer really got
         params["optimizer_params"] = {**sg_optimizer_defaults(factory), **dict(params.optimizer_params)}
-        groups = param_groups(net, params.initial_lr, params.zero_weight_decay_on_bias_and_bn,
-                               params.optimizer_params.get("weight_decay", 0.0))
-        default_lr = groups[-1]["lr"] if groups else 0.0
+        if callable(getattr(net, "initialize_param_groups", None)):
+            groups = model_param_groups(net, params)
+            default_lr = float(params.initial_lr)
+        else:
+            groups = param_groups(net, params.initial_lr, params.zero_weight_decay_on_bias_and_bn,
+                                  params.optimizer_params.get("weight_decay", 0.0))
+            default_lr = groups[-1]["lr"] if groups else 0.0
         try:
             optimizer = factory(groups, **{"lr": default_lr, **dict(params.optimizer_params)})
         except TypeError as err:
@@ -90,6 +94,37 @@ def _optimizer_from_mapping(params: TrainingParams) -> None:
         raise ValueError("training_params.optimizer: give {Name: {params}}, not a _target_ (the trainer passes "
                          "the param groups itself)")
     params["optimizer"], params["optimizer_params"] = name, {**kwargs, **dict(params.optimizer_params)}
+
+
+def model_param_groups(net: nn.Module, params: TrainingParams) -> List[Dict[str, Any]]:
+    """Param groups from the model's SuperGradients-style ``initialize_param_groups(lr, training_params)``: a
+    list of dicts with ``named_params`` (or ``params``) and per-group optimizer options. With
+    zero_weight_decay_on_bias_and_bn each group is split into a no-decay and a decay group, as SG does."""
+    lr = params.initial_lr
+    if isinstance(lr, Mapping):
+        raise ValueError("training_params.initial_lr: the model defines initialize_param_groups(lr, training_params), "
+                         "which takes one lr; give initial_lr as a number")
+    given = net.initialize_param_groups(float(lr), params)
+    if not isinstance(given, (list, tuple)) or not all(isinstance(g, Mapping) for g in given):
+        raise ValueError(f"{type(net).__name__}.initialize_param_groups must return a list of dicts with "
+                         f"'named_params' and optimizer options, got {type(given).__name__}")
+    no_decay = no_decay_names(net) if params.zero_weight_decay_on_bias_and_bn else set()
+    names = {id(p): n for n, p in net.named_parameters()}
+    weight_decay = params.optimizer_params.get("weight_decay", 0.0)
+    groups: List[Dict[str, Any]] = []
+    for group in given:
+        options = {k: v for k, v in group.items() if k not in ("named_params", "params")}
+        if "named_params" in group:
+            members = list(group["named_params"])
+        else:
+            members = [(names.get(id(p), ""), p) for p in group.get("params", [])]
+        if not params.zero_weight_decay_on_bias_and_bn:
+            groups.append({**options, "params": [p for _, p in members]})
+            continue
+        options.pop("weight_decay", None)
+        groups.append({**options, "params": [p for n, p in members if n in no_decay], "weight_decay": 0.0})
+        groups.append({**options, "params": [p for n, p in members if n not in no_decay], "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]
 
 
 def _registry_get(registry: Any, name: str, key: str) -> Any:

@@ -190,3 +190,39 @@ def test_closure_optimizers_refuse_accumulation():
         Trainer("x", "unused").train(model=model, training_params=quiet_params(
             optimizer=torch.optim.LBFGS(model.parameters()), initial_lr=None, batch_accumulate=2),
             train_loader=make_loader())
+
+
+def test_sg_model_hooks_build_and_update_the_param_groups(tmp_path):
+    calls = []
+
+    class TwoSpeed(nn.Module):
+        """A backbone at a tenth of the head's lr, the way SG models use these hooks."""
+
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.backbone(x)))
+
+        def initialize_param_groups(self, lr, training_params):
+            return [{"named_params": self.backbone.named_parameters(), "lr": lr * 0.1, "role": "backbone"},
+                    {"named_params": self.head.named_parameters(), "lr": lr, "role": "head"}]
+
+        def update_param_groups(self, param_groups, lr, epoch, iter, training_params, total_batch):
+            calls.append((epoch, iter, total_batch, lr))
+            for group in param_groups:
+                group["lr"] = lr * (0.1 if group["role"] == "backbone" else 1.0)
+            return param_groups
+
+    model = TwoSpeed()
+    params = quiet_params(max_epochs=2, initial_lr=0.1, lr_mode="cosine", phase_callbacks=[],
+                          valid_metrics_list=["Accuracy"])
+    Trainer("hooks", tmp_path).train(model=model, training_params=params, train_loader=make_loader(32, 8),
+                                     valid_loader=make_loader(16, 8))
+    optimizer = read_checkpoint(tmp_path / "hooks" / "ckpt_latest.pth")["optimizer_state_dict"]
+    backbone, head = optimizer["param_groups"]
+    assert (backbone["role"], head["role"]) == ("backbone", "head")
+    assert len(calls) == 8 and calls[0][:3] == (0, 0, 4)  # once per step: epoch, batch, steps per epoch
+    last_lr = calls[-1][3]
+    assert backbone["lr"] == pytest.approx(0.1 * last_lr) and head["lr"] == pytest.approx(last_lr)

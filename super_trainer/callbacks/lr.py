@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
+from ..checkpoint import unwrap_model
 from ..metrics import lookup_metric
 from .base import PHASE_EVENTS, Callback, Phase, PhaseContext, Priority, parse_phase
 
@@ -33,9 +34,36 @@ __all__ = [
 ]
 
 
-def _set_lrs(optimizer: torch.optim.Optimizer, scale: Callable[[float], float]) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = scale(group["initial_lr"])
+def _set_lrs(context: PhaseContext, scale: Callable[[float], float]) -> None:
+    """Every param group's lr = scale(its lr0). A model with SuperGradients' ``update_param_groups(param_groups,
+    lr, epoch, iter, training_params, total_batch)`` sets them itself from the base lr instead."""
+    optimizer = context.optimizer
+    hook = _update_param_groups_hook(context)
+    if hook is None:
+        for group in optimizer.param_groups:
+            group["lr"] = scale(group["initial_lr"])
+        return
+    base = (context.training_params or {}).get("initial_lr")
+    if not isinstance(base, (int, float)) or isinstance(base, bool):
+        base = optimizer.param_groups[0]["initial_lr"]
+    groups = hook(optimizer.param_groups, scale(float(base)), context.epoch, context.batch_idx,
+                  context.training_params, context.steps_per_epoch)
+    if groups is not None and groups is not optimizer.param_groups:
+        optimizer.param_groups[:] = list(groups)
+
+
+def _update_param_groups_hook(context: PhaseContext) -> Optional[Callable[..., Any]]:
+    """The model's ``update_param_groups``, looked up once per run (cached on the context)."""
+    cached = context.__dict__.get("_update_param_groups_hook", _UNSET)
+    if cached is _UNSET:
+        net = unwrap_model(context.net) if context.net is not None else None
+        cached = getattr(net, "update_param_groups", None) if net is not None else None
+        cached = cached if callable(cached) else None
+        context.__dict__["_update_param_groups_hook"] = cached
+    return cached
+
+
+_UNSET = object()
 
 
 class _Schedule(Callback):
@@ -63,7 +91,7 @@ class _StepwiseSchedule(_Schedule):
             return
         step_in_epoch = context.global_step - 1 - context.epoch_start_step  # b: index of the step just taken
         factor = self.factor(context.epoch - self.warmup_epochs, step_in_epoch)
-        _set_lrs(context.optimizer, lambda lr0: lr0 * factor)
+        _set_lrs(context, lambda lr0: lr0 * factor)
 
     def factor(self, epoch: int, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -119,7 +147,7 @@ class FunctionLRSchedule(_StepwiseSchedule):
         step_in_epoch = context.global_step - 1 - context.epoch_start_step
         max_epoch = self.max_epochs - self.warmup_epochs - self.cooldown_epochs
         epoch = context.epoch - self.warmup_epochs
-        _set_lrs(context.optimizer, lambda lr0: float(self.function(
+        _set_lrs(context, lambda lr0: float(self.function(
             initial_lr=lr0, epoch=epoch, iter=step_in_epoch, max_epoch=max_epoch,
             iters_per_epoch=self.steps_per_epoch)))
 
@@ -136,7 +164,7 @@ class StepLRSchedule(_Schedule):
         if context.epoch < self.warmup_epochs:
             return
         passed = sum(1 for u in self.lr_updates if u <= context.epoch)
-        _set_lrs(context.optimizer, lambda lr0: lr0 * self.decay_factor ** passed)
+        _set_lrs(context, lambda lr0: lr0 * self.decay_factor ** passed)
 
 
 class LinearEpochLRWarmup(Callback):
@@ -157,7 +185,7 @@ class LinearEpochLRWarmup(Callback):
             w0 = lr0 / (W + 1) if self.warmup_initial_lr is None else self.warmup_initial_lr
             return w0 + epoch * (lr0 - w0) / W
 
-        _set_lrs(context.optimizer, lr)
+        _set_lrs(context, lr)
 
 
 class LinearBatchLRWarmup(Callback):
@@ -178,7 +206,7 @@ class LinearBatchLRWarmup(Callback):
             w0 = lr0 / (S + 1) if self.warmup_initial_lr is None else self.warmup_initial_lr
             return w0 if S == 1 else w0 + g * (lr0 - w0) / (S - 1)
 
-        _set_lrs(context.optimizer, lr)
+        _set_lrs(context, lr)
 
 
 class TorchSchedulerCallback(Callback):
