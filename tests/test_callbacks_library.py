@@ -121,6 +121,30 @@ def test_plateau_respects_cooldown_min_lr_and_threshold(tmp_path):
     assert lrs(result) == [0.1, 0.1, 0.05]
 
 
+def test_plateau_lets_a_model_with_update_param_groups_set_the_lrs(tmp_path):
+    class HalfLrHead(nn.Sequential):
+        """SuperGradients' model hook: the last layer trains at half the base lr."""
+
+        def update_param_groups(self, param_groups, lr, epoch, iter, training_params, total_batch):
+            for group in param_groups:
+                group["lr"] = lr / 2 if group["name"] == "2." else lr
+            return param_groups
+
+    torch.manual_seed(0)
+    model = HalfLrHead(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    lrs_seen = []
+
+    class Record(Callback):
+        def on_train_loader_start(self, context):
+            lrs_seen.append([round(g["lr"], 6) for g in context.optimizer.param_groups])
+
+    plateau = ReduceLROnPlateauCallback("my_metric", "min", factor=0.1, patience=1)
+    train(tmp_path, "hook", model=model, callbacks=[ScriptedMetric(VALUES), plateau, Record()], max_epochs=4,
+          initial_lr={"2.": 0.1, "default": 0.1})
+    # one reduction, after epoch 2's validation: the hook sets the head to half the new base lr 0.01
+    assert lrs_seen == [[0.1, 0.1], [0.1, 0.1], [0.1, 0.1], [0.005, 0.01]]
+
+
 def test_plateau_warns_when_a_schedule_would_overwrite_its_lr(tmp_path):
     with pytest.warns(UserWarning, match="lr_mode 'cosine' also sets the lr"):
         train(tmp_path, "cos", callbacks=[ReduceLROnPlateauCallback()], max_epochs=1, lr_mode="cosine")

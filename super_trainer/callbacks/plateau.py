@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from ..metrics import lookup_metric
 from .base import Callback, PhaseContext, Priority
+from .lr import _update_param_groups_hook
 
 __all__ = ["ReduceLROnPlateauCallback"]
 
@@ -30,6 +31,8 @@ class ReduceLROnPlateauCallback(Callback):
     - Unlike torch's ReduceLROnPlateau (which reduces on the ``patience+1``-th bad epoch), the reduction
       comes on the ``patience``-th bad validation, as in OTX and EarlyStop.
 
+    A model with SuperGradients' ``update_param_groups`` sets the lrs itself: it is called with the base lr
+    ``initial_lr · factor^reductions`` (not below ``min_lr``), as the other LR callbacks do.
     A non-finite value counts as "not improved". The state (best, bad count, cooldown, last step) is
     checkpointed and restored on resume.
     """
@@ -105,12 +108,28 @@ class ReduceLROnPlateauCallback(Callback):
                         "improvement; lr kept", self.bad_validations, step - self.last_reset_step,
                         self.iteration_patience)
             return
-        for group in context.optimizer.param_groups:
-            group["lr"] = max(group["lr"] * self.factor, self.min_lr)
         self.reductions += 1
+        self._reduce(context)
         self.bad_validations, self.cooldown_left, self.last_reset_step = 0, self.cooldown, step
         logger.info("ReduceLROnPlateauCallback: %s did not improve; lr now %s", self.monitor,
                     [g["lr"] for g in context.optimizer.param_groups])
+
+    def _reduce(self, context: PhaseContext) -> None:
+        optimizer = context.optimizer
+        hook = _update_param_groups_hook(context)
+        if hook is None:
+            for group in optimizer.param_groups:
+                group["lr"] = max(group["lr"] * self.factor, self.min_lr)
+            return
+        # a model with SuperGradients' update_param_groups sets the groups' lrs from one base lr
+        base = (context.training_params or {}).get("initial_lr")
+        if not isinstance(base, (int, float)) or isinstance(base, bool):
+            base = optimizer.param_groups[0]["initial_lr"]
+        lr = max(float(base) * self.factor ** self.reductions, self.min_lr)
+        groups = hook(optimizer.param_groups, lr, context.epoch, context.batch_idx, context.training_params,
+                      context.steps_per_epoch)
+        if groups is not None and groups is not optimizer.param_groups:
+            optimizer.param_groups[:] = list(groups)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"best": self.best, "bad_validations": self.bad_validations, "cooldown_left": self.cooldown_left,
