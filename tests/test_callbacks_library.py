@@ -70,6 +70,14 @@ def test_cancel_file_stops_within_interval_batches(tmp_path, interval, touched_a
     assert read_checkpoint(tmp_path / "lib" / "ckpt_latest.pth")["epoch"] == stops_at // 4
 
 
+def test_a_cancelled_run_resumes_to_completion(tmp_path):
+    _, cancelled = train(tmp_path, "cancel_resume", callbacks=[CancelTrainingCallback(2), TouchStopFile(5)],
+                         max_epochs=3)
+    assert cancelled.stop_reason == "cancelled" and len(cancelled.history) == 1
+    _, resumed = train(tmp_path, "cancel_resume", callbacks=[CancelTrainingCallback(2)], max_epochs=3, resume=True)
+    assert resumed.stop_reason == "completed" and [h["epoch"] for h in resumed.history] == [0, 1, 2]
+
+
 def test_cancel_rejects_a_bad_interval():
     with pytest.raises(ValueError, match="interval"):
         CancelTrainingCallback(0)
@@ -148,6 +156,19 @@ def test_plateau_lets_a_model_with_update_param_groups_set_the_lrs(tmp_path):
 def test_plateau_warns_when_a_schedule_would_overwrite_its_lr(tmp_path):
     with pytest.warns(UserWarning, match="lr_mode 'cosine' also sets the lr"):
         train(tmp_path, "cos", callbacks=[ReduceLROnPlateauCallback()], max_epochs=1, lr_mode="cosine")
+
+
+def test_plateau_resumed_reduces_when_the_uninterrupted_run_does(tmp_path):
+    def plateau():
+        return ReduceLROnPlateauCallback("my_metric", "min", factor=0.1, patience=2, iteration_patience=12)
+
+    _, straight = train(tmp_path, "p_straight", callbacks=[ScriptedMetric(VALUES), plateau()], max_epochs=7)
+    _, stopped = train(tmp_path, "p_resumed", callbacks=[ScriptedMetric(VALUES), plateau(), StopAfterEpoch(3)],
+                       max_epochs=7)
+    assert len(stopped.history) == 4
+    _, resumed = train(tmp_path, "p_resumed", callbacks=[ScriptedMetric(VALUES), plateau()], max_epochs=7,
+                       resume=True)
+    assert lrs(resumed) == lrs(straight) == [0.1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01]
 
 
 def test_plateau_state_is_checkpointed(tmp_path):
