@@ -1,4 +1,4 @@
-# Quickstart: `make train` (set up and train the default example) and `make test` (set up and run the tests).
+# Quickstart: `make train` (set up and train the default recipe, digits_mlp) and `make test` (set up and run the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[data]"
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed

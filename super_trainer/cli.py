@@ -1,31 +1,69 @@
 """``super-trainer``: train a recipe from the command line (Hydra).
 
-    super-trainer                                   # the default recipe
+    super-trainer                                   # the default recipe, digits_mlp
     super-trainer --config-name=NAME key=value ...  # a recipe under recipes/, with overrides
     super-trainer --config-dir DIR --config-name=MY # your own recipes (they may use the shipped groups)
     super-trainer -m training_hyperparams.initial_lr=0.1,0.01   # a sweep: one experiment dir per job
     super-trainer --cfg job                         # print the composed recipe, train nothing
     super-trainer --nproc 4 ...                     # launch 4 processes with torchrun
 
-Exit codes: 0 when training ends (completed or stopped by a callback), 130 after Ctrl-C, 1 on an error.
+Exit codes: 0 when training ends (completed or stopped by a callback), 1 on bad input or another error (one
+line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback), 130 after Ctrl-C.
 """
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
 import sys
+import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Union
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from .checkpoint import CheckpointError
 from .distributed import is_main_process
-from .recipes import recipes_dir, train_from_recipe
+from .recipes import recipe_names, recipes_dir, train_from_recipe
 
 __all__ = ["main"]
+
+DEFAULT_RECIPE = "digits_mlp"
+HYDRA_DIR = ".hydra"
+_state = {"full_error": False, "config_dir": None}
+
+
+def _help() -> str:
+    shipped = recipes_dir()
+    groups = "\n".join(f"  {d.name}: {', '.join(recipe_names(d))}" for d in sorted(shipped.iterdir())
+                       if d.is_dir() and list(d.glob("*.yaml")))
+    return f"""usage: super-trainer [--config-name=RECIPE] [--config-dir DIR] [-m] [--cfg job] [--nproc N] [key=value...]
+
+Train a recipe (see docs/recipes.md). Without --config-name: {DEFAULT_RECIPE}.
+
+shipped recipes: {', '.join(recipe_names(shipped))}  (default is an alias of {DEFAULT_RECIPE})
+recipe groups (group=option):
+{groups}
+
+options:
+  --config-name=RECIPE   a recipe by name (shipped, or in --config-dir)
+  --config-dir DIR       also search DIR for recipes; they may use the shipped groups and `base`
+  -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01 (one experiment dir per job)
+  --cfg job              print the composed recipe and train nothing
+  --nproc N              launch N processes with torchrun (distributed data parallel)
+  key=value              override any recipe key, e.g. training_hyperparams.max_epochs=10 experiment_name=longer
+  --hydra-help           Hydra's own options
+
+exit codes:
+  0    training ended (completed, or stopped by a callback)
+  1    bad input (an unknown recipe, key or name, a bad value, ...) or another error: one line on stderr;
+       set HYDRA_FULL_ERROR=1 for the traceback. A failed run leaves an existing experiment dir unchanged.
+  130  interrupted by Ctrl-C (ckpt_latest.pth holds the last completed epoch)
+"""
 
 
 def _pop_nproc(argv: List[str]) -> Optional[int]:
@@ -39,8 +77,41 @@ def _pop_nproc(argv: List[str]) -> Optional[int]:
         else:
             continue
         if not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"super-trainer: --nproc takes a number of processes >= 1, got {value!r}")
+            raise SystemExit(f"super-trainer: error: --nproc takes a number of processes >= 1, got {value!r}")
         return int(value)
+    return None
+
+
+def _launch(nproc: int, argv: List[str]) -> int:
+    """torchrun, in this process: each rank reports its own error in one line, so torchrun's traceback and
+    failure summary are left out. The exit code is 0, 130 when a rank was interrupted, else 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):  # the OMP_NUM_THREADS banner, SIGTERMs
+        logging.getLogger(name).setLevel(logging.ERROR if name.endswith("run") else logging.CRITICAL)
+    args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "super_trainer.train_from_recipe", *argv])
+    try:
+        run(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 130:
+            return 130
+        if failure.exitcode != 1:  # a rank that died without reporting (a signal, a crash)
+            sys.stderr.write(f"super-trainer: error: rank {rank} failed with exit code {failure.exitcode}\n")
+        return 1
+    except (KeyboardInterrupt, SignalException):
+        return 130
+    return 0
+
+
+def _config_dir(argv: List[str]) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config-dir="):
+            return arg.split("=", 1)[1]
     return None
 
 
@@ -58,9 +129,33 @@ def _experiment_dir(cfg: DictConfig) -> Path:
     return root / name
 
 
-@hydra.main(config_path=str(recipes_dir()), config_name="default", version_base="1.3")
+def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
+    """What Hydra would have written into ``<output dir>/.hydra`` at job start, written instead once the run
+    is validated (the shipped ``base`` sets ``hydra.output_subdir: null``, so Hydra writes nothing early)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:  # a recipe without base: Hydra has written it already
+        return None
+    target = Path(hydra_cfg.runtime.output_dir) / HYDRA_DIR
+    files = {"config.yaml": cfg, "hydra.yaml": HydraConfig.instance().cfg, "overrides.yaml": hydra_cfg.overrides.task}
+
+    def write(_experiment_dir: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, node in files.items():
+            (target / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+    return write
+
+
+@hydra.main(config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE, version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    result = train_from_recipe(cfg, experiment_dir=_experiment_dir(cfg))
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = train_from_recipe(cfg, experiment_dir=_experiment_dir(cfg), on_validated=_hydra_dir_writer(cfg))
+    except Exception as err:
+        if _state["full_error"]:
+            raise
+        _remove_if_empty(output_dir)  # Hydra made it before the job started
+        _fail(err)
     if is_main_process():
         best = f"{result.best_metric:.4f}" if isinstance(result.best_metric, float) else result.best_metric
         watched = cfg.training_hyperparams.get("metric_to_watch", "Accuracy")
@@ -70,19 +165,102 @@ def _run(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
+
+
+# errors of bad input (a name, a value, a file): reported by their message alone
+INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, HydraException, OmegaConfBaseException,
+                CheckpointError)
+
+
+def describe_error(err: BaseException, config_dir: Optional[str] = None) -> str:
+    """One line for ``err``: the message of a bad input as it is; the file and line of a YAML syntax error;
+    the valid choices of Hydra's "could not find" errors; the type of any other exception."""
+    import yaml
+
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        mark = getattr(cause, "problem_mark", None)
+        if isinstance(cause, yaml.YAMLError) and mark is not None:
+            return (f"YAML syntax error in {mark.name}, line {mark.line + 1}, column {mark.column + 1}: "
+                    f"{getattr(cause, 'problem', None) or _one_line(str(cause))}")
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(err, MissingConfigException):
+        if str(err).startswith("Cannot find primary config"):
+            names = recipe_names()
+            if config_dir and Path(config_dir).is_dir():
+                names += recipe_names(Path(config_dir))
+            missing = err.missing_cfg_file or str(err).split("'")[1]
+            return f"unknown recipe {missing!r}; recipes: {', '.join(sorted(set(names)))}"
+        first = str(err).split("\n\n")[0].strip()
+        options = f"; available: {', '.join(err.options)}" if err.options else ""
+        return _one_line(first) + options
+    message = _one_line(str(err))
+    if isinstance(err, (ValueError, HydraException, OmegaConfBaseException, CheckpointError)):
+        return message
+    if isinstance(err, INPUT_ERRORS):  # TypeError, ImportError, ...: the type says what went wrong
+        return f"{type(err).__name__}: {message}"
+    return f"{type(err).__name__}: {message} (HYDRA_FULL_ERROR=1 shows the traceback)"
+
+
+def _one_line(text: str) -> str:
+    """The lines of a message joined, without Hydra's search-path listing and documentation links."""
+    kept = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Config search path") or line.startswith("provider="):
+            break
+        if line and not line.startswith("See https://") and not line.startswith("Set the environment variable"):
+            kept.append(line)
+    return " ".join(kept) or text.strip()
+
+
+def _format_warning(message: Union[Warning, str], category: type, filename: str, lineno: int,
+                    line: Optional[str] = None) -> str:
+    return f"super-trainer: warning: {message}\n"  # one line, without the source line Python would quote
+
+
+def _fail(err: BaseException) -> None:
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        sys.stderr.write(f"super-trainer: error: {describe_error(err, _state['config_dir'])}\n")
+    elif not isinstance(err, INPUT_ERRORS):  # bad input fails alike on every rank: rank 0 reports it
+        sys.stderr.write(f"super-trainer: error: rank {rank}: {describe_error(err, _state['config_dir'])}\n")
+    sys.exit(1)
+
+
 def main() -> None:
     """Entry point of ``super-trainer`` and ``python -m super_trainer.train_from_recipe``."""
     argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(_help())
+        sys.exit(0)
     nproc = _pop_nproc(argv)
     if nproc and nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "super_trainer.train_from_recipe", *argv]
-        sys.exit(subprocess.call(command))
+        sys.exit(_launch(nproc, argv))
     sys.argv = [sys.argv[0], *argv]
+    warnings.formatwarning = _format_warning
+    _state["full_error"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _state["config_dir"] = _config_dir(argv)
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
     try:
         _run()
     except KeyboardInterrupt:  # raised outside training (e.g. while building): same code as during it
         sys.exit(130)
+    except Exception as err:  # ... and they are reported here in one line
+        if _state["full_error"]:
+            raise
+        _fail(err)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":

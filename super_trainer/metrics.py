@@ -44,6 +44,9 @@ class Accuracy(Metric):
         if preds.dim() == target.dim():  # already class indices
             correct = preds.eq(target).sum()
         else:
+            if preds.shape[1] < self.top_k:  # topk's own error ("selected index k out of range") names nothing
+                raise ValueError(f"{type(self).__name__}: top_k={self.top_k} needs at least {self.top_k} classes, "
+                                 f"but the model outputs {preds.shape[1]}")
             top = preds.topk(self.top_k, dim=1).indices
             correct = top.eq(target.unsqueeze(1)).any(dim=1).sum()
         self.correct += correct

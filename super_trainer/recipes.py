@@ -10,22 +10,29 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import random
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from . import distributed
+from .batches import to_device
+from .building import build_criterion, resolve_device, seed_everything
 from .callbacks.base import Callback, PhaseContext, Priority
 from .checkpoint import load_checkpoint_to_model
+from .metrics import build_metrics
+from .params import resolve_training_params
 from .registry import DATASETS, MODELS, close_matches, parse_spec, to_plain
 
-__all__ = ["recipes_dir", "load_recipe", "build_from_recipe", "train_from_recipe", "resume_from_recipe",
-           "RECIPE_FILE"]
+__all__ = ["recipes_dir", "recipe_names", "load_recipe", "build_from_recipe", "check_model_fits_data",
+           "train_from_recipe", "resume_from_recipe", "RECIPE_FILE"]
 
 RECIPE_FILE = "recipe.yaml"
 RecipeLike = Union[str, Path, DictConfig, Mapping[str, Any]]
@@ -35,7 +42,7 @@ def recipes_dir() -> Path:
     """The recipes shipped with the package: ``recipes/`` beside it in a source/editable install, the
     ``super_trainer_recipes`` package in a wheel install."""
     source = Path(__file__).resolve().parent.parent / "recipes"
-    if (source / "default.yaml").is_file():
+    if (source / "base.yaml").is_file():
         return source
     spec = importlib.util.find_spec("super_trainer_recipes")  # a data-only (namespace) package
     if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a broken install
@@ -110,14 +117,14 @@ def build_model(cfg: DictConfig) -> nn.Module:
         raise ValueError("recipe: 'architecture' is required (a model name such as 'MLP', or a _target_ mapping)")
     spec = to_plain(architecture)
     try:
-        if isinstance(spec, str):
-            model = MODELS.build({spec: arch_params})
-        else:
-            name, params = parse_spec(spec, "model")
-            model = MODELS.build(spec if name == "_target_" else {name: {**arch_params, **params}})
+        name, params = (spec, {}) if isinstance(spec, str) else parse_spec(spec, "model")
+        if name != "_target_":
+            MODELS.get(name)  # an unknown name is an architecture error; the model's own errors are arch_params'
     except ValueError as err:
         raise ValueError(f"recipe architecture: {err}") from None
-    except TypeError as err:
+    try:
+        model = MODELS.build(spec if name == "_target_" else {name: {**arch_params, **params}})
+    except (TypeError, ValueError) as err:
         raise ValueError(f"recipe arch_params: {err}") from None
     checkpoint_params = to_plain(cfg.get("checkpoint_params")) or {}
     if checkpoint_params.get("checkpoint_path"):
@@ -136,13 +143,20 @@ def _dataset(spec: Any, key: str) -> Any:
         raise ValueError(f"recipe dataset_params.{key}: {err}") from None
 
 
-def _loader(dataset: Any, params: Dict[str, Any], train: bool) -> DataLoader:
+def _loader(dataset: Any, params: Dict[str, Any], train: bool, key: str) -> DataLoader:
     params = dict(params)
-    if distributed.is_distributed():  # each rank reads its own shard
-        shuffle = params.pop("shuffle", False)
-        sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=params.get("drop_last", False) if train else False)
-        return DataLoader(dataset, sampler=sampler, **params)
-    return DataLoader(dataset, **params)
+    batch_size = params.get("batch_size", 1)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"recipe dataset_params.{key}.batch_size: must be an int >= 1, got {batch_size!r}")
+    try:
+        if distributed.is_distributed():  # each rank reads its own shard
+            shuffle = params.pop("shuffle", False)
+            sampler = DistributedSampler(dataset, shuffle=shuffle,
+                                         drop_last=params.get("drop_last", False) if train else False)
+            return DataLoader(dataset, sampler=sampler, **params)
+        return DataLoader(dataset, **params)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"recipe dataset_params.{key}: {err}") from None
 
 
 def build_loaders(cfg: DictConfig) -> Tuple[DataLoader, Optional[DataLoader], Dict[str, DataLoader]]:
@@ -152,11 +166,12 @@ def build_loaders(cfg: DictConfig) -> Tuple[DataLoader, Optional[DataLoader], Di
         raise ValueError("recipe dataset_params.train_dataset is required ({Name: {params}} or a _target_ mapping)")
     train_params = data.get("train_dataloader_params") or {}
     eval_params = data.get("val_dataloader_params") or {k: v for k, v in train_params.items() if k != "shuffle"}
-    train = _loader(_dataset(data["train_dataset"], "train_dataset"), train_params, train=True)
+    eval_key = "val_dataloader_params" if data.get("val_dataloader_params") else "train_dataloader_params"
+    train = _loader(_dataset(data["train_dataset"], "train_dataset"), train_params, True, "train_dataloader_params")
     valid = None
     if data.get("valid_dataset"):
-        valid = _loader(_dataset(data["valid_dataset"], "valid_dataset"), eval_params, train=False)
-    tests = {str(name): _loader(_dataset(spec, f"test_datasets.{name}"), eval_params, train=False)
+        valid = _loader(_dataset(data["valid_dataset"], "valid_dataset"), eval_params, False, eval_key)
+    tests = {str(name): _loader(_dataset(spec, f"test_datasets.{name}"), eval_params, False, eval_key)
              for name, spec in (data.get("test_datasets") or {}).items()}
     return train, valid, tests
 
@@ -173,23 +188,102 @@ class SamplerEpoch(Callback):
 
 
 def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
-    """Everything ``Trainer.train`` needs, built from a composed recipe."""
+    """Everything ``Trainer.train`` needs, built from a composed recipe. The training params are validated
+    first, and the seed is set before the model and the data are built, so a seeded recipe gives the same
+    weights, splits and batch order on every run; a model that cannot take the data, or a loss or metric
+    that cannot take the model's output (``Top5`` of 3 classes), raises ValueError here, before any file is
+    written and any batch is trained."""
     import_custom_modules(to_plain(cfg.get("custom_imports")) or [])
-    params = OmegaConf.to_container(cfg.training_hyperparams, resolve=True) if "training_hyperparams" in cfg else None
-    if params is None:
+    if "training_hyperparams" not in cfg:
         raise ValueError("recipe: 'training_hyperparams' is required")
+    try:
+        params = OmegaConf.to_container(cfg.training_hyperparams, resolve=True)
+    except OmegaConfBaseException as err:  # e.g. max_epochs: ??? left unset
+        raise ValueError(f"recipe training_hyperparams: {str(err).splitlines()[0]}") from None
+    resolved = resolve_training_params(params)
+    if resolved.seed is not None:
+        seed_everything(resolved.seed)
     model = build_model(cfg)
     train, valid, tests = build_loaders(cfg)
+    check_model_fits_data(model, valid if valid is not None else train, resolved, _recipe_device(cfg))
     if distributed.is_distributed():
         params["phase_callbacks"] = list(params.get("phase_callbacks") or []) + [SamplerEpoch()]
     return {"model": model, "training_params": params, "train_loader": train, "valid_loader": valid,
             "test_loaders": tests}
 
 
-def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, trainer: Any = None) -> Any:
+def check_model_fits_data(model: nn.Module, loader: Any, training_params: Mapping[str, Any],
+                          device: torch.device) -> None:
+    """Run ``model`` on two samples of ``loader``'s dataset (eval mode, no gradients), then the loss and every
+    metric of ``training_params`` on its output; ValueError naming what does not fit. The global RNG state is
+    restored afterwards, so the check changes no number of the run. Skipped for datasets without len()."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        return
+    if len(dataset) == 0:
+        raise ValueError("recipe dataset_params: the data set is empty")
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        batch = loader.collate_fn([dataset[i] for i in range(min(2, len(dataset)))])
+        inputs, target, _ = to_device(batch, device)
+        model.to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                preds = model(inputs)
+        except Exception as err:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"recipe: the model ({type(model).__name__}) cannot take the data's inputs {shape}: "
+                             f"{_first_line(err)}") from None
+        finally:
+            model.train(was_training)
+        _check_output(preds, target, training_params, device)
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+
+
+def _check_output(preds: Any, target: Any, training_params: Mapping[str, Any], device: torch.device) -> None:
+    shape = tuple(preds.shape) if isinstance(preds, torch.Tensor) else type(preds).__name__
+    criterion = build_criterion(training_params, device)
+    try:
+        criterion(preds, target)
+    except Exception as err:
+        raise ValueError(f"training_params.loss: cannot be computed on the model's output {shape} and the "
+                         f"data's target: {_first_line(err)}") from None
+    for key in ("train_metrics_list", "valid_metrics_list", "test_metrics_list"):
+        for title, metric in build_metrics(training_params.get(key), f"training_params.{key}").items():
+            try:
+                metric.to(device).update(preds, target)
+            except Exception as err:
+                raise ValueError(f"training_params.{key}: {title} cannot be computed on the model's output {shape}: "
+                                 f"{_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _recipe_device(cfg: DictConfig) -> torch.device:
+    """The device the trainer will use (under torchrun on CUDA: this process's GPU)."""
+    device = resolve_device(cfg.get("device"))
+    if distributed.is_distributed() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
+    return device
+
+
+def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, trainer: Any = None,
+                      on_validated: Optional[Callable[[Path], None]] = None) -> Any:
     """Build and train what ``cfg`` describes. The experiment dir is ``experiment_dir`` when given (the CLI
     passes Hydra's output dir, so `.hydra/` and the checkpoints share it), else the ``trainer``'s, else
-    ``<ckpt_root_dir>/<experiment_name>`` from the recipe."""
+    ``<ckpt_root_dir>/<experiment_name>`` from the recipe.
+
+    Nothing is written before the recipe, the params, the model and the data are validated: then
+    ``recipe.yaml`` is written and ``on_validated(experiment_dir)`` runs (the CLI writes `.hydra/` there), so a
+    failed run leaves an existing experiment's files as they were."""
     from .trainer import Trainer  # the trainer does not import recipes at module level
 
     _join_process_group(cfg)
@@ -198,19 +292,23 @@ def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, tr
             experiment_dir = Path(str(cfg.get("ckpt_root_dir", "checkpoints"))) / str(cfg.experiment_name)
         trainer = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
                           device=cfg.get("device"))
-    experiment_dir = trainer.ckpt_dir
     built = build_from_recipe(cfg)
     trainer._recipe_context = {
         "architecture": to_plain(cfg.get("architecture")), "arch_params": to_plain(cfg.get("arch_params")),
         "checkpoint_params": to_plain(cfg.get("checkpoint_params")),
     }
-    if distributed.is_main_process():
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        _save_recipe(cfg, experiment_dir / RECIPE_FILE)
+
+    def write_recipe(directory: Path) -> None:
+        _save_recipe(cfg, directory / RECIPE_FILE)
+        if on_validated is not None:
+            on_validated(directory)
+
+    trainer._on_validated = [write_recipe]  # the trainer calls it once training_params are validated too
     try:
         return trainer.train(**built)
     finally:
         trainer._recipe_context = {}
+        trainer._on_validated = []
 
 
 def _join_process_group(cfg: DictConfig) -> None:

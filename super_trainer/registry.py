@@ -69,6 +69,8 @@ class Registry:
                 return self.get(candidate)
         hint = close_matches(name, self.names())
         suggestion = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+        if not self._fallbacks:  # a short list (models, datasets, callbacks): name every valid choice
+            suggestion += f" (valid: {', '.join(sorted(self._entries))})"
         raise ValueError(f"unknown {self.kind} {name!r}{suggestion}")
 
     def __contains__(self, name: str) -> bool:

@@ -144,6 +144,7 @@ class Trainer:
         self.ckpt_root_dir = Path(ckpt_root_dir)
         self.device = resolve_device(device)
         self._recipe_context: Dict[str, Any] = {}  # architecture, arch_params, ... when trained from a recipe
+        self._on_validated: List[Callable[[Path], None]] = []  # a recipe's file writers, run once all is validated
 
     @property
     def ckpt_dir(self) -> Path:
@@ -153,22 +154,25 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     @_class_or_instance_method
     def train(self, model: Any = None, training_params: Optional[Mapping[str, Any]] = None, train_loader: Any = None,
-              valid_loader: Any = None, test_loaders: Optional[Mapping[str, Any]] = None) -> TrainingResult:
+              valid_loader: Any = None, test_loaders: Optional[Mapping[str, Any]] = None,
+              overrides: Sequence[str] = ()) -> TrainingResult:
         """Train ``model`` in place and return a :class:`TrainingResult`.
 
         ``model`` may instead be a recipe — a name under recipes/, a YAML path, or a DictConfig — and then
         everything is built from it (``Trainer.train(recipe)`` also works on the class, taking the experiment
-        name, root dir and device from the recipe). Bad ``training_params`` raise ValueError and a bad
-        checkpoint raises CheckpointError, both before any event fires. Once on_training_start has fired,
+        name, root dir and device from the recipe); ``overrides`` are Hydra overrides of the recipe, as for
+        ``load_recipe`` (``["training_hyperparams.max_epochs=2"]``). Bad ``training_params`` raise ValueError and
+        a bad checkpoint raises CheckpointError, both before any event fires. Once on_training_start has fired,
         on_training_end fires exactly once: after the last epoch, a stop, Ctrl-C (then
         ``stop_reason == "interrupted"``) or an exception (re-raised).
         """
         if _is_recipe(model):
             from .recipes import load_recipe, train_from_recipe
 
-            if self is None:
-                return train_from_recipe(load_recipe(model))
-            return train_from_recipe(load_recipe(model), trainer=self)
+            cfg = load_recipe(model, list(overrides))
+            return train_from_recipe(cfg) if self is None else train_from_recipe(cfg, trainer=self)
+        if overrides:
+            raise ValueError("overrides apply to a recipe; with a model, change training_params instead")
         if self is None:
             raise TypeError("Trainer.train on the class takes a recipe; to train a model, make a Trainer first")
         if train_loader is None:
@@ -257,6 +261,8 @@ class Trainer:
             self._restore(run)
         if distributed.is_main_process():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for write in self._on_validated:  # nothing is written into the experiment dir before this point
+                write(self.ckpt_dir)
             write_params_yaml(params, self.ckpt_dir / "training_params.yaml")
         return run
 
@@ -286,6 +292,10 @@ class Trainer:
         if unclaimed:
             warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=3)
         run.start_epoch = int(state["epoch"])
+        if run.start_epoch >= params.max_epochs:
+            warnings.warn(f"resume: {path} has already completed {run.start_epoch} epochs and max_epochs is "
+                          f"{params.max_epochs}; nothing left to train (raise training_params.max_epochs to continue)",
+                          stacklevel=3)
         run.context.global_step = int(state.get("global_step", 0))
         run.context.batches_seen = int(state.get("batches_seen", 0))
         run.best_metric = run.context.best_metric = state["best_metric"]

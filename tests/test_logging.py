@@ -91,3 +91,25 @@ def test_csv_logger_rows_match_history(tmp_path):
     assert rows[0]["valid/Accuracy"] == "" and float(rows[1]["valid/Accuracy"]) == pytest.approx(
         result.history[1]["valid/Accuracy"])
     assert float(rows[1]["train/CrossEntropyLoss"]) == pytest.approx(result.history[1]["train/CrossEntropyLoss"])
+
+
+def test_tensorboard_has_one_point_per_step_after_ctrl_c_and_resume(tmp_path):
+    class CtrlC(Callback):
+        def on_train_batch_end(self, context):
+            if context.epoch == 1 and context.batch_idx == 1:
+                raise KeyboardInterrupt  # lands after a batch: the place is checkpointed
+
+    def run(**extra):
+        return Trainer("tb_resume", tmp_path).train(
+            model=make_model(), training_params=quiet_params(max_epochs=3, sg_logger="tensorboard", log_interval=1,
+                                                             **extra),
+            train_loader=make_loader(32, 8), valid_loader=make_loader(16, 8))
+
+    assert run(phase_callbacks=[CtrlC()]).stop_reason == "interrupted"
+    result = run(resume=True)
+    assert result.stop_reason == "completed"
+    events = EventAccumulator(str(tmp_path / "tb_resume"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Step/Train/loss")] == list(range(1, 13))  # no step twice
+    assert [e.step for e in events.Scalars("Train/CrossEntropyLoss")] == [0, 1, 2]  # the partial epoch 1 once
+    assert [e.step for e in events.Scalars("Valid/Accuracy")] == [0, 1, 2]

@@ -16,7 +16,7 @@ from super_trainer.recipes import load_recipe, recipes_dir
 from super_trainer.registry import CALLBACKS
 
 CLI = str(Path(sys.executable).parent / "super-trainer")
-QUICK = ["training_hyperparams.max_epochs=1", "dataset_params.train_dataset.SyntheticClassification.num_samples=256"]
+QUICK = ["training_hyperparams.max_epochs=1", "training_hyperparams.progress_bar=false"]
 
 
 def cli(args, cwd, env=None, timeout=300):
@@ -25,7 +25,7 @@ def cli(args, cwd, env=None, timeout=300):
 
 
 def test_recipe_by_name_on_the_class(tmp_path):
-    cfg = load_recipe("default", [*QUICK, f"ckpt_root_dir={tmp_path}", "experiment_name=by_name"])
+    cfg = load_recipe("digits_mlp", [*QUICK, f"ckpt_root_dir={tmp_path}", "experiment_name=by_name"])
     result = Trainer.train(cfg)
     exp = tmp_path / "by_name"
     assert result.ckpt_dir == str(exp) and result.stop_reason == "completed"
@@ -48,10 +48,10 @@ class RecipeContextSpy(Callback):
 def test_recipe_by_path_on_an_instance_uses_the_instance_dir(tmp_path):
     recipe = tmp_path / "mine.yaml"
     recipe.write_text("defaults:\n  - base\n  - training_hyperparams: default_train_params\n"
-                      "  - dataset_params: synthetic_classification\n  - arch_params: mlp\n"
+                      "  - dataset_params: digits\n  - arch_params: mlp\n"
                       "  - checkpoint_params: default\n  - _self_\nexperiment_name: mine\narchitecture: MLP\n"
                       "arch_params:\n  hidden: [16]\n"
-                      "training_hyperparams:\n  max_epochs: 1\n  phase_callbacks: [RecipeContextSpy]\n")
+                      "training_hyperparams:\n  max_epochs: 1\n  progress_bar: false\n  phase_callbacks: [RecipeContextSpy]\n")
     result = Trainer("chosen", tmp_path / "root").train(recipe)
     exp = tmp_path / "root" / "chosen"  # the instance's names win over the recipe's
     assert result.ckpt_dir == str(exp) and (exp / "recipe.yaml").is_file()
@@ -61,12 +61,12 @@ def test_recipe_by_path_on_an_instance_uses_the_instance_dir(tmp_path):
 
 
 def test_unknown_names_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown recipe 'defualt'; did you mean 'default'"):
-        load_recipe("defualt")
-    cfg = load_recipe("default", [*QUICK, f"ckpt_root_dir={tmp_path}", "architecture=MLPP"])
+    with pytest.raises(ValueError, match="unknown recipe 'digits_mpl'; did you mean 'digits_mlp'"):
+        load_recipe("digits_mpl")
+    cfg = load_recipe("digits_mlp", [*QUICK, f"ckpt_root_dir={tmp_path}", "architecture=MLPP"])
     with pytest.raises(ValueError, match="recipe architecture: unknown model 'MLPP'; did you mean 'MLP'"):
         Trainer.train(cfg)
-    cfg = load_recipe("default", [*QUICK, f"ckpt_root_dir={tmp_path}", "custom_imports=[no_such_module_x]"])
+    cfg = load_recipe("digits_mlp", [*QUICK, f"ckpt_root_dir={tmp_path}", "custom_imports=[no_such_module_x]"])
     with pytest.raises(ValueError, match="custom_imports: cannot import 'no_such_module_x'"):
         Trainer.train(cfg)
 
@@ -74,10 +74,12 @@ def test_unknown_names_are_clear_errors(tmp_path):
 def test_cli_default_recipe_from_any_directory(tmp_path):
     proc = cli([*QUICK, f"ckpt_root_dir={tmp_path / 'ck'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    exp = tmp_path / "ck" / "default"
+    exp = tmp_path / "ck" / "digits_mlp"
     assert f"experiment dir: {exp}" in proc.stdout
     names = {p.name for p in exp.iterdir()}
     assert {".hydra", "recipe.yaml", "ckpt_latest.pth", "ckpt_best.pth", "experiment.log"} <= names
+    assert {p.name for p in (exp / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert OmegaConf.load(exp / ".hydra" / "config.yaml").architecture == "MLP"
     assert OmegaConf.load(exp / ".hydra" / "overrides.yaml") == [*QUICK, f"ckpt_root_dir={tmp_path / 'ck'}"]
 
 
@@ -94,9 +96,9 @@ def test_cli_sweep_gives_each_job_its_dir(tmp_path):
     proc = cli(["-m", *QUICK, "training_hyperparams.initial_lr=0.1,0.01", f"ckpt_root_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for job, lr in ((0, 0.1), (1, 0.01)):
-        saved = OmegaConf.load(tmp_path / f"default_{job}" / "recipe.yaml")
+        saved = OmegaConf.load(tmp_path / f"digits_mlp_{job}" / "recipe.yaml")
         assert saved.training_hyperparams.initial_lr == lr
-        assert (tmp_path / f"default_{job}" / ".hydra").is_dir()
+        assert (tmp_path / f"digits_mlp_{job}" / ".hydra" / "overrides.yaml").is_file()
 
 
 def test_cli_user_recipe_dir_custom_imports_and_ctrl_c_exit_code(tmp_path):
@@ -120,7 +122,7 @@ def test_cli_user_recipe_dir_custom_imports_and_ctrl_c_exit_code(tmp_path):
 
 
 def test_resume_experiment_rereads_the_saved_recipe(tmp_path):
-    cfg = load_recipe("default", [*QUICK, f"ckpt_root_dir={tmp_path}", "experiment_name=again"])
+    cfg = load_recipe("digits_mlp", [*QUICK, f"ckpt_root_dir={tmp_path}", "experiment_name=again"])
     Trainer.train(cfg)
     saved = OmegaConf.load(tmp_path / "again" / "recipe.yaml")
     saved.training_hyperparams.max_epochs = 2  # raise max_epochs, as one may on resume
@@ -157,6 +159,6 @@ def test_base_train_params_lists_every_default():
 
 
 def test_any_training_param_can_be_overridden_without_plus(tmp_path):
-    cfg = load_recipe("default", ["training_hyperparams.progress_bar=false", "training_hyperparams.clip_grad_norm=1.0"])
+    cfg = load_recipe("digits_mlp", ["training_hyperparams.progress_bar=false", "training_hyperparams.clip_grad_norm=1.0"])
     assert cfg.training_hyperparams.progress_bar is False and cfg.training_hyperparams.clip_grad_norm == 1.0
     assert cfg.training_hyperparams.lr_mode == "cosine"  # the default recipe's own choice still applies

@@ -79,12 +79,14 @@ def _assert_same_run(full_out, resumed_out):
 
 
 # The worker: 6 batches per epoch, batch_accumulate 2 (3 steps per epoch), 4 epochs, shuffle, dropout, momentum,
-# warmup + cosine. With save_ckpt_every_n_steps=2 ckpt_latest is written after step 2 (epoch 0, batch 3),
-# step 4 (epoch 1, batch 1), step 8 (epoch 2, batch 3), ... (epoch ends write their own).
-@pytest.mark.parametrize("kill_batch,position", [(8, (1, 2)), (9, (1, 2)), (16, (2, 4))],
-                         ids=["right-after-a-step-checkpoint", "between-two-checkpoints", "later-epoch"])
-def test_hard_kill_mid_epoch_resumes_bit_exact(tmp_path, uninterrupted, kill_batch, position):
-    flags = ["--every", "2"]
+# warmup (1 epoch) + cosine. With save_ckpt_every_n_steps=2 ckpt_latest is written after step 2 (epoch 0,
+# batch 3), step 4 (epoch 1, batch 1), step 8 (epoch 2, batch 3), ... (epoch ends write their own).
+# With every=1, the kill at batch 10 resumes inside the warmup's last epoch after a cosine step: the
+# checkpoint's lr (not the warmup's epoch-start value) must be put back.
+@pytest.mark.parametrize("every,kill_batch,position", [(2, 8, (1, 2)), (2, 9, (1, 2)), (1, 10, (1, 4))],
+                         ids=["right-after-a-step-checkpoint", "between-two-checkpoints", "after-a-cosine-step"])
+def test_hard_kill_mid_epoch_resumes_bit_exact(tmp_path, uninterrupted, every, kill_batch, position):
+    flags = ["--every", str(every)]
     killed = run_worker("killed", tmp_path / "b", tmp_path / "never.pt", [*flags, "--kill-batch", str(kill_batch)])
     assert killed.returncode == 17, killed.stderr
     partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")

@@ -157,7 +157,12 @@ class BaseLogger(Callback):
         lrs = getattr(context, "epoch_lrs", None) or [g["lr"] for g in context.optimizer.param_groups]
         for name, lr in zip(param_group_names(context.optimizer), lrs):
             scalars[f"LR/{name}"] = lr
-        self.add_scalars(scalars, context.epoch, unit="epoch")
+        self._epoch_train_scalars = scalars  # written at on_epoch_end: a partial epoch is not an epoch's point
+
+    def on_epoch_end(self, context: PhaseContext) -> None:
+        scalars, self._epoch_train_scalars = getattr(self, "_epoch_train_scalars", None), None
+        if scalars:
+            self.add_scalars(scalars, context.epoch, unit="epoch")
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:
         self.add_scalars({f"Valid/{k}": v for k, v in (context.metrics_dict or {}).items()}, context.epoch, "epoch")
@@ -196,7 +201,10 @@ class TensorBoardLogger(BaseLogger):
         super()._open()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # purge_step: a resumed run drops the points an interrupted run logged after its checkpoint (TensorBoard
+        # discards every point at or past it). Epoch-level points use the epoch as step, which stays below
+        # global_step + 1 (every epoch takes at least one step), so only the step-level points past it go.
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=getattr(self, "_purge_step", None))
 
     def _write_scalars(self, values: Dict[str, float], step: int, unit: str) -> None:
         super()._write_scalars(values, step, unit)
@@ -226,8 +234,23 @@ class TensorBoardLogger(BaseLogger):
             self.writer.flush()  # waits for the writer thread, so it is idle when batches run again
         self._last_flush = time.monotonic()
 
+    def on_training_start(self, context: PhaseContext) -> None:
+        # a resumed run continues after the checkpoint's step, which was logged before the checkpoint was taken
+        self._purge_step = context.global_step + 1 if context.global_step else None
+        if self.writer is not None and self._purge_step:  # opened by a write before this event: reopen
+            self.writer.close()
+            self.writer = None
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self._purge_step)
+        super().on_training_start(context)
+
     def on_train_loader_end(self, context: PhaseContext) -> None:
         super().on_train_loader_end(context)
+        self.flush()
+
+    def on_epoch_end(self, context: PhaseContext) -> None:
+        super().on_epoch_end(context)
         self.flush()
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:
