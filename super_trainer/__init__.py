@@ -7,7 +7,7 @@ from .trainer import Trainer, TrainingResult
 from . import models as _models  # noqa: F401  (registers the built-in models)
 from . import data as _data  # noqa: F401  (registers the built-in datasets)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Callback", "CallbackHandler", "CSVLogger", "EarlyStop", "Phase", "PhaseCallback", "PhaseContext", "Priority",

@@ -5,6 +5,7 @@ Reading order: ``train`` → ``_prepare`` (build everything, restore a checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -103,6 +104,9 @@ class _Run:
     ckpt_dir: Path
     train_loader_counted: Any = None  # the train loader train_batches was counted for
     step_with_closure: bool = False  # the optimizer's step() wants a closure (LBFGS, SAM, ...)
+    distributed: bool = False  # under torchrun (DDP)
+    nan_check_every: int = 0  # read the losses every N optimizer steps (0: stop_on_non_finite_loss off)
+    ckpt_every: int = 0  # save_ckpt_every_n_steps, 0 for none
     start_epoch: int = 0
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
@@ -252,7 +256,9 @@ class Trainer:
         run = _Run(
             params=params, net=net, model=wrapped, optimizer=optimizer, callbacks=callbacks,
             context=context, test_loaders=test_loaders, train_batches=train_batches,
-            train_loader_counted=train_loader, step_with_closure=step_with_closure,
+            train_loader_counted=train_loader, step_with_closure=step_with_closure, distributed=is_distributed,
+            nan_check_every=params.log_interval if params.stop_on_non_finite_loss else 0,
+            ckpt_every=params.save_ckpt_every_n_steps or 0,
             train_metrics=make_collection(train_metrics, device), valid_metrics=make_collection(valid_metrics, device),
             test_metrics=make_collection(test_metrics, device), loss_names=names, autocast=autocast,
             scaler=scaler, ema=ema, ckpt_dir=self.ckpt_dir,
@@ -364,6 +370,7 @@ class Trainer:
         """One pass over the train loader; False when a stop, a non-finite loss or Ctrl-C came during a batch."""
         context, callbacks, params = run.context, run.callbacks, run.params
         model, optimizer, accumulate, interrupt = run.model, run.optimizer, params.batch_accumulate, run.interrupt
+        ckpt_every, ddp = run.ckpt_every, run.distributed
         n_batches = self._count_train_batches(run)
         resume, run.resume_progress = run.resume_progress, None
         model.train()
@@ -388,29 +395,29 @@ class Trainer:
                 context.batch_idx = batch_idx
                 context.inputs, context.target, context.additional_batch_items = to_device(batch, context.device)
                 callbacks.on_train_batch_start(context)
-                with run.autocast:
+                stepping = is_last or (batch_idx + 1) % accumulate == 0
+                with run.autocast if stepping or not ddp else _LocalAccumulation(run):
                     context.preds = model(context.inputs)
                     context.loss, context.loss_log_items = self._loss(run, context.preds, context.target)
                 run.train_loss.add(context.loss_log_items)
                 if run.train_metrics is not None:
                     run.train_metrics.update(context.preds.detach(), context.target)
                 callbacks.on_train_batch_loss_end(context)
-                if run.model is not run.net:  # DDP: every rank must agree before the collective in backward
+                if ddp:  # every rank must agree before the collective in backward
                     context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
                 if not context.stop_training:
                     done = None
-                    stepping = is_last or (batch_idx + 1) % accumulate == 0
-                    self._backward(run, batch_idx, n_batches, stepping)
+                    self._backward(run, batch_idx, n_batches)
                     callbacks.on_train_batch_backward_end(context)
                     if stepping and not context.stop_training:
                         self._optimizer_step(run, batch_idx, n_batches, is_last)
                 done, in_batch = batch_idx + 1, False
                 context.batches_seen += 1
                 callbacks.on_train_batch_end(context)
-                checkpoint_due = bool(params.save_ckpt_every_n_steps) and not is_last and self._step_checkpoint_due(run)
+                checkpoint_due = ckpt_every and not is_last and self._step_checkpoint_due(run)
                 if interrupt.requested:  # the first Ctrl-C: stop here, where the state is consistent
                     context.stop_training = True
-                if run.model is not run.net:
+                if ddp:
                     context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
                 if interrupt.requested:
                     raise KeyboardInterrupt
@@ -441,19 +448,14 @@ class Trainer:
         return not stopped_in_batch
 
     # ---- pieces of the train step, kept beside the loop so the loop reads like the diagram ---------
-    def _backward(self, run: _Run, batch_idx: int, n_batches: Optional[int], stepping: bool) -> None:
-        """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler; under DDP only the
-        stepping micro-batch all-reduces its gradients."""
+    def _backward(self, run: _Run, batch_idx: int, n_batches: Optional[int]) -> None:
+        """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler."""
         context, accumulate = run.context, run.params.batch_accumulate
         window = window_size(batch_idx, n_batches, accumulate)
         loss = context.loss if window == 1 else context.loss / window
         if run.scaler is not None:
             loss = run.scaler.scale(loss)
-        if stepping or not distributed.is_distributed():  # (run.model may be a compiled net: no no_sync)
-            loss.backward()
-        else:
-            with run.model.no_sync():  # DDP: accumulate locally, all-reduce once per optimizer step
-                loss.backward()
+        loss.backward()  # under DDP it all-reduces only on a stepping micro-batch (_LocalAccumulation)
 
     def _optimizer_step(self, run: _Run, batch_idx: int, n_batches: Optional[int], is_last: bool) -> None:
         """Unscale, on_train_batch_gradient_step_start, then the step unless a stop or ``skip_step`` came."""
@@ -482,7 +484,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         context.global_step += 1
         run.callbacks.on_train_batch_gradient_step_end(context)
-        if run.params.stop_on_non_finite_loss and context.global_step % run.params.log_interval == 0:
+        if run.nan_check_every and context.global_step % run.nan_check_every == 0:
             self._non_finite_seen(run, "training")
 
     def _count_train_batches(self, run: _Run) -> Optional[int]:
@@ -525,7 +527,7 @@ class Trainer:
         """A mid-epoch checkpoint is due once global_step reaches a new multiple of save_ckpt_every_n_steps
         (and the losses since the last check are finite)."""
         step = run.context.global_step
-        if step % run.params.save_ckpt_every_n_steps or step == run.last_checkpoint_step:
+        if step % run.ckpt_every or step == run.last_checkpoint_step:
             return False
         return not self._non_finite_seen(run, "a step checkpoint")
 
@@ -761,6 +763,23 @@ def _name_loss_items(run: _Run, count: int) -> None:
     if run.loss_names is not None and len(run.loss_names) != count:
         raise ValueError(f"the loss returned {count} components, earlier batches {len(run.loss_names)}")
     run.loss_names = loss_names(criterion, list(declared) if declared else None, count if count > 1 else 0)
+
+
+class _LocalAccumulation:
+    """Autocast plus DDP's ``no_sync()`` for a micro-batch that does not step: DDP decides at forward time whether
+    the backward all-reduces, so the forward must run inside no_sync (the all-reduce then happens once, on the
+    window's stepping micro-batch, over the accumulated gradients)."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> None:
+        self.stack.enter_context(self.run.model.no_sync())
+        self.stack.enter_context(self.run.autocast)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
 
 
 def _losses_finite(run: _Run, metrics: Mapping[str, Any]) -> bool:

@@ -17,20 +17,41 @@ class StopOnRank1(Callback):
             context.stop_training = True
 
 
+class CountAllReduces(Callback):
+    """Counts DDP's gradient all-reduces through a communication hook that then does the default all-reduce."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_training_start(self, context):
+        if isinstance(context.net, torch.nn.parallel.DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counting(state, bucket):
+                self.calls += 1
+                return allreduce_hook(state, bucket)
+
+            context.net.register_comm_hook(None, counting)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--stop", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
     args = parser.parse_args()
     model = make_model()
-    callbacks = [StopOnRank1()] if args.stop else []
+    counter = CountAllReduces()
+    callbacks = [counter] + ([StopOnRank1()] if args.stop else [])
     result = Trainer("ddp", args.root, device="cpu").train(
-        model=model, training_params=quiet_params(max_epochs=3, optimizer_params={"momentum": 0.9}, phase_callbacks=callbacks),
+        model=model, training_params=quiet_params(max_epochs=3, optimizer_params={"momentum": 0.9}, phase_callbacks=callbacks,
+                                                  batch_accumulate=args.accumulate),
         train_loader=make_loader(32, 8, shuffle=True), valid_loader=make_loader(16, 8))
     rank = distributed.rank()
     torch.save({"net": model.state_dict(), "stop_reason": result.stop_reason, "world": distributed.world_size(),
-                "epochs": [h["epoch"] for h in result.history], "metrics": result.metrics},
+                "epochs": [h["epoch"] for h in result.history], "metrics": result.metrics,
+                "all_reduces": counter.calls},
                os.path.join(args.out, f"rank{rank}.pt"))
 
 

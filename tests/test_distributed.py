@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import torch
 
 from conftest import PYTHON, ROOT, python_env
@@ -20,13 +21,15 @@ def torchrun(tmp_path, *flags):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-def test_two_ranks_match_a_single_process(tmp_path):
-    ranks = torchrun(tmp_path)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_ranks_match_a_single_process(tmp_path, accumulate):
+    flags = ["--accumulate", str(accumulate)]
+    ranks = torchrun(tmp_path, *flags)
     single_out = tmp_path / "single"
     single_out.mkdir()
     env = python_env()
     env["OMP_NUM_THREADS"] = "1"  # as torchrun sets for its ranks, so the arithmetic is the same
-    proc = subprocess.run([PYTHON, WORKER, "--root", str(tmp_path / "single_ckpt"), "--out", str(single_out)],
+    proc = subprocess.run([PYTHON, WORKER, "--root", str(tmp_path / "single_ckpt"), "--out", str(single_out), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     single = torch.load(single_out / "rank0.pt", weights_only=True)
@@ -36,6 +39,8 @@ def test_two_ranks_match_a_single_process(tmp_path):
         assert torch.equal(ranks[0]["net"][key], value), key
         assert torch.equal(ranks[0]["net"][key], ranks[1]["net"][key])
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    # one gradient all-reduce per optimizer step: 4 batches an epoch, 3 epochs, no_sync inside a window
+    assert [r["all_reduces"] for r in ranks] == [3 * 4 // accumulate] * 2
     files = sorted(p.name for p in (tmp_path / "ckpt" / "ddp").iterdir())
     assert "ckpt_latest.pth" in files and not [f for f in files if f.endswith(".tmp")]
 

@@ -169,3 +169,46 @@ def test_max_keep_ckpts_keeps_the_newest_epoch_files(tmp_path):
         train_loader=make_loader(), valid_loader=make_loader(16))
     assert sorted(p.name for p in (tmp_path / "keep").glob("ckpt_epoch_*.pth")) == ["ckpt_epoch_3.pth",
                                                                                   "ckpt_epoch_4.pth"]
+
+
+def test_mid_epoch_resume_with_a_distributed_sampler_is_exact(tmp_path):
+    """The loader is re-created after on_train_loader_start, so the sampler's set_epoch applies to the resumed
+    epoch as it did to the original one (here rank 0 of 2, without a process group)."""
+    from torch.utils.data import DistributedSampler
+
+    from conftest import make_data
+
+    class SetEpoch(Callback):
+        def __init__(self, sampler):
+            self.sampler = sampler
+
+        def on_train_loader_start(self, context):
+            self.sampler.set_epoch(context.epoch)
+
+    class CtrlCAt(Callback):
+        def on_train_batch_end(self, context):
+            if context.epoch == 1 and context.batch_idx == 2:
+                raise KeyboardInterrupt
+
+    def run(name, extra, resume=False):
+        data = make_data(96, seed=3)
+        sampler = DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=7)
+        loader = DataLoader(data, batch_size=8, sampler=sampler)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+        torch.manual_seed(5)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.3)
+        result = Trainer(name, tmp_path).train(
+            model=model, training_params=quiet_params(max_epochs=3, optimizer_params={"momentum": 0.9},
+                                                      phase_callbacks=[SetEpoch(sampler), *extra], resume=resume),
+            train_loader=loader, valid_loader=make_loader(16, 8))
+        return model, result
+
+    full, _ = run("full", [])
+    _, stopped = run("cut", [CtrlCAt()])
+    assert stopped.stop_reason == "interrupted"
+    assert read_checkpoint(tmp_path / "cut" / "ckpt_latest.pth")["epoch_progress"]["batches"] == 3
+    resumed, result = run("cut", [], resume=True)
+    assert result.stop_reason == "completed"
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
