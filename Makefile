@@ -32,6 +32,7 @@ test: dev
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/checkpoint_stall.py
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

@@ -44,12 +44,12 @@ from .callbacks.lr import TorchSchedulerCallback
 from .checkpoint import (
     FORMAT,
     CheckpointError,
+    CheckpointWriter,
     check_callback_states,
     check_optimizer_fits,
-    prune_epoch_checkpoints,
+    epoch_checkpoints_to_prune,
     get_rng_state,
     read_checkpoint,
-    save_checkpoint,
     set_rng_state,
     unwrap_model,
 )
@@ -122,6 +122,7 @@ class _Run:
     interrupt: DeferredInterrupt = dataclasses.field(default_factory=DeferredInterrupt)
     train_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
     eval_loss: LossAverager = dataclasses.field(default_factory=LossAverager)
+    ckpt_writer: CheckpointWriter = dataclasses.field(default_factory=CheckpointWriter)  # closed by _fit
 
 
 class _class_or_instance_method:
@@ -362,8 +363,16 @@ class Trainer:
             context.exception, stop_reason = err, "exception"
             raise
         finally:
+            # The last checkpoint write lands before on_training_end, so callbacks there read finished files.
+            write_error = _close_writer(run)
+            if isinstance(write_error, KeyboardInterrupt):  # Ctrl-C during that wait
+                stop_reason = "exception" if stop_reason == "exception" else "interrupted"
+            elif write_error is not None and stop_reason != "exception":
+                context.exception, stop_reason = write_error, "exception"
             context.stop_reason = stop_reason  # on_training_end sees the final reason
             callbacks.on_training_end(context)
+        if write_error is not None:
+            raise write_error
         return self._result(run, stop_reason)
 
     def _train_epoch(self, run: _Run) -> bool:
@@ -669,14 +678,19 @@ class Trainer:
         if not distributed.is_main_process() or not run.params.save_model:
             return
         state = self._checkpoint_state(run, epochs_done)
-        save_checkpoint(state, run.ckpt_dir / LATEST)
+        paths, remove = [run.ckpt_dir / LATEST], []
         if epochs_done in run.params.save_ckpt_epoch_list:
-            save_checkpoint(state, run.ckpt_dir / f"ckpt_epoch_{epochs_done}.pth")
-            prune_epoch_checkpoints(run.ckpt_dir, run.params.max_keep_ckpts)
-        if improved:
-            ema_weights = state["ema_net"]
-            best = dict(state, net=ema_weights) if ema_weights is not None else state
-            save_checkpoint(best, run.ckpt_dir / run.params.ckpt_best_name)
+            paths.append(run.ckpt_dir / f"ckpt_epoch_{epochs_done}.pth")
+            run.ckpt_writer.flush()  # the previous ckpt_epoch file is on disk before counting what to prune
+            remove = epoch_checkpoints_to_prune(run.ckpt_dir, run.params.max_keep_ckpts, adding=paths[-1])
+        jobs = [(state, paths)]
+        if improved and state["ema_net"] is not None:  # best holds the EMA weights as its net
+            jobs.append((dict(state, net=state["ema_net"]), [run.ckpt_dir / run.params.ckpt_best_name]))
+        elif improved:
+            paths.append(run.ckpt_dir / run.params.ckpt_best_name)
+        # Copies the state now (training may change it next) and writes it from a background thread; files
+        # beyond max_keep_ckpts are deleted once the new ones are written.
+        run.ckpt_writer.save_many(jobs, remove=remove)
 
     def _save_progress(self, run: _Run, batches_done: int) -> None:
         """ckpt_latest in the middle of an epoch: the state after ``batches_done`` batches of the running epoch,
@@ -695,7 +709,7 @@ class Trainer:
             "seconds": time.perf_counter() - run.epoch_started,
             "lrs": [group["lr"] for group in run.optimizer.param_groups],
         }
-        save_checkpoint(state, run.ckpt_dir / LATEST)
+        run.ckpt_writer.save(state, run.ckpt_dir / LATEST)  # copied now, written in the background
 
     def _result(self, run: _Run, stop_reason: str) -> TrainingResult:
         best = run.ckpt_dir / run.params.get("ckpt_best_name", BEST)
@@ -820,6 +834,19 @@ class StepClosure:
         loss.backward()
         self.loss, self.versions, self.fingerprint = loss.detach(), versions, fingerprint
         return self.loss
+
+
+def _close_writer(run: _Run) -> Optional[BaseException]:
+    """Wait for the checkpoint write in flight; return its exception (already logged by the writer) instead of
+    raising it, so that on_training_end still fires. An exception already propagating wins over it."""
+    try:
+        run.ckpt_writer.close()
+    except KeyboardInterrupt as err:
+        logger.warning("Ctrl-C while waiting for the last checkpoint write; it still completes before exit")
+        return err
+    except BaseException as err:
+        return err
+    return None
 
 
 def _validation_due(epoch: int, params: TrainingParams) -> bool:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from conftest import make_data
 from super_trainer import Callback, Trainer
+from super_trainer.checkpoint import wait_for_writes
 
 
 class InputJitter(Callback):
@@ -36,6 +37,9 @@ class KillAtEpoch(Callback):
 
     def on_train_loader_start(self, context):
         if context.epoch == self.epoch:
+            # Checkpoints are written by a background thread; let the one in flight land first, so the
+            # kill comes after epoch ``epoch`` was saved (a kill during the write keeps the previous file).
+            wait_for_writes()
             os._exit(17)
 
 
@@ -47,6 +51,7 @@ class KillAtBatch(Callback):
 
     def on_train_batch_start(self, context):
         if context.batches_seen == self.batch:
+            wait_for_writes()  # the mid-epoch checkpoint taken before this batch is on disk (see KillAtEpoch)
             os._exit(17)
 
 

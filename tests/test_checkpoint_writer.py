@@ -1,0 +1,305 @@
+"""CheckpointWriter: background checkpoint writes that copy first, stay atomic and surface their errors."""
+from __future__ import annotations
+
+import collections
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, Recorder, make_loader, make_model, python_env, quiet_params
+from super_trainer import Callback, Trainer
+from super_trainer import checkpoint as ckpt
+from super_trainer.checkpoint import CheckpointWriter, copy_to_host, read_checkpoint
+
+
+class HeldWrites:
+    """Makes every background write wait until ``release()``, so a test can act while a write is in flight.
+    Counts torch.save calls."""
+
+    def __init__(self, monkeypatch):
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.saves = 0
+        real_save = torch.save
+
+        def held_save(obj, f, *args, **kwargs):
+            self.started.set()
+            assert self.gate.wait(10), "test never released the write"
+            self.saves += 1
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", held_save)
+
+    def release(self):
+        self.gate.set()
+
+
+def test_state_changed_right_after_save_is_not_what_is_written(tmp_path, monkeypatch):
+    held = HeldWrites(monkeypatch)
+    weights = torch.zeros(4)
+    history = [{"epoch": 0}]
+    writer = CheckpointWriter()
+    writer.save({"net": {"w": weights}, "history": history}, tmp_path / "c.pth")
+    assert held.started.wait(10)  # the write is in flight, still holding
+    weights.add_(1.0)  # training goes on: in-place updates, appended history
+    history.append({"epoch": 1})
+    history[0]["epoch"] = 99
+    held.release()
+    writer.close()
+    state = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert torch.equal(state["net"]["w"], torch.zeros(4))
+    assert state["history"] == [{"epoch": 0}]
+
+
+def test_several_paths_serialize_once_and_hold_the_same_bytes(tmp_path, monkeypatch):
+    held = HeldWrites(monkeypatch)
+    held.release()
+    paths = [tmp_path / "ckpt_latest.pth", tmp_path / "ckpt_epoch_3.pth", tmp_path / "sub" / "ckpt_best.pth"]
+    with CheckpointWriter() as writer:
+        writer.save({"net": {"w": torch.arange(5.0)}, "epoch": 3}, *paths)
+    assert held.saves == 1
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    assert torch.load(paths[2], weights_only=True)["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_epoch_3.pth", "ckpt_latest.pth", "sub"]
+
+
+def test_reader_sees_the_previous_complete_file_until_the_write_lands(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    writer = CheckpointWriter()
+    writer.save({"v": torch.ones(3)}, path)
+    writer.flush()
+    held = HeldWrites(monkeypatch)
+    writer.save({"v": torch.full((3,), 2.0)}, path)
+    assert held.started.wait(10) and writer.busy
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
+    held.release()
+    writer.flush()
+    assert not writer.busy
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.full((3,), 2.0))
+
+
+def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
+    held = HeldWrites(monkeypatch)
+    writer = CheckpointWriter()
+    writer.save({"v": torch.zeros(1)}, tmp_path / "a.pth")
+    assert held.started.wait(10)
+    second = threading.Thread(target=writer.save, args=({"v": torch.ones(1)}, tmp_path / "b.pth"))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # the second save waits for the first write
+    assert not (tmp_path / "a.pth").exists() and not (tmp_path / "b.pth").exists()
+    held.release()
+    second.join(10)
+    writer.close()
+    assert held.saves == 2 and (tmp_path / "a.pth").is_file() and (tmp_path / "b.pth").is_file()
+
+
+def _failing_save(obj, f, *args, **kwargs):
+    f.write(b"partial bytes")
+    raise OSError("disk full")
+
+
+def test_failed_write_keeps_the_old_file_and_raises_at_the_next_save(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    writer = CheckpointWriter()
+    writer.save({"v": torch.ones(3)}, path)
+    writer.flush()
+    monkeypatch.setattr(torch, "save", _failing_save)
+    writer.save({"v": torch.zeros(3)}, path)  # fails in the background
+    writer._thread.join(10)  # without flush(), which would raise
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="disk full") as info:
+        writer.save({"v": torch.full((3,), 5.0)}, path)
+    assert str(path) in "\n".join(getattr(info.value, "__notes__", [str(path)]))
+    writer.close()  # the error was raised once, not again
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temp file left
+
+
+def test_failed_write_raises_at_close(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", _failing_save)
+    writer = CheckpointWriter()
+    writer.save({"v": torch.ones(3)}, tmp_path / "c.pth")
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="after close"):
+        writer.save({"v": torch.ones(3)}, tmp_path / "c.pth")
+
+
+def test_copy_to_host_keeps_structure_and_shares_nothing():
+    Pair = collections.namedtuple("Pair", "a b")
+    net = torch.nn.Linear(2, 2).state_dict()
+    shared = torch.ones(2)
+    state = {"net": net, "pair": Pair(shared, 3), "same": [shared, shared], "size": torch.Size([2, 3]),
+             "np": np.arange(3), "rng": (1, (2, 3), None), "opt": {0: {"momentum_buffer": torch.zeros(2)}}}
+    host = copy_to_host(state)
+    assert type(host["net"]) is collections.OrderedDict and host["net"]._metadata == net._metadata
+    assert isinstance(host["pair"], Pair) and host["pair"].b == 3 and host["size"] == torch.Size([2, 3])
+    assert host["same"][0] is host["same"][1] is host["pair"].a  # copied once, stored once
+    assert host["rng"] == (1, (2, 3), None) and list(host["opt"]) == [0]
+    shared.add_(1)
+    net["weight"].add_(1)
+    state["np"][0] = 7
+    assert torch.equal(host["pair"].a, torch.ones(2)) and host["np"][0] == 0
+    assert not torch.equal(host["net"]["weight"], net["weight"])
+
+
+def test_unflushed_write_completes_when_the_interpreter_exits(tmp_path):
+    path = tmp_path / "c.pth"
+    script = (
+        "import time, torch\n"
+        "from super_trainer.checkpoint import CheckpointWriter\n"
+        "real = torch.save\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.5)\n"
+        "    return real(*a, **k)\n"
+        "torch.save = slow\n"
+        f"CheckpointWriter().save({{'v': torch.arange(1000)}}, {str(path)!r})\n"
+        "raise SystemExit(3)\n"  # leaves at once, the write still in flight
+    )
+    proc = subprocess.run([PYTHON, "-c", script], env=python_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(1000))
+
+
+# ---- in the trainer --------------------------------------------------------------------------------------
+
+def test_on_training_end_reads_the_finished_checkpoints(tmp_path):
+    seen = []
+
+    class ReadAtEnd(Callback):
+        def on_training_end(self, context):
+            latest = read_checkpoint(context.ckpt_dir / "ckpt_latest.pth")
+            seen.append((latest["epoch"], torch.equal(latest["net"]["0.weight"], context.net.state_dict()["0.weight"])))
+
+    class CtrlC(Callback):
+        def on_train_loader_start(self, context):
+            if context.epoch == 2:
+                raise KeyboardInterrupt
+
+    model = make_model()
+    result = Trainer("w", tmp_path).train(model=model, training_params=quiet_params(
+        max_epochs=4, ema=True, save_ckpt_epoch_list=[1, 2], phase_callbacks=[ReadAtEnd(), CtrlC()]),
+        train_loader=make_loader(), valid_loader=make_loader(16))
+    assert result.stop_reason == "interrupted"
+    assert seen == [(2, True)]
+    best = read_checkpoint(tmp_path / "w" / "ckpt_best.pth")
+    for key, value in best["ema_net"].items():  # best holds the EMA weights as its net
+        assert torch.equal(best["net"][key], value)
+    assert read_checkpoint(tmp_path / "w" / "ckpt_epoch_1.pth")["epoch"] == 1
+    assert read_checkpoint(tmp_path / "w" / "ckpt_epoch_2.pth")["epoch"] == 2
+
+
+@pytest.mark.parametrize("fail_at", [1, 3], ids=["raised_at_next_save", "raised_at_the_end"])
+def test_a_failed_write_fails_the_run_after_on_training_end(tmp_path, monkeypatch, fail_at):
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:  # call 1: the step-0 ckpt_latest; call 3: the last epoch's
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    reasons = []
+
+    class End(Callback):
+        def on_training_end(self, context):
+            reasons.append((context.stop_reason, type(context.exception).__name__))
+
+    recorder = Recorder()
+    with pytest.raises(OSError, match="disk full"):
+        Trainer("f", tmp_path).train(model=make_model(), training_params=quiet_params(
+            max_epochs=2, valid_metrics_list=[], metric_to_watch="CrossEntropyLoss",
+            greater_metric_to_watch_is_better=False, phase_callbacks=[End(), recorder]),
+            train_loader=make_loader(), valid_loader=None)
+    assert reasons == [("exception", "OSError")]
+    assert recorder.events.count("on_training_end") == 1
+    # raised at the next save: epoch 0's save raised, so epoch 1 never started
+    assert recorder.events.count("on_train_loader_start") == (1 if fail_at == 1 else 2)
+    assert not [p for p in (tmp_path / "f").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_reused_host_buffers_never_leak_into_the_previous_file(tmp_path):
+    weights = torch.zeros(1000)
+    writer = CheckpointWriter()
+    for value in range(3):
+        weights.fill_(value)
+        writer.save({"net": {"w": weights}, "copy": [weights]}, tmp_path / f"{value}.pth")
+        if value == 0:
+            first_buffer = writer._buffers[0].data_ptr()
+    assert writer._buffers[0].data_ptr() == first_buffer  # the copy went to the same host memory each time
+    writer.close()
+    for value in range(3):
+        state = torch.load(tmp_path / f"{value}.pth", weights_only=True)
+        assert torch.equal(state["net"]["w"], torch.full((1000,), float(value))) and state["copy"][0] is not None
+
+
+def test_remove_happens_only_after_the_writes_succeeded(tmp_path, monkeypatch):
+    old = tmp_path / "ckpt_epoch_1.pth"
+    writer = CheckpointWriter()
+    writer.save({"v": torch.ones(1)}, old)
+    writer.flush()
+    monkeypatch.setattr(torch, "save", _failing_save)
+    writer.save_many([({"v": torch.zeros(1)}, [tmp_path / "ckpt_epoch_2.pth"])], remove=[old])
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    monkeypatch.undo()
+    assert old.is_file()  # the failed write removed nothing
+    writer.save_many([({"v": torch.zeros(1)}, [tmp_path / "ckpt_epoch_2.pth"])], remove=[old, tmp_path / "gone.pth"])
+    writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_epoch_2.pth"]
+    with pytest.raises(ValueError, match="both written and removed"):
+        CheckpointWriter().save_many([({"v": torch.ones(1)}, [old])], remove=[old])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_are_copied_through_pinned_memory(tmp_path):
+    weights = torch.zeros(1 << 20, device="cuda")
+    writer = CheckpointWriter()
+    for value in range(2):
+        writer.save({"net": {"w": weights}}, tmp_path / f"{value}.pth")
+        weights.add_(1.0)  # queued on the device right after save() returned
+    assert writer._buffers[0].is_pinned()
+    writer.close()
+    for value in range(2):
+        state = torch.load(tmp_path / f"{value}.pth", weights_only=True)
+        assert state["net"]["w"].device.type == "cpu" and bool((state["net"]["w"] == value).all())
+
+
+def test_ctrl_c_while_waiting_for_the_last_write(tmp_path, monkeypatch):
+    """A Ctrl-C during the final wait still fires on_training_end ("interrupted") and re-raises; the write
+    itself goes on and lands."""
+    import os
+    import signal
+
+    from super_trainer.checkpoint import wait_for_writes
+
+    real_save, gate, calls = torch.save, threading.Event(), []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the epoch's checkpoint (the first is the step-0 one)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            assert gate.wait(10)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    reasons = []
+
+    class End(Callback):
+        def on_training_end(self, context):
+            reasons.append(context.stop_reason)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer("c", tmp_path).train(model=make_model(), training_params=quiet_params(
+            max_epochs=1, phase_callbacks=[End()]), train_loader=make_loader(), valid_loader=make_loader(16))
+    assert reasons == ["interrupted"]
+    gate.set()
+    wait_for_writes()
+    assert read_checkpoint(tmp_path / "c" / "ckpt_latest.pth")["epoch"] == 1
