@@ -22,7 +22,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -76,32 +76,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + rename). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            torch.save(dict(state), tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _write_atomically(Path(path), lambda file: torch.save(dict(state), file))
 
 
 def _copy_file_atomically(source: Path, path: Path) -> Path:
     """Copy a finished checkpoint file to ``path`` with the same temp + fsync + rename as save_checkpoint."""
+
+    def copy(file: Any) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, file, 16 * 1024 * 1024)
+
+    return _write_atomically(path, copy)
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> Path:
+    """``write(file)`` into a temp file beside ``path``, fsync it, rename it over ``path``, fsync the directory:
+    a crash leaves the old file or the new one, never a truncated one; a failed write removes its temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as tmp, open(source, "rb") as src:
-            shutil.copyfileobj(src, tmp, 16 * 1024 * 1024)
+        with os.fdopen(fd, "wb") as tmp:
+            write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
