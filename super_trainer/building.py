@@ -11,7 +11,7 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from .checkpoint import unwrap_model
 from .metrics import loss_names
 from .optimizers import sg_optimizer_defaults
 from .params import TrainingParams
+from . import sam as _sam  # noqa: F401  (registers the SAM optimizer)
 from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
 
 __all__ = [
@@ -60,6 +61,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
+    if isinstance(params.optimizer, Mapping):  # {Name: {kwargs}}, e.g. {SAM: {base: SGD, rho: 0.05}}
+        _optimizer_from_mapping(params)
     spec = params.optimizer
     if isinstance(spec, torch.optim.Optimizer):
         optimizer = spec
@@ -82,6 +85,16 @@ def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optim
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]  # lr0 of every schedule
     return optimizer
+
+
+def _optimizer_from_mapping(params: TrainingParams) -> None:
+    """Rewrite ``optimizer: {Name: {kwargs}}`` as ``optimizer: Name`` with the kwargs under optimizer_params
+    (optimizer_params wins on a key given in both), so training_params.yaml shows what was built."""
+    name, kwargs = parse_spec(params.optimizer, "optimizer")
+    if name == "_target_":
+        raise ValueError("training_params.optimizer: give {Name: {params}}, not a _target_ (the trainer passes "
+                         "the param groups itself)")
+    params["optimizer"], params["optimizer_params"] = name, {**kwargs, **dict(params.optimizer_params)}
 
 
 def model_param_groups(net: nn.Module, params: TrainingParams) -> List[Dict[str, Any]]:
@@ -245,9 +258,13 @@ def known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List
     return None
 
 
-def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str]) -> None:
+def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str],
+                          callbacks: Sequence[Any] = ()) -> None:
+    """ValueError unless ``metric`` is a metrics_dict key: a loss name, a metric title, or a name in a
+    callback's ``metric_names`` (metrics it adds at on_validation_loader_end)."""
     base = getattr(criterion, "__name__", None) or type(criterion).__name__
-    keys = list(names or [base]) + titles
+    declared = [str(n) for cb in callbacks for n in (getattr(cb, "metric_names", ()) or ())]
+    keys = list(names or [base]) + titles + declared
     lowered = metric.lower()
     if any(k.lower() == lowered for k in keys):
         return

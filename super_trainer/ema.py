@@ -9,6 +9,10 @@ After every optimizer step: ``ema = d·ema + (1−d)·param`` for each floating-
 
 ``step`` is the number of optimizer steps taken including this one; ``total_steps`` is optimizer steps
 per epoch × max_epochs.
+
+``start_step`` and ``interval`` (mmedit's ``start_iter`` / ``interval``): while ``step <= start_step`` the EMA
+copies the weights instead of averaging them; after that it averages on every ``interval``-th step counted
+from ``start_step`` (steps with ``(step − start_step) % interval == 0``). Defaults 0 and 1: every step.
 """
 from __future__ import annotations
 
@@ -46,11 +50,17 @@ DECAY_TYPES: Dict[str, Callable[[float, int, int, float], float]] = {
 class ModelEMA:
     """Holds ``ema``, an eval-mode copy of the model whose weights are the moving average."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, decay_type: str = "exp", beta: float = 15.0) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, decay_type: str = "exp", beta: float = 15.0,
+                 start_step: int = 0, interval: int = 1) -> None:
         if decay_type not in DECAY_TYPES:
             raise ValueError(f"training_params.ema_params.decay_type: unknown {decay_type!r}; valid: {list(DECAY_TYPES)}")
         if not 0.0 <= float(decay) <= 1.0:
             raise ValueError(f"training_params.ema_params.decay must be in [0, 1], got {decay!r}")
+        for name, value, low in (("start_step", start_step, 0), ("interval", interval, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"training_params.ema_params.{name} must be an int >= {low}, got {value!r}")
+        self.start_step = start_step
+        self.interval = interval
         self.decay = float(decay)
         self.decay_type = decay_type
         self.beta = float(beta)
@@ -79,6 +89,22 @@ class ModelEMA:
         decay = self._decay_fn(self.decay, step, total_steps, self.beta)
         torch._foreach_mul_(self._ema_floats, decay)
         torch._foreach_add_(self._ema_floats, self._source_floats, alpha=1.0 - decay)
+
+    def step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """What happens after optimizer step ``step`` (1-based): copy while ``step <= start_step``, then
+        :meth:`update` every ``interval`` steps."""
+        if step <= self.start_step:
+            self.copy_from(model)
+        elif (step - self.start_step) % self.interval == 0:
+            self.update(model, step, total_steps)
+
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """Set the EMA's float tensors to the model's."""
+        if self._pairs_for is not model:
+            self._bind(model)
+        for ema, source in zip(self._ema_floats, self._source_floats):
+            ema.copy_(source)
 
     def state_dict(self) -> Dict[str, Any]:
         return self.ema.state_dict()

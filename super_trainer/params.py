@@ -34,7 +34,7 @@ class _Required:
 
 REQUIRED: Any = _Required()
 
-EMA_DEFAULTS: Dict[str, Any] = {"decay": 0.9999, "decay_type": "exp", "beta": 15.0}
+EMA_DEFAULTS: Dict[str, Any] = {"decay": 0.9999, "decay_type": "exp", "beta": 15.0, "start_step": 0, "interval": 1}
 
 DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "max_epochs": REQUIRED,
@@ -292,9 +292,10 @@ def _validate(params: TrainingParams) -> None:
                 raise _error("initial_lr", f"the lr for {prefix!r} must be a number >= 0, got {lr!r}")
     else:
         _number(params, "initial_lr")
-    if not (is_instance or isinstance(optimizer, str)
+    if not (is_instance or isinstance(optimizer, str) or (isinstance(optimizer, MappingABC) and len(optimizer) == 1)
             or (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer))):
-        raise _error("optimizer", f"must be a torch.optim name ('SGD', 'AdamW', ...), class or instance, got {optimizer!r}")
+        raise _error("optimizer", f"must be a torch.optim name ('SGD', 'AdamW', ...), {{Name: {{params}}}}, class or "
+                                  f"instance, got {optimizer!r}")
     for key in ("optimizer_params", "criterion_params", "ema_params"):
         if params[key] is None:
             params[key] = {}

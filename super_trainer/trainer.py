@@ -202,8 +202,6 @@ class Trainer:
         test_spec = params.test_metrics_list if params.test_metrics_list is not None else params.valid_metrics_list
         test_metrics = build_metrics(test_spec, "training_params.test_metrics_list") if test_loaders else {}
         names = known_loss_names(criterion, params)
-        if valid_loader is not None:
-            check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics))
 
         autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
         step_with_closure = step_takes_closure(optimizer)
@@ -218,6 +216,8 @@ class Trainer:
         callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + given_callbacks)
         if not params.resume:
             restart_callback_states(given_callbacks)
+        if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
+            check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics), callbacks.callbacks)
         for callback in callbacks.callbacks:
             if isinstance(callback, TorchSchedulerCallback):
                 callback.attach(optimizer)

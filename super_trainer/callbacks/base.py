@@ -30,7 +30,7 @@ from __future__ import annotations
 import difflib
 import enum
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 __all__ = [
     "EVENTS",
@@ -177,12 +177,15 @@ class Callback:
     Optional attributes and methods:
 
     - ``priority`` (class or instance attribute): int, name or :class:`Priority`; lower runs first.
+    - ``metric_names`` (class or instance attribute): the metrics_dict keys this callback adds at
+      on_validation_loader_end, so ``metric_to_watch`` may name them (checked before training).
     - ``state_dict()`` / ``load_state_dict(state)``: state saved in every checkpoint and restored on
       resume, stored under ``state_key`` (default: the class name; override it when you train with two
       stateful instances of one class). State must be made of tensors, numbers, strings, lists, dicts.
     """
 
     priority: Union[int, str, Priority] = Priority.NORMAL
+    metric_names: Sequence[str] = ()
 
     @property
     def state_key(self) -> str:

@@ -1,20 +1,24 @@
 """Experiment loggers: ``experiment.log`` (BaseLogger) and TensorBoard event files (TensorBoardLogger).
 
 The logger in use is ``context.sg_logger``; other callbacks may call its ``add_scalar``/``add_scalars``/
-``add_text``. Tags (SPEC §5): ``Train/<name>``, ``Valid/<name>``, ``LR/<param group>`` and
+``add_text``/``add_image``/``add_images``/``add_histogram``. Tags (SPEC §5): ``Train/<name>``,
+``Valid/<name>``, ``LR/<param group>`` and
 ``Test/<loader>/<name>`` with the 0-based epoch as step; every ``log_interval`` optimizer steps also
 ``Step/Train/loss`` and ``Step/LR/<param group>`` with the global step as step. Only rank 0 writes.
 """
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 
 from ..distributed import is_main_process
+from ..images import make_grid, to_hwc_uint8, write_png
 from .base import Callback, PhaseContext, Priority
 
 __all__ = ["BaseLogger", "TensorBoardLogger", "param_group_names"]
@@ -74,6 +78,40 @@ class BaseLogger(Callback):
         self._ensure_open()
         if self.enabled:
             self.log_line(f"{tag} (step {step}): {text}")
+
+    def add_image(self, tag: str, image: Any, step: int = 0) -> None:
+        """Log one image shaped ``(C, H, W)`` (C in 1, 3, 4) or ``(H, W)``: floats in [0, 1], or integers
+        0–255. The base logger saves ``<experiment dir>/images/<tag>_<step>.png`` ("/" in tags becomes "_")."""
+        self._ensure_open()
+        if self.enabled:
+            self._write_image(tag, to_hwc_uint8(image), step)
+
+    def add_images(self, tag: str, images: Any, step: int = 0) -> None:
+        """Log a batch ``(N, C, H, W)`` as one grid image (each image scaled to [0, 1] by its min and max)."""
+        self.add_image(tag, make_grid(images), step)
+
+    def add_histogram(self, tag: str, values: Any, step: int = 0) -> None:
+        """Log the distribution of ``values`` (any tensor/array). The base logger writes one
+        experiment.log line with count, min, max, mean and std (it draws no histogram)."""
+        self._ensure_open()
+        if self.enabled:
+            array = _as_numpy(values)
+            self._write_histogram(tag, array, step)
+
+    def _write_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        folder = self.log_dir / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_safe_tag(tag)}_{step}.png"
+        write_png(path, image)
+        self.log_line(f"image {tag} (step {step}): {path}")
+
+    def _write_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        if values.size == 0:
+            self.log_line(f"histogram {tag} (step {step}): empty")
+            return
+        self.log_line(f"histogram {tag} (step {step}): count={values.size} min={_fmt(float(values.min()))} "
+                      f"max={_fmt(float(values.max()))} mean={_fmt(float(values.mean()))} "
+                      f"std={_fmt(float(values.std()))}")
 
     def log_line(self, text: str) -> None:
         if self._file is not None:
@@ -179,6 +217,14 @@ class TensorBoardLogger(BaseLogger):
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
+    def _write_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Images go to TensorBoard only (no PNG files): they are rare, so no queue as for scalars."""
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def _write_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        if values.size:
+            self.writer.add_histogram(tag, values, step)
+
     def flush(self) -> None:
         super().flush()
         if self.writer is not None:
@@ -221,6 +267,16 @@ class TensorBoardLogger(BaseLogger):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _safe_tag(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag).strip("_") or "image"
+
+
+def _as_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().float().cpu().reshape(-1).numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
 def _fmt(value: float) -> str:

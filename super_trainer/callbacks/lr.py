@@ -213,6 +213,8 @@ class TorchSchedulerCallback(Callback):
     """Steps a ``torch.optim.lr_scheduler`` scheduler at one phase; its state goes into checkpoints.
 
     ``ReduceLROnPlateau`` is stepped with ``metrics_dict[metric_name]`` (default phase VALIDATION_EPOCH_END).
+    A scheduler stepped with a metric runs at LOW priority (others VERY_HIGH), so it sees metrics that
+    NORMAL callbacks add to metrics_dict at the same event.
     """
 
     priority = Priority.VERY_HIGH
@@ -227,6 +229,8 @@ class TorchSchedulerCallback(Callback):
             raise ValueError("training_params.lr_mode: ReduceLROnPlateau needs metric_name (a metrics_dict key)")
         default_phase = Phase.VALIDATION_EPOCH_END if needs_metric else Phase.TRAIN_EPOCH_END
         self.phase = default_phase if phase is None else parse_phase(phase, "training_params.lr_mode phase")
+        if metric_name is not None:
+            self.priority = Priority.LOW  # after NORMAL callbacks that add metrics at the same event
         self.scheduler: Optional[Any] = None
         self._pending_state: Optional[Dict[str, Any]] = None
         setattr(self, PHASE_EVENTS[self.phase], self._step)
