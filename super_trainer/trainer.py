@@ -228,8 +228,7 @@ class Trainer:
         ema = ModelEMA(net, **params.ema_params) if params.ema else None
         given_callbacks = user_callbacks(params)
         callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + given_callbacks)
-        if not params.resume:
-            restart_callback_states(given_callbacks)
+        restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
         if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
             check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics), callbacks.callbacks)
         for callback in callbacks.callbacks:
