@@ -94,10 +94,7 @@ class _Run:
     nan_check_every: int = 0  # read the losses every N optimizer steps (0: stop_on_non_finite_loss off)
     ckpt_every: int = 0  # save_ckpt_every_n_steps, 0 for none
     start_epoch: int = 0
-    best_metric: Optional[float] = None
-    best_epoch: Optional[int] = None
     last_metrics: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     test_results: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     rng_to_restore: Optional[Dict[str, Any]] = None
     resume_progress: Optional[Dict[str, Any]] = None  # a mid-epoch checkpoint's position in its epoch
@@ -214,8 +211,7 @@ class Trainer:
         ema = ModelEMA(net, **params.ema_params) if params.ema else None
         given_callbacks = user_callbacks(params)
         callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + given_callbacks)
-        if not params.resume:
-            restart_callback_states(given_callbacks)
+        restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
         if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
             check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics), callbacks.callbacks)
         for callback in callbacks.callbacks:
@@ -238,7 +234,8 @@ class Trainer:
             lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0, max_epochs=params.max_epochs,
             steps_per_epoch=steps_per_epoch,
             total_steps=steps_per_epoch * params.max_epochs if steps_per_epoch is not None else None,
-            batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), **self._recipe_context,
+            batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), history=[],
+            **self._recipe_context,
         )
         run = _Run(
             params=params, net=net, model=wrapped, optimizer=optimizer, callbacks=callbacks,
@@ -291,10 +288,9 @@ class Trainer:
                           stacklevel=3)
         run.context.global_step = int(state.get("global_step", 0))
         run.context.batches_seen = int(state.get("batches_seen", 0))
-        run.best_metric = run.context.best_metric = state["best_metric"]
-        run.best_epoch = run.context.best_epoch = state.get("best_epoch")
+        run.context.best_metric, run.context.best_epoch = state["best_metric"], state.get("best_epoch")
         run.last_metrics = dict(state.get("metrics") or {})
-        run.history = list(state.get("history") or [])
+        run.context.history = list(state.get("history") or [])
         run.rng_to_restore = state["rng_state"]
         run.resume_progress = state.get("epoch_progress")
         if run.resume_progress is not None:
@@ -307,7 +303,6 @@ class Trainer:
     def _fit(self, run: _Run) -> TrainingResult:
         context, callbacks, params = run.context, run.callbacks, run.params
         context.epoch = run.start_epoch
-        context.history = run.history  # completed epochs, as TrainingResult.history (read by CSVLogger)
         context.lock_trainer_owned()
         stop_reason = "completed"
         try:
@@ -333,7 +328,7 @@ class Trainer:
                     periodic_test = params.run_test_freq is not None and (epoch + 1) % params.run_test_freq == 0
                     if run.test_loaders and (periodic_test or last_epoch):
                         self._test_all(run)
-                    run.history.append(_history_entry(epoch, lr, time.perf_counter() - run.epoch_started,
+                    context.history.append(_history_entry(epoch, lr, time.perf_counter() - run.epoch_started,
                                                       train_results, valid_results))
                     callbacks.on_epoch_end(context)
                     self._save_checkpoints(run, epochs_done=epoch + 1, improved=improved)
@@ -625,9 +620,8 @@ class Trainer:
         better = (lambda a, b: a > b) if run.params.greater_metric_to_watch_is_better else (lambda a, b: a < b)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
-        if run.best_metric is not None and not better(value, run.best_metric):
+        if context.best_metric is not None and not better(value, context.best_metric):
             return False
-        run.best_metric, run.best_epoch = value, context.epoch
         context.best_metric, context.best_epoch = value, context.epoch
         run.callbacks.on_validation_end_best_epoch(context)
         return True
@@ -646,10 +640,10 @@ class Trainer:
             "global_step": run.context.global_step,
             "batches_seen": run.context.batches_seen,
             "acc": lookup_metric(run.last_metrics, run.params.metric_to_watch),
-            "best_metric": run.best_metric,
-            "best_epoch": run.best_epoch,
+            "best_metric": run.context.best_metric,
+            "best_epoch": run.context.best_epoch,
             "metrics": _plain_metrics(run.last_metrics),
-            "history": run.history,
+            "history": run.context.history,
             "optimizer_type": type(run.optimizer).__name__,
             "optimizer_state_dict": run.optimizer.state_dict(),
             "scaler_state_dict": run.scaler.state_dict() if run.scaler is not None else None,
@@ -702,8 +696,8 @@ class Trainer:
         best = run.ckpt_dir / run.params.get("ckpt_best_name", BEST)
         latest = run.ckpt_dir / LATEST
         return TrainingResult(
-            best_metric=run.best_metric, best_epoch=run.best_epoch, metrics=dict(run.last_metrics),
-            history=list(run.history), test_metrics=dict(run.test_results), ckpt_dir=str(run.ckpt_dir),
+            best_metric=run.context.best_metric, best_epoch=run.context.best_epoch, metrics=dict(run.last_metrics),
+            history=list(run.context.history), test_metrics=dict(run.test_results), ckpt_dir=str(run.ckpt_dir),
             best_ckpt_path=str(best) if best.exists() else None,
             latest_ckpt_path=str(latest) if latest.exists() else None, stop_reason=stop_reason,
             metric_to_watch=run.params.metric_to_watch, loss_names=list(run.loss_names or []),
