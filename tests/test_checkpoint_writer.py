@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -109,7 +110,9 @@ def test_failed_write_keeps_the_old_file_and_raises_at_the_next_save(tmp_path, m
     writer.flush()
     monkeypatch.setattr(torch, "save", _failing_save)
     writer.save({"v": torch.zeros(3)}, path)  # fails in the background
-    writer._thread.join(10)  # without flush(), which would raise
+    deadline = time.monotonic() + 30
+    while writer.busy and time.monotonic() < deadline:  # wait without flush(), which would raise
+        time.sleep(0.01)
     monkeypatch.undo()
     with pytest.raises(OSError, match="disk full") as info:
         writer.save({"v": torch.full((3,), 5.0)}, path)
