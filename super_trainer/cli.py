@@ -159,7 +159,9 @@ def _run(cfg: DictConfig) -> None:
     if is_main_process():
         best = f"{result.best_metric:.4f}" if isinstance(result.best_metric, float) else result.best_metric
         watched = cfg.training_hyperparams.get("metric_to_watch", "Accuracy")
-        print(f"{Path(result.ckpt_dir).name}: {result.stop_reason}; best {watched} {best} at epoch {result.best_epoch}")
+        where = f" in epoch {result.best_epoch + 1} (best_epoch={result.best_epoch}, 0-based)" \
+            if result.best_epoch is not None else ""  # 1-based like the epoch lines above it
+        print(f"{Path(result.ckpt_dir).name}: {result.stop_reason}; best {watched} {best}{where}")
         print(f"experiment dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
     if result.stop_reason == "interrupted":
         sys.exit(130)
