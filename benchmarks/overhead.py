@@ -180,8 +180,8 @@ def trainer_loop(sizes: Sequence[int], batches: Batches, epochs: int, extra_para
     model = make_mlp(sizes)
     if compile:
         model = torch.compile(model)
-    # The progress bar writes to stderr; send it to /dev/null so the table stays readable.
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+    # The progress bar (stderr) and the epoch lines (stdout) go to /dev/null so the table stays readable.
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
         Trainer(experiment_name=name, ckpt_root_dir=root, device="cpu").train(
             model=model, training_params=params, train_loader=batches, valid_loader=None)
     fit = clock() - fit_start

@@ -680,7 +680,7 @@ class Trainer:
         if not distributed.is_main_process() or not run.params.save_model:
             return
         state = self._checkpoint_state(run, epochs_done=run.context.epoch)
-        grads = {name: p.grad.detach().clone() for name, p in run.net.named_parameters() if p.grad is not None}
+        grads = {name: p.grad for name, p in run.net.named_parameters() if p.grad is not None}  # the writer copies
         state["epoch_progress"] = {
             "batches": batches_done,
             "epoch_start_step": run.context.epoch_start_step,
