@@ -15,11 +15,49 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .callbacks.lr import normalize_lr_mode, normalize_warmup_mode
 from .registry import close_matches, to_plain
 
-__all__ = ["DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
+__all__ = ["LR_MODES", "WARMUP_MODES", "normalize_lr_mode", "normalize_warmup_mode", "DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
            "resolve_training_params"]
+
+
+LR_MODES: Dict[str, str] = {
+    "step": "step", "steplrscheduler": "step", "step_lr": "step",
+    "cosine": "cosine", "cosinelrscheduler": "cosine",
+    "poly": "poly", "polylrscheduler": "poly",
+    "exp": "exp", "exponentiallrscheduler": "exp", "explrscheduler": "exp",
+    "function": "function", "functionlrscheduler": "function",
+}
+
+
+WARMUP_MODES: Dict[str, str] = {
+    "linear_epoch_step": "linear_epoch_step", "linearepochlrwarmup": "linear_epoch_step",
+    "warmup_linear_epoch": "linear_epoch_step", "linear_epoch": "linear_epoch_step",
+    "linear_batch_step": "linear_batch_step", "linearbatchlrwarmup": "linear_batch_step",
+    "warmup_linear_step": "linear_batch_step", "linear_step": "linear_batch_step",
+}
+
+
+def normalize_lr_mode(value: Any) -> Any:
+    """Canonical lr_mode name, a torch scheduler mapping unchanged, or ValueError listing valid modes."""
+    if value is None or isinstance(value, Mapping):
+        return value
+    key = str(value).lower()
+    if key in LR_MODES:
+        return LR_MODES[key]
+    valid = "None, 'step', 'poly', 'cosine', 'exp', 'function' or {TorchScheduler: {params}}"
+    raise ValueError(f"training_params.lr_mode: unknown value {value!r}; valid: {valid}")
+
+
+def normalize_warmup_mode(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    key = str(value).lower()
+    if key in WARMUP_MODES:
+        return WARMUP_MODES[key]
+    raise ValueError(
+        f"training_params.warmup_mode: unknown value {value!r}; valid: 'linear_epoch_step', 'linear_batch_step'"
+    )
 
 
 class _Required:

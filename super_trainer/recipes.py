@@ -10,12 +10,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +22,10 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from . import distributed
 from .batches import to_device
-from .building import build_criterion, resolve_device, seed_everything
+from .building import resolve_device
+from .losses import build_criterion
+from .files import atomic_write_text
+from .rng import preserved_rng, seed_everything
 from .callbacks.base import Callback, PhaseContext, Priority
 from .checkpoint import load_checkpoint_to_model
 from .metrics import build_metrics
@@ -222,8 +223,7 @@ def check_model_fits_data(model: nn.Module, loader: Any, training_params: Mappin
         return
     if len(dataset) == 0:
         raise ValueError("recipe dataset_params: the data set is empty")
-    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    try:
+    with preserved_rng():
         batch = loader.collate_fn([dataset[i] for i in range(min(2, len(dataset)))])
         inputs, target, _ = to_device(batch, device)
         model.to(device)
@@ -239,10 +239,6 @@ def check_model_fits_data(model: nn.Module, loader: Any, training_params: Mappin
         finally:
             model.train(was_training)
         _check_output(preds, target, training_params, device)
-    finally:
-        torch.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
 
 
 def _check_output(preds: Any, target: Any, training_params: Mapping[str, Any], device: torch.device) -> None:
@@ -327,9 +323,7 @@ def _save_recipe(cfg: DictConfig, path: Path) -> None:
         container = OmegaConf.to_container(cfg, resolve=False)
     if isinstance(container, dict):
         container.pop("hydra", None)
-    tmp = path.with_suffix(".yaml.tmp")
-    OmegaConf.save(OmegaConf.create(container), tmp, resolve=False)
-    tmp.replace(path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(container), resolve=False))
 
 
 def resume_from_recipe(recipe_path: Path, device: Any = None) -> Any:

@@ -20,24 +20,20 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .batches import count_batches, numbered, rescale_grads, to_device, window_size
+from .batches import count_batches, numbered, optimizer_steps_per_epoch, rescale_grads, to_device, window_size
 from .building import (
     autocast_and_scaler,
-    restart_callback_states,
-    step_takes_closure,
-    build_criterion,
-    build_optimizer,
     builtin_callbacks,
     check_metric_to_watch,
-    convert_sync_bn,
-    forward_module,
-    known_loss_names,
-    optimizer_steps_per_epoch,
     resolve_device,
-    seed_everything,
+    restart_callback_states,
     user_callbacks,
     write_params_yaml,
 )
+from .losses import build_criterion, known_loss_names
+from .modules import convert_sync_bn, forward_module, unwrap_model
+from .optimizers import build_optimizer, step_takes_closure
+from .rng import get_rng_state, seed_everything, set_rng_state
 from .callbacks.base import Callback, CallbackHandler, PhaseContext
 from .callbacks.logging import BaseLogger
 from .callbacks.lr import TorchSchedulerCallback
@@ -48,10 +44,7 @@ from .checkpoint import (
     check_callback_states,
     check_optimizer_fits,
     epoch_checkpoints_to_prune,
-    get_rng_state,
     read_checkpoint,
-    set_rng_state,
-    unwrap_model,
 )
 from .ema import ModelEMA
 from .interrupts import DeferredInterrupt
@@ -214,9 +207,6 @@ class Trainer:
         restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
         if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
             check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics), callbacks.callbacks)
-        for callback in callbacks.callbacks:
-            if isinstance(callback, TorchSchedulerCallback):
-                callback.attach(optimizer)
 
         wrapped = net
         if is_distributed:

@@ -405,16 +405,6 @@ def warn_unknown_hooks(callback: object) -> None:
                       f"the closest event is {closest} (events: docs/events.md)", stacklevel=4)
 
 
-def _forward(event: str) -> Callable[["CallbackHandler", PhaseContext], None]:
-    def forward(self: "CallbackHandler", context: PhaseContext) -> None:
-        for receive in self._dispatch[event]:
-            receive(context)
-
-    forward.__name__ = event
-    forward.__doc__ = f"Send {event} to the callbacks that override it, in priority order."
-    return forward
-
-
 class CallbackHandler(Callback):
     """Forwards each event to the callbacks that override it, lowest priority value first.
 
@@ -494,27 +484,6 @@ class CallbackHandler(Callback):
 
     def __repr__(self) -> str:
         return f"CallbackHandler({[_display_name(cb) for cb in self.callbacks]})"
-
-    on_training_start = _forward("on_training_start")
-    on_train_loader_start = _forward("on_train_loader_start")
-    on_train_batch_start = _forward("on_train_batch_start")
-    on_train_batch_loss_end = _forward("on_train_batch_loss_end")
-    on_train_batch_backward_end = _forward("on_train_batch_backward_end")
-    on_train_batch_gradient_step_start = _forward("on_train_batch_gradient_step_start")
-    on_train_batch_gradient_step_end = _forward("on_train_batch_gradient_step_end")
-    on_train_batch_end = _forward("on_train_batch_end")
-    on_train_loader_end = _forward("on_train_loader_end")
-    on_validation_loader_start = _forward("on_validation_loader_start")
-    on_validation_batch_start = _forward("on_validation_batch_start")
-    on_validation_batch_end = _forward("on_validation_batch_end")
-    on_validation_loader_end = _forward("on_validation_loader_end")
-    on_validation_end_best_epoch = _forward("on_validation_end_best_epoch")
-    on_test_loader_start = _forward("on_test_loader_start")
-    on_test_batch_start = _forward("on_test_batch_start")
-    on_test_batch_end = _forward("on_test_batch_end")
-    on_test_loader_end = _forward("on_test_loader_end")
-    on_epoch_end = _forward("on_epoch_end")
-    on_training_end = _forward("on_training_end")
 
 
 def _display_name(callback: object) -> str:
