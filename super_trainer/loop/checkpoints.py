@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 from .. import distributed
 from ..callbacks.lr import TorchSchedulerCallback
 from ..checkpoint import FORMAT, check_callback_states, epoch_checkpoints_to_prune
-from ..checkpoint_writer import CheckpointWriter
+from ..checkpoint_writer import CheckpointWriter, copy_to_host
 from ..context import PhaseContext
 from ..metrics import lookup_metric
 from ..rng import get_rng_state
@@ -40,6 +40,7 @@ class CheckpointManager:
         self.writer = CheckpointWriter()
         self.states_checked = False  # callback states passed the weights_only check
         self.last_step = -1  # global_step of the last checkpoint written (epoch end or mid-epoch)
+        self.initial: Optional[Dict[str, Any]] = None  # a fresh run's first state, until another checkpoint is saved
 
     @property
     def latest(self) -> Path:
@@ -75,19 +76,22 @@ class CheckpointManager:
         }
 
     # ---- the points the loop calls ----------------------------------------------------------------
-    def save_initial(self, context: PhaseContext) -> None:
-        """A fresh run's state before its first step, so ckpt_latest is loadable from the start."""
-        self.save_epoch(context, improved=False, epochs_done=context.epoch)
+    def keep_initial(self, context: PhaseContext) -> None:
+        """A fresh run's state before its first step, copied to host memory now and written only if training ends
+        before any other checkpoint (a stop, Ctrl-C or an exception in the first epoch), so ckpt_latest is loadable
+        whatever happens without a write at every start. The first check of the callbacks' states runs here."""
+        if self.enabled:
+            self.initial = copy_to_host(self.state(context.epoch))
 
-    def save_epoch(self, context: PhaseContext, improved: bool, epochs_done: Optional[int] = None) -> None:
+    def save_epoch(self, context: PhaseContext, improved: bool) -> None:
         """At a completed epoch's end: ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed."""
-        self.last_step = context.global_step
+        self.last_step, self.initial = context.global_step, None
         if not self.enabled:
             return
-        done = context.epoch + 1 if epochs_done is None else epochs_done
+        done = context.epoch + 1
         state = self.state(done)
         paths, remove = [self.latest], []
-        if epochs_done is None and done in self.params.save_ckpt_epoch_list:
+        if done in self.params.save_ckpt_epoch_list:
             paths.append(self.ckpt_dir / f"ckpt_epoch_{done}.pth")
             self.writer.flush()  # the previous ckpt_epoch file is on disk before counting what to prune
             remove = epoch_checkpoints_to_prune(self.ckpt_dir, self.params.max_keep_ckpts, adding=paths[-1])
@@ -111,7 +115,7 @@ class CheckpointManager:
         """ckpt_latest in the middle of an epoch: the state after ``epoch.done`` batches of the running epoch, with
         what a resume needs to continue exactly (SPEC §7 "Mid-epoch checkpoints")."""
         context = self.parts.context
-        self.last_step = context.global_step
+        self.last_step, self.initial = context.global_step, None
         if not self.enabled:
             return
         state = self.state(epochs_done=context.epoch)
@@ -127,9 +131,12 @@ class CheckpointManager:
             self.save_progress(epoch)
 
     def finish(self) -> Optional[BaseException]:
-        """Wait for the write in flight; return its exception (already logged by the writer) instead of raising it,
-        so that on_training_end still fires."""
+        """Write the initial state if no other checkpoint was saved, wait for the write in flight; return its
+        exception (already logged by the writer) instead of raising it, so that on_training_end still fires."""
         try:
+            if self.initial is not None:
+                self.writer.save(self.initial, self.latest)
+                self.initial = None
             self.writer.close()
         except KeyboardInterrupt as err:
             logger.warning("Ctrl-C while waiting for the last checkpoint write; it still completes before exit")

@@ -48,7 +48,7 @@ class TrainingLoop:
                 fire.on_training_start(ctx)
                 self.resume.at_training_start()
                 if not self.resume.resumed:
-                    self.checkpoints.save_initial(ctx)  # ckpt_latest is loadable from the first step on
+                    self.checkpoints.keep_initial(ctx)  # ckpt_latest is loadable whatever happens next
                 for _ in self.epochs():
                     if not self.train_epoch():
                         break  # stopped during a batch: the partial epoch is not validated, tested nor saved
