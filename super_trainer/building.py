@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import enum
 import inspect
 import logging
 import warnings
@@ -172,8 +173,13 @@ def write_params_yaml(params: TrainingParams, path: Path) -> None:
             return {str(k): plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
-        if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, enum.Enum):  # e.g. a Phase (a str enum): its name, as OmegaConf writes it
+            return value.name
+        if value is None or type(value) in (bool, int, float, str):
             return value
+        for kind in (bool, int, float, str):  # subclasses (numpy's bool_ is not one) as their plain value
+            if isinstance(value, kind):
+                return kind(value)
         return repr(value)
 
     # PyYAML's C dumper writes the same text as OmegaConf.to_yaml, 40x faster (about 1 ms, not 30)
