@@ -112,11 +112,11 @@ def verify_checksum(file: IO[bytes]) -> Optional[str]:
     while remaining > 0:
         got = file.readinto(view[:min(len(buffer), remaining)])
         if not got:
-            raise ChecksumError(f"it ended after {size - remaining - _TRAILER_LEN - 2} of {size} bytes while it was read")
+            raise ChecksumError(f"it shrank below {size} bytes while it was read")
         digest.update(view[:got])
         remaining -= got
     found = digest.hexdigest()
     if found != stored.decode("ascii"):
-        raise ChecksumError(f"its content does not match the SHA-256 written with it (stored {stored[:12].decode()}..., "
-                            f"found {found[:12]}...)")
+        raise ChecksumError(f"its content does not match the SHA-256 written with it (stored "
+                            f"{stored[:12].decode()}..., found {found[:12]}...)")
     return found

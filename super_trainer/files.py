@@ -38,7 +38,7 @@ _TEMP_NAME = re.compile(r"^\..+\.w(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.[A-Za-z
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 _lock = threading.Lock()
-_in_flight: Set[str] = set()  # this process's temp files being written now (any thread)
+_in_flight: Set[str] = set()  # file names of this process's temp files being written now (any thread)
 _swept: Set[str] = set()  # directories already cleared of dead writers' temp files by this process
 
 
@@ -58,15 +58,16 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], make_dirs: 
     _sweep_once(directory)
     mode = _mode_for(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.w{os.getpid()}@{_HOST}.", suffix=".tmp", dir=directory)
+        with _lock:  # created and registered at once: a sweep by another thread never sees it unregistered
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.w{os.getpid()}@{_HOST}.", suffix=".tmp",
+                                            dir=directory)
+            _in_flight.add(os.path.basename(tmp_name))
     except FileNotFoundError:
         raise _missing_dir(path) from None
     except OSError as err:
         if err.errno in _DISK_FULL:
             raise _disk_full(path, err) from err
         raise
-    with _lock:
-        _in_flight.add(tmp_name)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as tmp:
@@ -83,7 +84,7 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], make_dirs: 
         raise
     finally:
         with _lock:
-            _in_flight.discard(tmp_name)
+            _in_flight.discard(os.path.basename(tmp_name))
     _fsync_dir(directory)
     return path
 
@@ -145,7 +146,7 @@ def _writer_is_dead(path: str, pid: int, host: str, modified: float) -> bool:
         return time.time() - modified > STALE_FOREIGN_SECONDS
     if pid == os.getpid():
         with _lock:
-            return path not in _in_flight
+            return os.path.basename(path) not in _in_flight
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

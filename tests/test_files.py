@@ -188,6 +188,16 @@ def test_training_fails_when_its_run_dir_is_deleted(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
+def test_csv_logger_creates_its_own_folder_once(tmp_path):
+    from super_trainer import CSVLogger
+
+    path = tmp_path / "logs" / "run1" / "results.csv"
+    Trainer("exp", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=2, phase_callbacks=[CSVLogger(path=str(path))]), train_loader=make_loader(),
+        valid_loader=make_loader(16))
+    assert path.read_text().count("\n") == 3  # header + 2 epochs
+
+
 # ---- a full disk ---------------------------------------------------------------------------------------
 
 def full_disk_after(monkeypatch, nbytes, code=errno.ENOSPC):
