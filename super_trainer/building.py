@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import distributed
-from .batches import count_batches, optimizer_steps_per_epoch
+from .batches import count_batches, optimizer_steps_per_epoch, to_device
 
 from .callbacks.average_models import AverageBestModels
 from .callbacks.base import Callback, CallbackHandler
@@ -46,11 +47,12 @@ from .modules import convert_sync_bn, forward_module, unwrap_model
 from .optimizers import build_optimizer, step_takes_closure
 from .params import TrainingParams, normalize_lr_mode, normalize_warmup_mode, resolve_training_params
 from .registry import CALLBACKS, close_matches, parse_spec
-from .rng import seed_everything
+from .rng import preserved_rng, seed_everything
 
 __all__ = [
     "RunInputs", "build_run", "write_run_files", "resolve_device", "check_metric_to_watch", "autocast_and_scaler",
     "builtin_callbacks", "build_lr_callbacks", "user_callbacks", "write_params_yaml", "restart_callback_states",
+    "check_experiment_name", "check_loader", "check_test_loaders", "warn_if_unbounded", "sample_target",
 ]
 
 logger = logging.getLogger("super_trainer")
@@ -68,10 +70,76 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return resolved
 
 
+def check_experiment_name(name: Any) -> str:
+    """The experiment name, or ValueError when it is not one folder name (``<ckpt_root_dir>/<name>`` must be a
+    folder inside the root): empty, ".", or holding a path separator, ".." or a NUL. Called by Trainer.__init__."""
+    if not isinstance(name, str):
+        raise ValueError(f"experiment_name must be a string (one folder name), got {type(name).__name__}")
+    bad = [c for c in ("/", "\\", "\0", "..") if c in name]
+    if not name.strip() or name == "." or bad:
+        why = f"holds {bad[0]!r}" if bad else "is empty" if not name.strip() else "is '.'"
+        raise ValueError(f"experiment_name {name!r} {why}: it must be one folder name inside ckpt_root_dir "
+                         "(letters, digits, '-', '_', '.'), e.g. 'resnet18_cifar10'")
+    return name
+
+
+def check_loader(key: str, loader: Any) -> None:
+    """ValueError when ``loader`` (the value of ``key``: train_loader, valid_loader, test_loaders[name]) is a
+    Dataset instead of a loader: iterating it would train on single unbatched samples."""
+    if isinstance(loader, (Dataset, IterableDataset)) and not isinstance(loader, DataLoader):
+        raise ValueError(f"{key}: got a {type(loader).__name__} (a Dataset), not a loader of batches; wrap it: "
+                         f"DataLoader(dataset, batch_size=..., shuffle={key == 'train_loader'})")
+
+
+def check_test_loaders(test_loaders: Any) -> Dict[str, Any]:
+    """``test_loaders`` as a dict {name: loader} (None: {}); ValueError for a list, tuple or a single loader,
+    naming the dict form (the names become the metrics' prefixes)."""
+    if test_loaders is None:
+        return {}
+    if isinstance(test_loaders, Mapping):
+        for name, loader in test_loaders.items():
+            check_loader(f"test_loaders[{name!r}]", loader)
+        return dict(test_loaders)
+    kind = type(test_loaders).__name__
+    example = "{'test': loader}" if not isinstance(test_loaders, (list, tuple)) else \
+        "{" + ", ".join(f"'test_{i}': loader_{i}" for i in range(min(len(test_loaders), 2))) + "}"
+    raise ValueError(f"test_loaders must be a dict {{name: loader}}, got a {kind}; give e.g. test_loaders={example} "
+                     "(each name prefixes its metrics)")
+
+
+def warn_if_unbounded(train_batches: Optional[int], params: Mapping[str, Any]) -> None:
+    """Warn when the train loader has no len() and nothing bounds an epoch: if it never ends, no epoch ends, so
+    validation and checkpoints never happen. ``train_batches`` is ``count_batches(train_loader, ...)``."""
+    if train_batches is None and not params.get("max_train_batches") and not params.get("max_steps"):
+        warnings.warn("train_loader has no len() and training_params.max_train_batches is not set: if the loader "
+                      "never ends (a stream, itertools.cycle), the first epoch never ends and validation and "
+                      "checkpoints never happen; set max_train_batches to the batches of one epoch", UserWarning,
+                      stacklevel=2)
+
+
+def sample_target(loader: Any) -> Any:
+    """The target of one sample of ``loader``'s map-style dataset, collated as the loader would (a batch of
+    one), without touching the loader's iterator, its sampler or the run's RNG; None when the loader has no
+    indexable dataset or the sample cannot be read (the loop then checks its first batch instead)."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        return None
+    try:
+        if len(dataset) == 0:
+            return None
+        with preserved_rng():  # a random augmentation in __getitem__ must not shift the run's numbers
+            batch = loader.collate_fn([dataset[0]]) if callable(getattr(loader, "collate_fn", None)) else dataset[0]
+        return to_device(batch, torch.device("cpu"))[1]
+    except Exception:  # reading it fails the same way at the first batch, where the error belongs
+        return None
+
+
 def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str],
                           callbacks: Sequence[Any] = ()) -> None:
     """ValueError unless ``metric`` is a metrics_dict key: a loss name, a metric title, or a name in a
-    callback's ``metric_names`` (metrics it adds at on_validation_loader_end)."""
+    callback's ``metric_names`` (metrics it adds at on_validation_loader_end). Whether greater is better was
+    settled before, where the loss names became known (:func:`~super_trainer.losses.resolve_metric_direction`,
+    called by ``known_loss_names``)."""
     base = getattr(criterion, "__name__", None) or type(criterion).__name__
     declared = [str(n) for cb in callbacks for n in (getattr(cb, "metric_names", ()) or ())]
     keys = list(names or [base]) + titles + declared
