@@ -22,10 +22,9 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import distributed
-from .batches import count_batches, optimizer_steps_per_epoch, to_device
+from .batches import count_batches, optimizer_steps_per_epoch
 
 from .callbacks.average_models import AverageBestModels
 from .callbacks.base import Callback, CallbackHandler
@@ -39,20 +38,20 @@ from .callbacks.pre_prediction import PrePredictionCallback
 from .callbacks.progress import ProgressBar
 from .context import PhaseContext
 from .ema import ModelEMA
+from .checks import check_loader, sample_target, warn_if_unbounded
 from .files import atomic_write_text
-from .losses import build_criterion, known_loss_names
+from .losses import build_criterion, known_loss_names, resolve_metric_direction
 from .loop.parts import Meters, RunParts
-from .metrics import build_metrics
+from .metrics import build_metrics, check_default_metrics
 from .modules import convert_sync_bn, forward_module, unwrap_model
 from .optimizers import build_optimizer, step_takes_closure
 from .params import TrainingParams, normalize_lr_mode, normalize_warmup_mode, resolve_training_params
 from .registry import CALLBACKS, close_matches, parse_spec
-from .rng import preserved_rng, seed_everything
+from .rng import seed_everything
 
 __all__ = [
     "RunInputs", "build_run", "write_run_files", "resolve_device", "check_metric_to_watch", "autocast_and_scaler",
     "builtin_callbacks", "build_lr_callbacks", "user_callbacks", "write_params_yaml", "restart_callback_states",
-    "check_experiment_name", "check_loader", "check_test_loaders", "warn_if_unbounded", "sample_target",
 ]
 
 logger = logging.getLogger("super_trainer")
@@ -68,70 +67,6 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'cpu'")
     return resolved
-
-
-def check_experiment_name(name: Any) -> str:
-    """The experiment name, or ValueError when it is not one folder name (``<ckpt_root_dir>/<name>`` must be a
-    folder inside the root): empty, ".", or holding a path separator, ".." or a NUL. Called by Trainer.__init__."""
-    if not isinstance(name, str):
-        raise ValueError(f"experiment_name must be a string (one folder name), got {type(name).__name__}")
-    bad = [c for c in ("/", "\\", "\0", "..") if c in name]
-    if not name.strip() or name == "." or bad:
-        why = f"holds {bad[0]!r}" if bad else "is empty" if not name.strip() else "is '.'"
-        raise ValueError(f"experiment_name {name!r} {why}: it must be one folder name inside ckpt_root_dir "
-                         "(letters, digits, '-', '_', '.'), e.g. 'resnet18_cifar10'")
-    return name
-
-
-def check_loader(key: str, loader: Any) -> None:
-    """ValueError when ``loader`` (the value of ``key``: train_loader, valid_loader, test_loaders[name]) is a
-    Dataset instead of a loader: iterating it would train on single unbatched samples."""
-    if isinstance(loader, (Dataset, IterableDataset)) and not isinstance(loader, DataLoader):
-        raise ValueError(f"{key}: got a {type(loader).__name__} (a Dataset), not a loader of batches; wrap it: "
-                         f"DataLoader(dataset, batch_size=..., shuffle={key == 'train_loader'})")
-
-
-def check_test_loaders(test_loaders: Any) -> Dict[str, Any]:
-    """``test_loaders`` as a dict {name: loader} (None: {}); ValueError for a list, tuple or a single loader,
-    naming the dict form (the names become the metrics' prefixes)."""
-    if test_loaders is None:
-        return {}
-    if isinstance(test_loaders, Mapping):
-        for name, loader in test_loaders.items():
-            check_loader(f"test_loaders[{name!r}]", loader)
-        return dict(test_loaders)
-    kind = type(test_loaders).__name__
-    example = "{'test': loader}" if not isinstance(test_loaders, (list, tuple)) else \
-        "{" + ", ".join(f"'test_{i}': loader_{i}" for i in range(min(len(test_loaders), 2))) + "}"
-    raise ValueError(f"test_loaders must be a dict {{name: loader}}, got a {kind}; give e.g. test_loaders={example} "
-                     "(each name prefixes its metrics)")
-
-
-def warn_if_unbounded(train_batches: Optional[int], params: Mapping[str, Any]) -> None:
-    """Warn when the train loader has no len() and nothing bounds an epoch: if it never ends, no epoch ends, so
-    validation and checkpoints never happen. ``train_batches`` is ``count_batches(train_loader, ...)``."""
-    if train_batches is None and not params.get("max_train_batches") and not params.get("max_steps"):
-        warnings.warn("train_loader has no len() and training_params.max_train_batches is not set: if the loader "
-                      "never ends (a stream, itertools.cycle), the first epoch never ends and validation and "
-                      "checkpoints never happen; set max_train_batches to the batches of one epoch", UserWarning,
-                      stacklevel=2)
-
-
-def sample_target(loader: Any) -> Any:
-    """The target of one sample of ``loader``'s map-style dataset, collated as the loader would (a batch of
-    one), without touching the loader's iterator, its sampler or the run's RNG; None when the loader has no
-    indexable dataset or the sample cannot be read (the loop then checks its first batch instead)."""
-    dataset = getattr(loader, "dataset", None)
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        return None
-    try:
-        if len(dataset) == 0:
-            return None
-        with preserved_rng():  # a random augmentation in __getitem__ must not shift the run's numbers
-            batch = loader.collate_fn([dataset[0]]) if callable(getattr(loader, "collate_fn", None)) else dataset[0]
-        return to_device(batch, torch.device("cpu"))[1]
-    except Exception:  # reading it fails the same way at the first batch, where the error belongs
-        return None
 
 
 def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str],
@@ -355,6 +290,9 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         raise ValueError("train_loader is required")
     if not isinstance(inputs.model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module or a recipe, got {type(inputs.model).__name__}")
+    check_loader("train_loader", inputs.train_loader)
+    if inputs.valid_loader is not None:
+        check_loader("valid_loader", inputs.valid_loader)
     params = resolve_training_params(inputs.training_params)
     is_distributed, device = _join_process_group(device)
     if params.seed is not None:
@@ -366,6 +304,9 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     test_loaders = dict(inputs.test_loaders or {})
     metrics = _build_metrics(params, bool(test_loaders))
     known = known_loss_names(criterion, params)
+    resolve_metric_direction(params, criterion, known)  # before the callbacks: AverageBestModels reads it
+    if inputs.valid_loader is not None:
+        check_default_metrics(params, sample_target(inputs.valid_loader))
     autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
     _check_closure_optimizer(optimizer, params, scaler)
     ema = ModelEMA(net, **params.ema_params) if params.ema else None
@@ -405,6 +346,7 @@ def _join_process_group(device: torch.device) -> Tuple[bool, torch.device]:
 def _check_loaders(params: TrainingParams, train_loader: Any, valid_loader: Any) -> Optional[int]:
     """Loud failures for loaders without batches; returns the optimizer steps per epoch (None: unknown)."""
     train_batches = count_batches(train_loader, params.max_train_batches)
+    warn_if_unbounded(train_batches, params)
     if train_batches == 0:
         raise ValueError("train_loader has no batches (len(train_loader) == 0): nothing to train on; check the "
                          "dataset's size, batch_size and drop_last")

@@ -91,15 +91,9 @@ def _sg_criterion_params(spec: Any, given: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List[str]]:
-    """Loss names known before the first batch; None when they depend on what the loss returns.
-
-    Given the run's (mutable) resolved training_params, it also settles ``greater_metric_to_watch_is_better``
-    (:func:`resolve_metric_direction`): this is where the loss names become known, before any callback is built."""
+    """Loss names known before the first batch; None when they depend on what the loss returns."""
     declared = params.get("loss_logging_items_names") or getattr(criterion, "component_names", None)
-    names = loss_names(criterion, list(declared)) if declared else None
-    if isinstance(params, MutableMapping) and "metric_to_watch" in params:
-        resolve_metric_direction(params, criterion, names)
-    return names
+    return loss_names(criterion, list(declared)) if declared else None
 
 
 def is_loss_key(metric: str, criterion: Any, names: Optional[List[str]]) -> bool:

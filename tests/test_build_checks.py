@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import NoLen, make_data, make_loader, make_model, quiet_params
 from super_trainer import Trainer
-from super_trainer.building import (check_experiment_name, check_loader, check_test_loaders, sample_target,
-                                    warn_if_unbounded)
+from super_trainer.checks import (check_experiment_name, check_loader, check_test_loaders, sample_target,
+                                 warn_if_unbounded)
 from super_trainer.losses import check_loss_value, resolve_metric_direction
 from super_trainer.metrics import check_default_metrics, warn_non_finite_metrics
 from super_trainer.params import TrainingParams, resolve_training_params
@@ -210,3 +210,65 @@ def test_nan_validation_metric_warns_naming_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warn_non_finite_metrics({"Accuracy": 0.5, "CrossEntropyLoss": 1.0}, "Accuracy") == []
+
+
+# ---- the same checks, reached through Trainer.train (the loop calls them) -------------------------------
+
+from conftest import Recorder  # noqa: E402
+
+
+def _train(tmp_path, recorder=None, train_loader=None, valid_loader=None, **params):
+    callbacks = [recorder] if recorder is not None else []
+    return Trainer("checks", tmp_path, device="cpu").train(
+        model=make_model(), training_params=quiet_params(phase_callbacks=callbacks, **params),
+        train_loader=train_loader if train_loader is not None else make_loader(),
+        valid_loader=valid_loader)
+
+
+def test_through_the_trainer_a_bad_name_or_input_fails_before_any_event(tmp_path):
+    with pytest.raises(ValueError, match="experiment_name '../up' holds"):
+        Trainer("../up", tmp_path)
+    recorder = Recorder()
+    with pytest.raises(ValueError, match="train_loader: got a TensorDataset"):
+        _train(tmp_path, recorder, train_loader=make_data())
+    with pytest.raises(ValueError, match="test_loaders must be a dict"):
+        Trainer("checks", tmp_path, device="cpu").train(model=make_model(), training_params=quiet_params(),
+                                                       train_loader=make_loader(), test_loaders=[make_loader()])
+    assert recorder.events == []
+
+
+def test_through_the_trainer_regression_targets_with_the_default_metrics_fail_before_any_event(tmp_path):
+    regression = DataLoader(TensorDataset(torch.randn(16, 8), torch.randn(16, 3)), batch_size=4)
+    params = quiet_params(loss="MSELoss")
+    for key in ("valid_metrics_list", "metric_to_watch"):
+        params.pop(key)
+    recorder = Recorder()
+    with pytest.raises(ValueError, match="training_params.valid_metrics_list"):
+        Trainer("checks", tmp_path, device="cpu").train(model=make_model(), training_params=dict(
+            params, phase_callbacks=[recorder]), train_loader=regression, valid_loader=regression)
+    assert recorder.events == []
+
+
+def test_through_the_trainer_a_loss_that_is_not_a_scalar_fails_at_the_first_batch(tmp_path):
+    recorder = Recorder()
+    with pytest.raises(ValueError, match="not a scalar"):
+        _train(tmp_path, recorder, loss={"CrossEntropyLoss": {"reduction": "none"}}, valid_metrics_list=[],
+               metric_to_watch="CrossEntropyLoss")
+    assert "on_train_batch_backward_end" not in recorder.events
+    assert recorder.events.count("on_training_end") == 1
+
+
+def test_through_the_trainer_a_nan_validation_metric_warns(tmp_path):
+    class Poison(torch.nn.Module):  # validation loss NaN: every prediction is NaN in eval mode
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def forward(self, x):
+            out = self.net(x)
+            return out if self.training else out * float("nan")
+
+    with pytest.warns(UserWarning, match="validation metrics are not finite: CrossEntropyLoss=nan"):
+        Trainer("checks", tmp_path, device="cpu").train(
+            model=Poison(), training_params=quiet_params(max_epochs=1), train_loader=make_loader(),
+            valid_loader=make_loader(16))
