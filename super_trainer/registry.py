@@ -11,7 +11,9 @@ import inspect
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-__all__ = ["to_plain", "Registry", "MODELS", "LOSSES", "METRICS", "OPTIMIZERS", "CALLBACKS", "DATASETS", "close_matches"]
+__all__ = ["to_plain", "Registry", "MODELS", "LOSSES", "METRICS", "OPTIMIZERS", "CALLBACKS", "DATASETS", "close_matches",
+           "register_model", "register_loss", "register_metric", "register_callback", "register_optimizer",
+           "register_dataset"]
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> List[str]:
@@ -47,6 +49,36 @@ class Registry:
             return decorator
         self._entries[name_or_obj.__name__] = name_or_obj
         return name_or_obj
+
+    def register_sg(self, name: Any = None, deprecated_name: Optional[str] = None) -> Any:
+        """SuperGradients' registration: ``@register_x()``, ``@register_x("Name")``, ``@register_x(name="Name",
+        deprecated_name="old")`` (and ``@register_x`` without parentheses). As in SG, a name already registered to a
+        different object raises; registering the same class again (a re-run notebook cell redefines it) replaces it."""
+        if name is not None and not isinstance(name, str):  # used without parentheses
+            return self.register_sg()(name)
+
+        def decorator(obj: Any) -> Any:
+            for key in [name or obj.__name__] + ([deprecated_name] if deprecated_name else []):
+                current = self._entries.get(key)
+                if current is not None and current is not obj and _qualified(current) != _qualified(obj):
+                    raise ValueError(f"{self.kind} {key!r} is already registered to {_qualified(current)}; "
+                                     f"cannot register {_qualified(obj)} under that name")
+                self._entries[key] = obj
+            return obj
+
+        return decorator
+
+    def lookup_exact(self, name: str, fallbacks: bool = True) -> Optional[Any]:
+        """The object registered under exactly ``name`` (no case folding, no close matches), else None; with
+        ``fallbacks`` also the fallback namespaces (torch losses, optimizers, torchmetrics)."""
+        if name in self._entries:
+            return self._entries[name]
+        if fallbacks:
+            for module, accept in self._fallbacks:
+                obj = getattr(module, name, None)
+                if obj is not None and accept(obj):
+                    return obj
+        return None
 
     def names(self) -> List[str]:
         """All names this registry resolves, registered ones first."""
@@ -88,12 +120,12 @@ class Registry:
         name, params = parse_spec(spec, self.kind)
         if name is None:
             return spec
-        if name == "_target_":
-            from hydra.utils import instantiate
+        from .sg_compat import instantiate, instantiate_nested  # SG paths resolve to their equivalents here
 
+        if name == "_target_":
             return instantiate(params)
         factory = self.get(name)
-        return factory(**{**defaults, **params})
+        return factory(**instantiate_nested({**defaults, **params}))
 
 
 def parse_spec(spec: Any, kind: str) -> Tuple[Optional[str], Dict[str, Any]]:
@@ -116,6 +148,10 @@ def parse_spec(spec: Any, kind: str) -> Tuple[Optional[str], Dict[str, Any]]:
             raise ValueError(f"the params of {kind} {name!r} must be a mapping, got {params!r}")
         return str(name), dict(params)
     return None, {}
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
 def to_plain(value: Any) -> Any:
@@ -170,3 +206,13 @@ METRICS = Registry("metric", _fallbacks_metrics())
 OPTIMIZERS = Registry("optimizer", _fallbacks_optimizers())
 CALLBACKS = Registry("callback")
 DATASETS = Registry("dataset")
+
+
+# SuperGradients' registry decorators (``super_gradients.common.registry``), same call forms:
+# ``@register_model()``, ``@register_model("Name")``, ``@register_model(name="Name", deprecated_name="old")``.
+register_model = MODELS.register_sg
+register_loss = LOSSES.register_sg
+register_metric = METRICS.register_sg
+register_callback = CALLBACKS.register_sg
+register_optimizer = OPTIMIZERS.register_sg
+register_dataset = DATASETS.register_sg
