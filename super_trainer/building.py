@@ -31,6 +31,7 @@ from .optimizers import sg_optimizer_defaults
 from .params import TrainingParams
 from . import sam as _sam  # noqa: F401  (registers the SAM optimizer)
 from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
+from .sg_compat import as_named_spec, warn_unread_sg_keys
 
 __all__ = [
     "resolve_device", "seed_everything", "build_optimizer", "param_groups", "build_criterion", "known_loss_names",
@@ -71,6 +72,7 @@ def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optim
         # SG 3.7's per-optimizer defaults (SGD: momentum 0.9, weight_decay 1e-4, ...) under the given values;
         # written back so training_params.yaml shows what the optimizer really got
         params["optimizer_params"] = {**sg_optimizer_defaults(factory), **dict(params.optimizer_params)}
+        warn_unread_sg_keys(net, params)  # sg-recipes: multiply_head_lr needs the model's initialize_param_groups
         if callable(getattr(net, "initialize_param_groups", None)):
             groups = model_param_groups(net, params)
             default_lr = float(params.initial_lr)
@@ -158,7 +160,7 @@ def param_groups(net: nn.Module, initial_lr: Any, split_no_decay: bool, weight_d
     groups: List[Dict[str, Any]] = []
     for name in ordered:
         lr = float(lrs[name])
-        if lr == 0.0:  # lr 0 freezes: no gradients are computed for these parameters
+        if lr == 0.0 and isinstance(initial_lr, Mapping):  # a prefix at lr 0 freezes: no gradients for it
             for _, param in members[name]:
                 param.requires_grad_(False)
         decay = [p for n, p in members[name] if n not in no_decay]
@@ -183,8 +185,11 @@ def no_decay_names(net: nn.Module) -> set:
 
 
 def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
-    spec = _sg_loss_name(params["loss"])
-    name, _ = parse_spec(spec, "loss")
+    spec = _sg_loss_name(as_named_spec(params["loss"], LOSSES))  # sg-recipes: an SG _target_ loss as {Name: params}
+    name, spec_params = parse_spec(spec, "loss")
+    given = dict(params.get("criterion_params") or {})
+    if name not in (None, "_target_") and spec_params:  # {Name: params} as Name + criterion_params (its own win),
+        spec, given = name, {**given, **spec_params}  # so SG's smooth_eps is translated wherever it is given
     if name is None:
         if not callable(spec):
             raise ValueError(f"training_params.loss: {spec!r} is not a loss; give a name like 'CrossEntropyLoss', "
@@ -192,7 +197,7 @@ def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable
         criterion = spec
     else:
         try:
-            criterion = LOSSES.build(spec, **_sg_criterion_params(spec, dict(params.get("criterion_params") or {})))
+            criterion = LOSSES.build(spec, **_sg_criterion_params(spec, given))
         except ValueError as err:
             raise ValueError(f"training_params.loss: {err}") from None
         except TypeError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from ..checkpoint import unwrap_model
 from ..metrics import lookup_metric
 from .base import PHASE_EVENTS, Callback, Phase, PhaseContext, Priority, parse_phase
+from .yolo_warmup import YoloV5LRWarmup
 
 __all__ = [
     "LR_MODES",
@@ -153,11 +155,12 @@ class FunctionLRSchedule(_StepwiseSchedule):
 
 
 class StepLRSchedule(_Schedule):
-    """At on_train_loader_end of epoch E ≥ W: lr = lr0·f^(#{u in lr_updates : u ≤ E})."""
+    """At on_train_loader_end of epoch E ≥ W: lr = lr0·f^(#{u in lr_updates : u ≤ E}) (u may be fractional, as SG's
+    recipes write them: 2.4 takes effect from epoch 4)."""
 
-    def __init__(self, *args: Any, lr_updates: List[int], decay_factor: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lr_updates: List[float], decay_factor: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lr_updates = sorted(int(u) for u in lr_updates)
+        self.lr_updates = sorted(lr_updates)
         self.decay_factor = decay_factor
 
     def on_train_loader_end(self, context: PhaseContext) -> None:
@@ -279,6 +282,7 @@ WARMUP_MODES: Dict[str, str] = {
     "warmup_linear_epoch": "linear_epoch_step", "linear_epoch": "linear_epoch_step",
     "linear_batch_step": "linear_batch_step", "linearbatchlrwarmup": "linear_batch_step",
     "warmup_linear_step": "linear_batch_step", "linear_step": "linear_batch_step",
+    "yolov5_warmup": "yolov5_warmup", "yolov5warmuplrcallback": "yolov5_warmup",  # SG 2.x; see callbacks/yolo_warmup.py
 }
 
 
@@ -300,7 +304,8 @@ def normalize_warmup_mode(value: Any) -> Optional[str]:
     if key in WARMUP_MODES:
         return WARMUP_MODES[key]
     raise ValueError(
-        f"training_params.warmup_mode: unknown value {value!r}; valid: 'linear_epoch_step', 'linear_batch_step'"
+        f"training_params.warmup_mode: unknown value {value!r}; valid: 'linear_epoch_step', 'linear_batch_step', "
+        "'yolov5_warmup'"
     )
 
 
@@ -318,6 +323,11 @@ def build_lr_callbacks(params: Mapping[str, Any], steps_per_epoch: int) -> List[
         callbacks.append(LinearEpochLRWarmup(W, params.get("warmup_initial_lr")))
     elif warmup_mode == "linear_batch_step" and (S > 0 or W > 0):
         callbacks.append(LinearBatchLRWarmup(S if S > 0 else W * steps_per_epoch, params.get("warmup_initial_lr")))
+    elif warmup_mode == "yolov5_warmup" and W > 0:
+        callbacks.append(YoloV5LRWarmup(W, params.get("warmup_momentum"), params.get("warmup_bias_lr")))
+    if S > steps_per_epoch * M:
+        warnings.warn(f"training_params.lr_warmup_steps={S} exceed the run's {steps_per_epoch * M} optimizer steps: this "
+                      "run ends before the lr schedule starts (fine for a smoke run of a longer recipe)", stacklevel=3)
 
     mode = normalize_lr_mode(params.get("lr_mode"))
     common = dict(max_epochs=M, steps_per_epoch=steps_per_epoch, warmup_epochs=W, warmup_steps=S,
