@@ -55,7 +55,8 @@ from .checkpoint import (
 )
 from .ema import ModelEMA
 from .interrupts import DeferredInterrupt
-from .metrics import LossAverager, build_metrics, lookup_metric, loss_names, make_collection, metric_values
+from .metrics import (LossAverageMeter, LossAverager, build_metrics, lookup_metric, loss_names, make_collection,
+                      metric_titles, metric_values)
 from .params import TrainingParams, resolve_training_params
 from .result import TrainingResult
 
@@ -213,7 +214,8 @@ class Trainer:
         callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, self.ckpt_dir) + given_callbacks)
         restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
         if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
-            check_metric_to_watch(params.metric_to_watch, criterion, names, list(valid_metrics), callbacks.callbacks)
+            check_metric_to_watch(params.metric_to_watch, criterion, names, metric_titles(valid_metrics),  # sg-recipes
+                                  callbacks.callbacks)
         for callback in callbacks.callbacks:
             if isinstance(callback, TorchSchedulerCallback):
                 callback.attach(optimizer)
@@ -235,6 +237,7 @@ class Trainer:
             steps_per_epoch=steps_per_epoch,
             total_steps=steps_per_epoch * params.max_epochs if steps_per_epoch is not None else None,
             batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), history=[],
+            loss_logging_items_names=names, ddp_silent_mode=not distributed.is_main_process(),  # sg-recipes
             **self._recipe_context,
         )
         run = _Run(
@@ -264,10 +267,12 @@ class Trainer:
             warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=3)
             return
         state = read_checkpoint(path, weights_only=params.resume_weights_only)
-        check_optimizer_fits(run.optimizer, state, path)
+        if params.load_opt_params:  # sg-recipes: SG's load_opt_params False restores the weights only
+            check_optimizer_fits(run.optimizer, state, path)
         try:
             run.net.load_state_dict(state["net"])
-            run.optimizer.load_state_dict(state["optimizer_state_dict"])
+            if params.load_opt_params:  # sg-recipes
+                run.optimizer.load_state_dict(state["optimizer_state_dict"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
         if run.scaler is not None and state["scaler_state_dict"]:
@@ -368,6 +373,7 @@ class Trainer:
         run.train_loss.reset()
         if run.train_metrics is not None:
             run.train_metrics.reset()
+        context.loss_avg_meter, context.metrics_compute_fn = LossAverageMeter(run.train_loss), run.train_metrics  # sg
         run.epoch_started = time.perf_counter() - (resume["seconds"] if resume else 0.0)
         context.epoch_start_step = context.global_step if resume is None else resume["epoch_start_step"]
         callbacks.on_train_loader_start(context)
@@ -572,6 +578,7 @@ class Trainer:
         run.eval_loss.reset()
         if metrics is not None:
             metrics.reset()
+        context.loss_avg_meter, context.metrics_compute_fn = LossAverageMeter(run.eval_loss), metrics  # sg-recipes
         criterion, interrupt = context.criterion, run.interrupt
         with torch.no_grad():
             for batch_idx, batch, _ in batches:
@@ -759,6 +766,7 @@ def _name_loss_items(run: _Run, count: int) -> None:
     if run.loss_names is not None and len(run.loss_names) != count:
         raise ValueError(f"the loss returned {count} components, earlier batches {len(run.loss_names)}")
     run.loss_names = loss_names(criterion, list(declared) if declared else None, count if count > 1 else 0)
+    run.context.loss_logging_items_names = run.loss_names  # sg-recipes
 
 
 class _LocalAccumulation:

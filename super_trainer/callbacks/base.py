@@ -142,6 +142,9 @@ class PhaseContext:
         "lr_warmup_epochs", "additional_batch_items", "global_step", "best_metric", "exception",
         # SPEC §7 counters
         "max_epochs", "steps_per_epoch", "total_steps", "batches_seen", "best_epoch", "rank", "world_size",
+        # SPEC §8 SuperGradients fields: the loss's metrics_dict names, the running pass's MetricCollection and loss
+        # average (LossAverageMeter), True on DDP ranks other than 0
+        "loss_logging_items_names", "metrics_compute_fn", "loss_avg_meter", "ddp_silent_mode",
     )
 
     def __init__(self, **kwargs: Any) -> None:
