@@ -18,11 +18,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from . import distributed
+from . import distributed, sg_compat
 from .batches import to_device
 from .building import build_criterion, resolve_device, seed_everything
 from .callbacks.base import Callback, PhaseContext, Priority
@@ -76,10 +76,14 @@ def load_recipe(recipe: RecipeLike, overrides: Sequence[str] = ()) -> DictConfig
     return _compose(recipes_dir(), name, overrides)
 
 
-def _compose(directory: Path, name: str, overrides: Sequence[str]) -> DictConfig:
+def _compose(directory: Path, name: str, overrides: Sequence[str], hydra_node: bool = False) -> DictConfig:
+    """Compose ``name`` from ``directory`` (searched first) and the shipped recipes. SG's resolvers are registered, and
+    SG's ``variable_setup`` shortcuts (``lr=...``, ``epochs=...``) applied, as its Hydra callback would in a Hydra app.
+    ``hydra_node`` keeps the ``hydra`` node (the CLI reads the recipe's Hydra callbacks from it)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    sg_compat.register_resolvers()
     extra = []
     if directory.resolve() != recipes_dir().resolve():
         # let a user's recipe use the shipped groups and base (e.g. `- base`, `training_hyperparams: ...`)
@@ -90,10 +94,18 @@ def _compose(directory: Path, name: str, overrides: Sequence[str]) -> DictConfig
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=list(overrides) + extra)
+            cfg = compose(config_name=name, overrides=list(overrides) + extra, return_hydra_config=True)
     finally:
         if was_initialized:
             GlobalHydra.instance().initialize(saved)
+    if hydra_node:
+        return cfg
+    callbacks = sg_compat.hydra_callbacks_in(cfg.get("hydra"))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if sg_compat.uses_shortcuts(callbacks):
+        sg_compat.apply_recipe_shortcuts(cfg)
+    sg_compat.warn_python_path_callbacks(callbacks)
     return cfg
 
 
@@ -289,7 +301,7 @@ def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, tr
     _join_process_group(cfg)
     if trainer is None:
         if experiment_dir is None:
-            experiment_dir = Path(str(cfg.get("ckpt_root_dir", "checkpoints"))) / str(cfg.experiment_name)
+            experiment_dir = Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir"))) / str(cfg.experiment_name)  # sg: null
         trainer = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
                           device=cfg.get("device"))
     built = build_from_recipe(cfg)
