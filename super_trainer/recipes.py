@@ -12,6 +12,7 @@ import importlib.util
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -212,7 +213,9 @@ def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
         params = OmegaConf.to_container(cfg.training_hyperparams, resolve=True)
     except OmegaConfBaseException as err:  # e.g. max_epochs: ??? left unset
         raise ValueError(f"recipe training_hyperparams: {str(err).splitlines()[0]}") from None
-    resolved = resolve_training_params(params)
+    with warnings.catch_warnings():  # sg-recipes: the trainer resolves them again and warns once, there
+        warnings.simplefilter("ignore")
+        resolved = resolve_training_params(params)
     if resolved.seed is not None:
         seed_everything(resolved.seed)
     model = build_model(cfg)
