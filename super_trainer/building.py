@@ -483,10 +483,11 @@ def restart_callback_states(callbacks: List[Callback]) -> None:
 def step_takes_closure(optimizer: torch.optim.Optimizer) -> bool:
     """True for optimizers whose step() uses a closure beyond evaluating it first (LBFGS, SAM, third-party
     optimizers with a ``closure`` parameter). torch's other optimizers only evaluate it before changing the
-    weights, so they step without one and pay nothing."""
+    weights, so they step without one and pay nothing; so do optimizers that say so with a class attribute
+    ``closure_evaluated_first = True`` (RMSpropTF, Lamb: with fp16 they step through the GradScaler)."""
     if isinstance(optimizer, torch.optim.LBFGS):
         return True
-    if type(optimizer).__module__.startswith("torch.optim"):
+    if type(optimizer).__module__.startswith("torch.optim") or getattr(optimizer, "closure_evaluated_first", False):
         return False
     try:
         return "closure" in inspect.signature(optimizer.step).parameters

@@ -27,6 +27,8 @@ class RMSpropTF(torch.optim.Optimizer):
       b ← momentum·b + g/d, p ← p − lr·b; without momentum p ← p − lr·g/d.
     """
 
+    closure_evaluated_first = True  # step() only evaluates a closure before changing the weights, as torch's do
+
     def __init__(self, params: Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]], lr: float = 1e-2,
                  alpha: float = 0.9, eps: float = 1e-10, weight_decay: float = 0.0, momentum: float = 0.0,
                  centered: bool = False, decoupled_decay: bool = False, lr_in_momentum: bool = True) -> None:
@@ -102,6 +104,8 @@ class Lamb(torch.optim.Optimizer):
       (1 when either norm is 0; at most 1 with ``trust_clip``);
     - p ← p − lr·u.
     """
+
+    closure_evaluated_first = True  # step() only evaluates a closure before changing the weights, as torch's do
 
     def __init__(self, params: Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]], lr: float = 1e-3,
                  bias_correction: bool = True, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,

@@ -17,7 +17,7 @@ from torchmetrics import Metric
 
 from conftest import make_loader, make_model, quiet_params
 from super_trainer import Callback, EarlyStop, Phase, Trainer
-from super_trainer.building import build_criterion
+from super_trainer.building import build_criterion, step_takes_closure
 from super_trainer.callbacks import TensorBoardLogger, YoloV5LRWarmup
 from super_trainer.checkpoint import CheckpointError, read_checkpoint
 from super_trainer.metrics import Accuracy
@@ -277,6 +277,12 @@ def test_lamb_matches_a_hand_computed_step(grads, wd):
         p, m, v = lamb_by_hand(p, grad, m, v, step, lr=0.1, wd=wd)
         assert weight.detach().tolist() == pytest.approx(p, rel=1e-10)
     assert optimizer.param_groups[0]["step"] == 2  # SG keeps one step count per group, in the group
+
+
+def test_sgs_optimizers_step_without_a_closure_so_fp16_can_scale_them():
+    """SG's recipes pair RMSpropTF and Lamb with mixed_precision: a closure step would refuse fp16's GradScaler."""
+    params = [nn.Parameter(torch.ones(2))]
+    assert not step_takes_closure(Lamb(params)) and not step_takes_closure(RMSpropTF(params))
 
 
 def test_lamb_trains_from_a_recipe_name_with_sgs_params(tmp_path):
