@@ -12,6 +12,7 @@ import torch.nn as nn
 from .metrics import loss_names
 from .modules import compile_kwargs
 from .registry import LOSSES, parse_spec
+from .steps import ModelOwnLoss, uses_model_loss
 
 __all__ = ["build_criterion", "known_loss_names", "SG_LOSS_NAMES"]
 
@@ -19,6 +20,8 @@ logger = logging.getLogger("super_trainer")
 
 
 def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
+    if uses_model_loss(params["loss"]):  # loss: null / "model": the model computes its own (SPEC §8)
+        return ModelOwnLoss()
     spec = _sg_loss_name(params["loss"])
     name, _ = parse_spec(spec, "loss")
     if name is None:

@@ -18,7 +18,7 @@ import torch
 from .registry import close_matches, to_plain
 
 __all__ = ["LR_MODES", "WARMUP_MODES", "normalize_lr_mode", "normalize_warmup_mode", "DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
-           "resolve_training_params"]
+           "resolve_training_params", "NAMED_OPTIMIZER_KEYS", "is_named_optimizers"]
 
 
 LR_MODES: Dict[str, str] = {
@@ -83,6 +83,8 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "loss": "CrossEntropyLoss",
     "criterion_params": {},
     "loss_logging_items_names": None,
+    "batch_adapter": None,
+    "train_step": None,
     "train_metrics_list": [],
     "valid_metrics_list": ["Accuracy"],
     "test_metrics_list": None,
@@ -317,9 +319,23 @@ def _validate(params: TrainingParams) -> None:
     _validate_schedule_and_flags(params)
 
 
+#: The keys of one entry of ``optimizer: {name: {...}}`` (several optimizers, SPEC §8).
+NAMED_OPTIMIZER_KEYS = ("optimizer", "initial_lr", "optimizer_params", "params")
+
+
+def is_named_optimizers(optimizer: Any) -> bool:
+    """``optimizer: {name: {optimizer, initial_lr, optimizer_params, params}}`` (or ``{name: Optimizer}``), as
+    opposed to ``{Name: {kwargs}}``; its entries are checked when they are built (``named_optimizers.py``)."""
+    return isinstance(optimizer, MappingABC) and bool(optimizer) and any(
+        isinstance(v, torch.optim.Optimizer) or (isinstance(v, MappingABC) and set(v) & set(NAMED_OPTIMIZER_KEYS))
+        for v in optimizer.values())
+
+
 def _validate_optimizer(params: TrainingParams) -> None:
     _int(params, "max_epochs", 1)
     optimizer = params["optimizer"]
+    if is_named_optimizers(optimizer):
+        return
     is_instance = isinstance(optimizer, torch.optim.Optimizer)
     initial_lr = params["initial_lr"]
     if is_instance:

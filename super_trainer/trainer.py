@@ -19,6 +19,7 @@ from .losses import build_criterion, known_loss_names
 from .loop.checkpoints import LATEST, CheckpointManager
 from .loop.evaluate import test_pass
 from .loop.fit import TrainingLoop
+from .loop.optimizers import optimizers_built
 from .loop.parts import Meters, RunParts
 from .loop.resume import ResumePlan
 from .metrics import build_metrics
@@ -93,6 +94,7 @@ class Trainer:
         """Build (ValueError before any event), read the checkpoint to resume from (CheckpointError before any
         event), write the run's description, then run the loop."""
         parts, meters = build_run(inputs, self.device, self.ckpt_dir, self.experiment_name)
+        optimizers_built(parts)  # on_optimizer_built: param groups added there exist before the checkpoint loads
         plan = ResumePlan.read(parts, self.ckpt_dir) if parts.params.resume else ResumePlan()
         meters.last_valid = plan.last_metrics
         write_run_files(inputs, parts.params, self.ckpt_dir)  # nothing is written into the dir before this point
@@ -154,5 +156,5 @@ def _result(parts: RunParts, meters: Meters, ckpt_dir: Path, stop_reason: str) -
         history=list(context.history), test_metrics=dict(meters.test_results), ckpt_dir=str(ckpt_dir),
         best_ckpt_path=str(best) if best.exists() else None,
         latest_ckpt_path=str(latest) if latest.exists() else None, stop_reason=stop_reason,
-        metric_to_watch=parts.params.metric_to_watch, loss_names=list(meters.loss_names or []),
+        metric_to_watch=parts.params.metric_to_watch, loss_names=list(dict.fromkeys(meters.train_names + list(meters.loss_names or []))),
     )

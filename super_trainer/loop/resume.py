@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..batches import numbered
-from ..checkpoint import CheckpointError, check_optimizer_fits, read_checkpoint
+from ..checkpoint import CheckpointError, read_checkpoint
 from ..rng import get_rng_state, set_rng_state
 from .parts import Meters, RunParts
 
@@ -58,7 +58,7 @@ class ResumePlan:
                           stacklevel=3)
         context.global_step = int(state.get("global_step", 0))
         context.batches_seen = int(state.get("batches_seen", 0))
-        context.update_context(epoch=start_epoch, best_metric=state["best_metric"], best_epoch=state.get("best_epoch"),
+        context.trainer_update(epoch=start_epoch, best_metric=state["best_metric"], best_epoch=state.get("best_epoch"),
                                history=list(state.get("history") or []))
         plan = cls(start_epoch, state["rng_state"], state.get("epoch_progress"), state.get("metrics"))
         where = f"in epoch {start_epoch} after batch {plan.progress['batches']}" if plan.progress else \
@@ -72,20 +72,21 @@ class ResumePlan:
         if self.rng is not None and self.progress is None:
             set_rng_state(self.rng)
 
-    def open_epoch(self, parts: RunParts, meters: Meters, n_batches: Optional[int]) -> "EpochCursor":
+    def open_epoch(self, parts: RunParts, meters: Meters) -> "EpochCursor":
         """The running epoch's cursor: fresh, or continuing the checkpoint's epoch (once)."""
         progress, self.progress = self.progress, None
-        cursor = EpochCursor(parts, meters, n_batches, progress, self.rng)
+        cursor = EpochCursor(parts, meters, progress, self.rng)
         start_step = progress["epoch_start_step"] if progress else parts.context.global_step
         parts.context.trainer_update(epoch_start_step=start_step)
         return cursor
 
 
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
-    check_optimizer_fits(parts.optimizer, state, path)
     try:
         parts.net.load_state_dict(state["net"])
-        parts.optimizer.load_state_dict(state["optimizer_state_dict"])
+        parts.optimizers.load(state, path)
+    except CheckpointError:
+        raise
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
     if parts.scaler is not None and state["scaler_state_dict"]:
@@ -102,9 +103,10 @@ class EpochCursor:
     """Where the running epoch is: the batches whose work is in the weights, whether a batch is running, the RNG
     state its loader iterator was created from, when it started, and (resumed) the checkpoint's record."""
 
-    def __init__(self, parts: RunParts, meters: Meters, n_batches: Optional[int],
-                 progress: Optional[Dict[str, Any]], rng_after: Optional[Dict[str, Any]]) -> None:
-        self.parts, self.meters, self.n_batches = parts, meters, n_batches
+    def __init__(self, parts: RunParts, meters: Meters, progress: Optional[Dict[str, Any]],
+                 rng_after: Optional[Dict[str, Any]]) -> None:
+        self.parts, self.meters = parts, meters
+        self.n_batches: Optional[int] = None  # set by start(), once on_train_loader_start has run
         self.progress, self.rng_after = progress, rng_after
         self.resumed_at = progress["batches"] if progress else 0
         self.done: Optional[int] = self.resumed_at  # batches whose work is in the weights; None mid-update
@@ -113,12 +115,12 @@ class EpochCursor:
         self.started = time.perf_counter() - (progress["seconds"] if progress else 0.0)
         self._owned = parts.context.owned_fields()
 
-    def restore_lrs(self) -> None:
-        """After on_train_loader_start of a resumed epoch: an epoch-start schedule just ran again, but the lr
-        is the checkpoint's."""
+    def start(self, n_batches: Optional[int]) -> None:
+        """After on_train_loader_start: the pass's batch count; for a resumed epoch, the checkpoint's lrs (an
+        epoch-start schedule just ran again, but the lr is the checkpoint's)."""
+        self.n_batches = n_batches
         if self.progress is not None:
-            for group, lr in zip(self.parts.optimizer.param_groups, self.progress["lrs"]):
-                group["lr"] = lr
+            self.parts.optimizers.set_lrs(self.progress["lrs"])
 
     def batches(self) -> Iterator[Tuple[int, Any, bool]]:
         """The epoch's ``(batch_idx, batch, is_last)``, its loader iterator created from a recorded RNG state. A
@@ -160,7 +162,7 @@ class EpochCursor:
 
     def record(self) -> Dict[str, Any]:
         """The ``epoch_progress`` record of a mid-epoch checkpoint taken after ``done`` batches (SPEC §7)."""
-        net, optimizer = self.parts.net, self.parts.optimizer
+        net = self.parts.net
         grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}  # the writer copies
         return {
             "batches": self.done,
@@ -169,8 +171,8 @@ class EpochCursor:
             "loss_items": self.meters.train_loss.stacked(),
             "grads": grads or None,  # an accumulation window cut by Ctrl-C continues where it was
             "seconds": self.seconds(),
-            "lrs": [group["lr"] for group in optimizer.param_groups],
+            "lrs": self.parts.optimizers.lrs(),
         }
 
     def lrs(self) -> List[float]:
-        return [group["lr"] for group in self.parts.optimizer.param_groups]
+        return self.parts.optimizers.lrs()
