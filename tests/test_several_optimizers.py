@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _any_models import GAN, GAN_OPTIMIZERS, gan_step, hand_gan, real_batches
+from _any_models import GAN, GAN_OPTIMIZERS, gan_losses, gan_step, hand_gan, real_batches
 from conftest import Recorder, make_loader, make_model, quiet_params
 from super_trainer import Callback, Trainer
 from super_trainer.checkpoint import CheckpointError
@@ -111,7 +111,7 @@ class InterruptAt(Callback):
 
 def test_a_gan_resumes_bit_exact_from_a_mid_epoch_interrupt(tmp_path):
     extras = dict(ema=True, ema_params={"decay": 0.9, "decay_type": "constant"}, lr_mode="cosine",
-                  lr_warmup_epochs=1, batch_accumulate=2, clip_grad_norm=5.0)
+                  lr_warmup_epochs=1, batch_accumulate=2, clip_grad_norm=5.0, mixed_precision="bf16")
     full, _ = train_gan(tmp_path, name="full", **extras)
     full_ema = torch.load(tmp_path / "full" / "ckpt_latest.pth", weights_only=True)
     cut, result = train_gan(tmp_path, name="cut", phase_callbacks=[InterruptAt(7)], **extras)  # inside a window
@@ -229,3 +229,41 @@ def test_a_param_group_added_at_any_time_works_with_every_built_in_schedule(tmp_
                                                          **schedule),
         train_loader=make_loader(n=32), valid_loader=None)
     assert adder.checked == 2
+
+
+# ---- mixed precision with a GradScaler ---------------------------------------------------------------------
+
+def test_a_gan_with_a_grad_scaler_follows_torchs_recipe_for_several_optimizers(tmp_path, monkeypatch):
+    """fp16 with a GradScaler (what mixed_precision gives on CUDA), here on CPU: every loss scaled, each optimizer
+    unscaled and stepped through the scaler, and the scale updated once per batch after both steps."""
+    import super_trainer.building as building
+
+    monkeypatch.setattr(building, "autocast_and_scaler", lambda setting, device: (
+        torch.autocast("cpu", dtype=torch.float16), torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)))
+    model, result = train_gan(tmp_path, mixed_precision=True, max_epochs=2)
+
+    net = GAN()
+    opt_d = torch.optim.Adam(net.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.999), weight_decay=1e-4)
+    opt_g = torch.optim.Adam(net.generator.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    torch.manual_seed(42)
+    for _ in range(2):
+        for real, _ in real_batches():
+            with torch.autocast("cpu", dtype=torch.float16):
+                d_loss, fake, ones = gan_losses(net, real)
+            scaler.scale(d_loss).backward()
+            scaler.unscale_(opt_d)
+            scaler.step(opt_d)
+            opt_d.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                g_loss = nn.functional.binary_cross_entropy_with_logits(net.discriminator(fake), ones)
+            scaler.scale(g_loss).backward(inputs=list(net.generator.parameters()))
+            scaler.unscale_(opt_g)
+            scaler.step(opt_g)
+            opt_g.zero_grad()
+            scaler.update()
+    for (name, value), expected in zip(model.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(value, expected), name
+    ckpt = torch.load(result.latest_ckpt_path, weights_only=True)
+    assert ckpt["scaler_state_dict"]["scale"] == scaler.get_scale()
+    assert scaler.get_scale() < 2.0 ** 20  # the first steps overflowed and were skipped, on both sides

@@ -49,8 +49,9 @@ class TrainStep:
         self.unscaled = False  # the GradScaler unscaled gradients inside the train_step (updated after it)
         self.sync = GradientSync(parts.net) if parts.distributed and self.custom is not None else None
         self._local: Any = None  # autocast plus DDP's no_sync() for micro-batches that do not step
-        self._no_autocast = torch.autocast(parts.context.device.type, enabled=False) \
-            if isinstance(parts.autocast, torch.autocast) else contextlib.nullcontext()
+        self.autocasting = isinstance(parts.autocast, torch.autocast)
+        self._no_autocast = torch.autocast(parts.context.device.type, enabled=False) if self.autocasting \
+            else contextlib.nullcontext()
 
     def start_epoch(self, n_batches: Optional[int], accumulate: int) -> None:
         self.n_batches, self.accumulate = n_batches, accumulate
@@ -156,6 +157,10 @@ class TrainStep:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.in_custom and self.autocasting:
+            # autocast caches its low-precision copies of the weights until the outermost autocast exits, and a
+            # train_step runs all its updates inside one: the next forward must not see the old weights
+            torch.clear_autocast_cache()
         if not self.counted:  # global_step counts train batches that made at least one update
             context.global_step += 1
             self.counted = True
