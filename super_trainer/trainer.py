@@ -19,7 +19,6 @@ from .losses import build_criterion, known_loss_names
 from .loop.checkpoints import LATEST, CheckpointManager
 from .loop.evaluate import test_pass
 from .loop.fit import TrainingLoop
-from .loop.optimizers import optimizers_built
 from .loop.parts import Meters, RunParts
 from .loop.resume import ResumePlan
 from .metrics import build_metrics
@@ -92,10 +91,10 @@ class Trainer:
 
     def _run(self, inputs: RunInputs) -> TrainingResult:
         """Build (ValueError before any event), read the checkpoint to resume from (CheckpointError before any
-        event), write the run's description, then run the loop."""
+        event), fire on_optimizer_built and restore the checkpoint, write the run's description, then run the
+        loop."""
         parts, meters = build_run(inputs, self.device, self.ckpt_dir, self.experiment_name)
-        optimizers_built(parts)  # on_optimizer_built: param groups added there exist before the checkpoint loads
-        plan = ResumePlan.read(parts, self.ckpt_dir) if parts.params.resume else ResumePlan()
+        plan = ResumePlan.start(parts, self.ckpt_dir)  # the checkpoint read, on_optimizer_built, then its restore
         meters.last_valid = plan.last_metrics
         write_run_files(inputs, parts.params, self.ckpt_dir)  # nothing is written into the dir before this point
         stop_reason = TrainingLoop(parts, meters, plan, CheckpointManager(parts, meters, self.ckpt_dir)).fit()

@@ -2,7 +2,8 @@
 knows where the running epoch is. The cursor is the one place that writes and reads a mid-epoch checkpoint's
 ``epoch_progress`` record, so a resumed epoch sees the same batches, RNG, gradients and lrs as the original.
 
-The loop consults the plan at two points only: at the start of the fit (restore the RNG) and when an epoch opens
+``ResumePlan.start`` also fires on_optimizer_built (between reading the file and restoring it). The loop consults
+the plan at two points only: at the start of the fit (restore the RNG) and when an epoch opens
 (a fresh cursor, or one that continues the checkpoint's epoch).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from ..batches import numbered
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..rng import get_rng_state, set_rng_state
+from .optimizers import optimizers_built
 from .parts import Meters, RunParts
 
 __all__ = ["ResumePlan", "EpochCursor"]
@@ -24,7 +26,8 @@ logger = logging.getLogger("super_trainer")
 
 
 class ResumePlan:
-    """What a resume restores: read once, before any event (a bad checkpoint raises CheckpointError then)."""
+    """What a resume restores: read once, before on_training_start (a missing or broken checkpoint raises
+    CheckpointError before any event; one that does not fit the optimizers, after on_optimizer_built)."""
 
     def __init__(self, start_epoch: int = 0, rng: Optional[Dict[str, Any]] = None,
                  progress: Optional[Dict[str, Any]] = None, last_metrics: Optional[Dict[str, Any]] = None) -> None:
@@ -38,24 +41,27 @@ class ResumePlan:
         return self.rng is not None
 
     @classmethod
-    def read(cls, parts: RunParts, ckpt_dir: Path) -> "ResumePlan":
-        """Load ckpt_latest (or ``resume_path``) into the run's model, optimizer, scaler, EMA, callbacks and
-        context counters. A missing ckpt_latest (not a missing resume_path) means a fresh start, with a warning."""
+    def start(cls, parts: RunParts, ckpt_dir: Path) -> "ResumePlan":
+        """Before on_training_start: read the checkpoint to resume from (``resume``; a missing or broken file is a
+        CheckpointError before any event), fire on_optimizer_built, then restore the checkpoint into the run, so the
+        param groups added at that event are there when the optimizer state loads."""
+        found = _read(parts.params, ckpt_dir) if parts.params.resume else None
+        optimizers_built(parts)
+        return cls._restore(parts, *found) if found is not None else cls()
+
+    @classmethod
+    def _restore(cls, parts: RunParts, state: Dict[str, Any], path: Path) -> "ResumePlan":
+        """Load the checkpoint into the run's model, optimizers, scaler, EMA, callbacks and context counters."""
         params, context = parts.params, parts.context
-        path = Path(params.resume_path) if params.resume_path else ckpt_dir / params.ckpt_name
-        if params.resume_path is None and not path.exists():
-            warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=3)
-            return cls()
-        state = read_checkpoint(path, weights_only=params.resume_weights_only)
         _load_model_state(parts, state, path)
         unclaimed = parts.callbacks.load_state_dict(state["callbacks"] or {})
         if unclaimed:
-            warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=3)
+            warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=4)
         start_epoch = int(state["epoch"])
         if start_epoch >= params.max_epochs:
             warnings.warn(f"resume: {path} has already completed {start_epoch} epochs and max_epochs is "
                           f"{params.max_epochs}; nothing left to train (raise training_params.max_epochs to continue)",
-                          stacklevel=3)
+                          stacklevel=4)
         context.global_step = int(state.get("global_step", 0))
         context.batches_seen = int(state.get("batches_seen", 0))
         context.trainer_update(epoch=start_epoch, best_metric=state["best_metric"], best_epoch=state.get("best_epoch"),
@@ -79,6 +85,16 @@ class ResumePlan:
         start_step = progress["epoch_start_step"] if progress else parts.context.global_step
         parts.context.trainer_update(epoch_start_step=start_step)
         return cursor
+
+
+def _read(params: Any, ckpt_dir: Path) -> Optional[Tuple[Dict[str, Any], Path]]:
+    """The checkpoint to resume from: ckpt_latest (or ``resume_path``); None for a missing ckpt_latest (not a missing
+    resume_path), which means a fresh start, with a warning."""
+    path = Path(params.resume_path) if params.resume_path else ckpt_dir / params.ckpt_name
+    if params.resume_path is None and not path.exists():
+        warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=4)
+        return None
+    return read_checkpoint(path, weights_only=params.resume_weights_only), path
 
 
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
