@@ -25,6 +25,7 @@ from .metrics import build_metrics
 from .modules import unwrap_model
 from .params import TrainingParams
 from .result import TrainingResult
+from .steps import build_batch_reader
 
 __all__ = ["Trainer", "TrainingResult"]
 
@@ -103,9 +104,10 @@ class Trainer:
     # ---- testing a trained model ------------------------------------------------------------------
     def test(self, model: nn.Module, test_loader: Any, test_metrics_list: Any = ("Accuracy",),
              loss: Any = None, callbacks: Sequence[Callback] = (), name: str = "test",
-             mixed_precision: Union[bool, str] = False) -> dict:
+             mixed_precision: Union[bool, str] = False, batch_adapter: Any = None) -> dict:
         """Evaluate ``model`` on ``test_loader``; fires only the test events. Returns the metrics_dict
-        (loss average first when ``loss`` is given, then the metrics)."""
+        (loss average first when ``loss`` is given, then the metrics). Batches are split as in training
+        (``batch_adapter`` as training_params'); ``loss="model"`` averages the model's own loss."""
         device = self.device
         net = unwrap_model(model).to(device)
         criterion = build_criterion(TrainingParams(loss=loss, criterion_params={}), device) if loss is not None \
@@ -116,7 +118,8 @@ class Trainer:
                                ckpt_dir=self.ckpt_dir, test_metrics={})
         parts = RunParts(params=TrainingParams(), context=context, callbacks=CallbackHandler(callbacks), net=net,
                          model=net, optimizer=None, scaler=None, autocast=autocast, ema=None,
-                         test_loaders={name: test_loader})
+                         test_loaders={name: test_loader},
+                         read_batch=build_batch_reader({"batch_adapter": batch_adapter, "loss": loss or ""}, device))
         known = known_loss_names(criterion, {}) if criterion is not None else []
         return test_pass(parts, Meters(None, known, {"test": metrics}, device), name, test_loader)
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from _any_models import (ImageMaskNet, TinyTextClassifier, contrastive_step, image_mask_adapter, image_mask_batches,
                          text_batches)
 from conftest import Recorder, make_loader, make_model, quiet_params
-from super_trainer import Trainer
+from super_trainer import Callback, Trainer
 from super_trainer.params import resolve_training_params
 from super_trainer.recipes import check_model_fits_data
 from super_trainer.steps import BATCH_ADAPTERS
@@ -22,7 +22,7 @@ SGD_DEFAULTS = {"momentum": 0.9, "weight_decay": 1e-4}  # SuperGradients' SGD de
 
 
 def train(tmp_path, model, name="run", train_loader=None, valid_loader=None, **params):
-    base = quiet_params(max_epochs=2, silent_mode=True, **params)
+    base = quiet_params(**{"max_epochs": 2, "silent_mode": True, **params})
     return Trainer(name, tmp_path, device="cpu").train(model=model, training_params=base, train_loader=train_loader,
                                                        valid_loader=valid_loader)
 
@@ -213,3 +213,48 @@ def test_bad_train_steps_are_named(tmp_path):
     with pytest.raises(ValueError, match="train_metrics_list: the train_step stored no context.preds"):
         train(tmp_path, make_model(), train_loader=batches, train_metrics_list=["Accuracy"],
               train_step=lambda context: F.cross_entropy(context.net(context.inputs), context.target))
+
+
+def test_trainer_test_follows_the_batch_rules(tmp_path):
+    model = TinyTextClassifier()
+    metrics = Trainer("test", tmp_path, device="cpu").test(model=model, test_loader=text_batches(2), loss="model")
+    assert set(metrics) == {"loss", "Accuracy"}
+    metrics = Trainer("test", tmp_path, device="cpu").test(model=ImageMaskNet(), test_loader=image_mask_batches(2),
+                                                           batch_adapter=image_mask_adapter)
+    assert set(metrics) == {"Accuracy"}
+
+
+# ---- every shape resumes bit-exact, with AMP, accumulation, clipping and EMA --------------------------------
+
+class InterruptAt(Callback):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_train_batch_start(self, context):
+        if context.batches_seen == self.batch:
+            raise KeyboardInterrupt  # as Ctrl-C: ckpt_latest is written at the last finished batch
+
+
+SHAPES = {
+    "hf": (TinyTextClassifier, lambda: text_batches(6), {"loss": "model", "metric_to_watch": "loss"}),
+    "adapter": (ImageMaskNet, lambda: image_mask_batches(6), {"batch_adapter": image_mask_adapter}),
+    "contrastive": (lambda: make_model(classes=4), lambda: [(x, y) for x, y in make_loader(n=48, batch_size=8)],
+                    {"train_step": contrastive_step, "valid_metrics_list": [], "metric_to_watch": "CrossEntropyLoss"}),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_shape_resumes_bit_exact_from_a_mid_epoch_interrupt(tmp_path, shape):
+    make, data, own = SHAPES[shape]
+    extras = dict(own, max_epochs=3, mixed_precision="bf16", batch_accumulate=2, clip_grad_norm=1.0, ema=True,
+                  ema_params={"decay": 0.9, "decay_type": "constant"}, lr_mode="cosine")
+    full = make()
+    train(tmp_path, full, name="full", train_loader=data(), **extras)
+    cut = make()
+    result = train(tmp_path, cut, name="cut", train_loader=data(), phase_callbacks=[InterruptAt(9)], **extras)
+    assert result.stop_reason == "interrupted"
+    resumed = make()
+    train(tmp_path, resumed, name="cut", train_loader=data(), resume=True, **extras)
+    assert_same_weights(resumed, full)
+    ema = [torch.load(tmp_path / name / "ckpt_latest.pth", weights_only=True)["ema_net"] for name in ("full", "cut")]
+    assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])

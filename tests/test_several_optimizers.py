@@ -267,3 +267,18 @@ def test_a_gan_with_a_grad_scaler_follows_torchs_recipe_for_several_optimizers(t
     ckpt = torch.load(result.latest_ckpt_path, weights_only=True)
     assert ckpt["scaler_state_dict"]["scale"] == scaler.get_scale()
     assert scaler.get_scale() < 2.0 ** 20  # the first steps overflowed and were skipped, on both sides
+
+
+def test_a_torch_scheduler_and_the_loggers_follow_every_optimizer(tmp_path):
+    _, result = train_gan(tmp_path, max_epochs=2, lr_mode={"StepLR": {"step_size": 1, "gamma": 0.5}}, log_interval=1)
+    ckpt = torch.load(result.latest_ckpt_path, weights_only=True)
+    for name, lr0 in (("discriminator", 2e-3), ("generator", 1e-3)):
+        assert ckpt["optimizer_state_dict"][name]["param_groups"][0]["lr"] == pytest.approx(lr0 * 0.25)
+    assert set(ckpt["lr_scheduler_state"]["TorchSchedulerCallback[StepLR]"]) == {"discriminator", "generator"}
+    resumed, result = train_gan(tmp_path, max_epochs=3, resume=True, lr_mode={"StepLR": {"step_size": 1, "gamma": 0.5}})
+    ckpt = torch.load(result.latest_ckpt_path, weights_only=True)
+    assert ckpt["optimizer_state_dict"]["generator"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.125)
+    log = (tmp_path / "gan" / "experiment.log").read_text()
+    for tag in ("Step/Train/loss/discriminator", "Step/Train/loss/generator", "Step/LR/generator/default",
+                "LR/discriminator/default", "Train/d_loss"):
+        assert tag in log, tag
