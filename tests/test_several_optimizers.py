@@ -282,3 +282,19 @@ def test_a_torch_scheduler_and_the_loggers_follow_every_optimizer(tmp_path):
     for tag in ("Step/Train/loss/discriminator", "Step/Train/loss/generator", "Step/LR/generator/default",
                 "LR/discriminator/default", "Train/d_loss"):
         assert tag in log, tag
+
+
+def test_each_optimizer_has_its_own_initial_lr_mapping_and_sg_defaults(tmp_path):
+    capture = Capture()
+    optimizers = {"discriminator": {"optimizer": "SGD", "params": ["discriminator.0", "discriminator.2"],
+                                    "initial_lr": {"discriminator.0": 0.01, "default": 0.02}},
+                  "generator": {"params": "generator"}}  # SGD and the top-level initial_lr
+    train_gan(tmp_path, max_epochs=1, optimizer=optimizers, initial_lr=0.03, phase_callbacks=[capture])
+    groups = capture.context.optimizers["discriminator"].param_groups
+    assert [(g["name"], g["initial_lr"], len(g["params"])) for g in groups] == [("discriminator.0", 0.01, 2),
+                                                                                  ("default", 0.02, 2)]
+    generator = capture.context.optimizers["generator"].optimizer
+    assert type(generator) is torch.optim.SGD and generator.param_groups[0]["initial_lr"] == 0.03
+    assert generator.param_groups[0]["momentum"] == 0.9  # SuperGradients' SGD defaults, per optimizer
+    assert capture.context.training_params["optimizer"]["generator"]["optimizer_params"] == {"weight_decay": 1e-4,
+                                                                                            "momentum": 0.9}
