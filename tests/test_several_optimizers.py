@@ -132,11 +132,14 @@ def test_a_gan_resumes_bit_exact_from_a_mid_epoch_interrupt(tmp_path):
 
 def test_a_resume_with_another_optimizer_mapping_is_refused(tmp_path):
     train_gan(tmp_path, max_epochs=1)
+    model = GAN(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"optimizers \['discriminator', 'generator'\], this run has \['default'\]"):
         Trainer("gan", tmp_path, device="cpu").train(
-            model=GAN(), training_params=quiet_params(max_epochs=2, resume=True, silent_mode=True, loss="MSELoss",
+            model=model, training_params=quiet_params(max_epochs=2, resume=True, silent_mode=True, loss="MSELoss",
                                                       valid_metrics_list=[], metric_to_watch="MSELoss"),
             train_loader=[(torch.randn(8, 4), torch.randn(8, 6))])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any load
 
 
 # ---- param groups added by callbacks ----------------------------------------------------------------------

@@ -110,14 +110,13 @@ class OptimizerSet:
         return {"optimizer_type": {h.name: type(h.optimizer).__name__ for h in self},
                 "optimizer_state_dict": {h.name: h.optimizer.state_dict() for h in self}}
 
-    def load(self, state: Mapping[str, Any], path: Path) -> None:
-        """Restore every optimizer from a checkpoint; CheckpointError naming the path when they do not fit."""
+    def check(self, state: Mapping[str, Any], path: Path) -> None:
+        """CheckpointError naming the path when a checkpoint's optimizer state does not fit these optimizers (another
+        optimizer, another mapping, other param groups); checked before anything is loaded."""
         states, types = state["optimizer_state_dict"], state.get("optimizer_type")
         saved_several = isinstance(types, Mapping) or (isinstance(states, Mapping) and "param_groups" not in states)
         if not self.several and not saved_several:
-            check_optimizer_fits(self.first.optimizer, state, path)
-            self.first.optimizer.load_state_dict(states)
-            return
+            return check_optimizer_fits(self.first.optimizer, state, path)
         names = list(self.handles)
         saved = list(states) if saved_several and isinstance(states, Mapping) else ["(one optimizer)"]
         if not (self.several and saved_several) or saved != names:
@@ -129,6 +128,14 @@ class OptimizerSet:
                 check_optimizer_fits(handle.optimizer, own, path)
             except CheckpointError as err:
                 raise CheckpointError(f"optimizer {handle.name!r}: {err}") from None
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Restore every optimizer from a checkpoint that passed :meth:`check`."""
+        states = state["optimizer_state_dict"]
+        if not self.several:
+            self.first.optimizer.load_state_dict(states)
+            return
+        for handle in self:
             handle.optimizer.load_state_dict(states[handle.name])
 
 

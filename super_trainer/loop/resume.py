@@ -98,11 +98,10 @@ def _read(params: Any, ckpt_dir: Path) -> Optional[Tuple[Dict[str, Any], Path]]:
 
 
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
+    parts.optimizers.check(state, path)  # before anything is loaded: a refused checkpoint leaves the model as it was
     try:
         parts.net.load_state_dict(state["net"])
-        parts.optimizers.load(state, path)
-    except CheckpointError:
-        raise
+        parts.optimizers.load(state)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
     if parts.scaler is not None and state["scaler_state_dict"]:
