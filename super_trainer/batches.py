@@ -7,7 +7,6 @@ import math
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
-import torch.nn as nn
 
 __all__ = ["count_batches", "numbered", "window_size", "optimizer_steps_per_epoch", "rescale_grads", "to_device",
            "BatchReader", "LABEL_KEYS", "call_model", "metric_preds", "describe_batch"]
