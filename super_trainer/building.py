@@ -45,11 +45,14 @@ from .losses import build_criterion, known_loss_names, resolve_metric_direction
 from .loop.parts import Meters, RunParts
 from .metrics import build_metrics, check_default_metrics, metric_titles
 from .modules import convert_sync_bn, forward_module, unwrap_model
-from .optimizers import build_optimizer, step_takes_closure
+from .loop.optimizers import OptimizerSet
 from .lr_modes import normalize_lr_mode, normalize_warmup_mode
+from .named_optimizers import build_optimizers
+from .optimizers import step_takes_closure
 from .params import TrainingParams, resolve_training_params
 from .registry import CALLBACKS, close_matches, parse_spec
 from .rng import seed_everything
+from .steps import build_batch_reader, resolve_train_step
 
 __all__ = [
     "RunInputs", "build_run", "write_run_files", "resolve_device", "check_metric_to_watch", "autocast_and_scaler",
@@ -106,12 +109,14 @@ def autocast_and_scaler(setting: Union[bool, str], device: torch.device) -> Tupl
     return torch.autocast(device_type=device.type, dtype=dtype), scaler
 
 
-def builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ckpt_dir: Path) -> List[Callback]:
+def builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ckpt_dir: Path,
+                      several_optimizers: bool = False) -> List[Callback]:
     callbacks: List[Callback] = list(build_lr_callbacks(params, steps_per_epoch or 1))
     if params.get("pre_prediction_callback") is not None:
         callbacks.append(PrePredictionCallback(params.pre_prediction_callback))
     if params.ema:
-        callbacks.append(EMAUpdate(total_steps=(steps_per_epoch or 1) * params.max_epochs))
+        callbacks.append(EMAUpdate(total_steps=(steps_per_epoch or 1) * params.max_epochs,
+                                   per_batch=several_optimizers))
     if params.clip_grad_norm:
         callbacks.append(GradientClipping(params.clip_grad_norm))
     if params.average_best_models and params.get("save_model", True):  # save_model False: no checkpoint files
@@ -305,8 +310,10 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     if params.seed is not None:
         seed_everything(params.seed)
     net = convert_sync_bn(unwrap_model(inputs.model).to(device), params, is_distributed, device)
-    optimizer = build_optimizer(net, params)
+    optimizers = OptimizerSet(build_optimizers(net, params))
+    optimizer = optimizers.first.optimizer
     criterion = build_criterion(params, device)
+    train_step = _train_step(params, net, optimizers)
     steps_per_epoch = _check_loaders(params, inputs.train_loader, inputs.valid_loader)
     test_loaders = dict(inputs.test_loaders or {})
     metrics = _build_metrics(params, bool(test_loaders))
@@ -315,19 +322,24 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     if inputs.valid_loader is not None:
         check_default_metrics(params, sample_target(inputs.valid_loader))
     autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
-    _check_closure_optimizer(optimizer, params, scaler)
+    for handle in optimizers:
+        _check_closure_optimizer(handle.optimizer, params, scaler, train_step)
     ema = ModelEMA(net, **params.ema_params) if params.ema else None
     given_callbacks = user_callbacks(params)
-    callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, ckpt_dir) + given_callbacks)
+    callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, ckpt_dir, optimizers.several)
+                                + given_callbacks)
     restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
     if inputs.valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
         check_metric_to_watch(params.metric_to_watch, criterion, known, metric_titles(metrics["valid"]),
                               callbacks.callbacks)
+    # a train_step may run several forwards and backwards per batch, which DDP's wrapper cannot follow: the loop
+    # averages its gradients itself (loop/optimizers.py GradientSync)
     wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if is_distributed else net
+        if is_distributed and train_step is None else net
     model = forward_module(inputs.model, net, wrapped, params)  # torch_compile, or the user's compiled model
     context = PhaseContext(
-        net=model, optimizer=optimizer, criterion=criterion, device=device, ckpt_dir=ckpt_dir,
+        net=model, optimizer=optimizer, optimizers=optimizers.handles, criterion=criterion, device=device,
+        ckpt_dir=ckpt_dir,
         experiment_name=experiment_name, sg_logger=_sg_logger(params, callbacks), train_loader=inputs.train_loader,
         valid_loader=inputs.valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
         train_metrics=metrics["train"], valid_metrics=metrics["valid"], test_metrics={}, ema_model=ema,
@@ -339,7 +351,8 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         **inputs.context_extras,
     )
     parts = RunParts(params=params, context=context, callbacks=callbacks, net=net, model=model, optimizer=optimizer,
-                     scaler=scaler, autocast=autocast, ema=ema, test_loaders=test_loaders, distributed=is_distributed)
+                     scaler=scaler, autocast=autocast, ema=ema, test_loaders=test_loaders, distributed=is_distributed,
+                     optimizers=optimizers, read_batch=build_batch_reader(params, device), train_step=train_step)
     return parts, Meters(context, params.get("loss_logging_items_names"), known, metrics, device)
 
 
@@ -374,9 +387,22 @@ def _build_metrics(params: TrainingParams, testing: bool) -> Dict[str, Dict[str,
     }
 
 
-def _check_closure_optimizer(optimizer: torch.optim.Optimizer, params: TrainingParams, scaler: Any) -> None:
+def _train_step(params: TrainingParams, net: nn.Module, optimizers: OptimizerSet) -> Optional[Callable[..., Any]]:
+    """The run's train_step (None: forward + criterion); several optimizers need one."""
+    train_step = resolve_train_step(params, net)
+    if train_step is None and optimizers.several:
+        raise ValueError(f"training_params.train_step: several optimizers ({', '.join(optimizers.handles)}) need a "
+                         "train_step(context) that updates each through context.optimizers[name].update(loss)")
+    return train_step
+
+
+def _check_closure_optimizer(optimizer: torch.optim.Optimizer, params: TrainingParams, scaler: Any,
+                             train_step: Any) -> None:
     if not step_takes_closure(optimizer):
         return
+    if train_step is not None:
+        raise ValueError(f"training_params.train_step: {type(optimizer).__name__}.step recomputes forward and loss "
+                         "through a closure, which a custom train_step does not give; use another optimizer")
     if params.batch_accumulate > 1:
         raise ValueError(f"training_params.batch_accumulate: {type(optimizer).__name__}.step recomputes the loss "
                          "of the current batch through a closure, so it cannot accumulate; use batch_accumulate 1")

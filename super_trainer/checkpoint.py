@@ -280,8 +280,9 @@ def check_optimizer_fits(optimizer: torch.optim.Optimizer, state: Mapping[str, A
     groups = (state.get("optimizer_state_dict") or {}).get("param_groups") or []
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(f"checkpoint {path} has {len(groups)} optimizer param groups, this run has "
-                              f"{len(optimizer.param_groups)} (initial_lr mapping or zero_weight_decay_on_bias_and_bn "
-                              "differ?)")
+                              f"{len(optimizer.param_groups)} (do the initial_lr mapping or zero_weight_decay_on_bias_and_bn"
+                              " differ, or does a callback add param groups after on_optimizer_built? add them in "
+                              "on_optimizer_built so a resume finds them)")
     for saved, current in zip(groups, optimizer.param_groups):
         missing = sorted(set(current) - set(saved) - {"params"} - _OPTIONAL_GROUP_KEYS)
         if missing:

@@ -35,7 +35,8 @@ HONOURED: Dict[str, str] = {
                     "best-tracking, result)",
     "global_step": "optimizer steps taken (0 before the first)",
     "batches_seen": "train batches run so far, resumes included",
-    "max_epochs": "epochs to train; raising it in a callback extends the run",
+    "max_epochs": "epochs to train (kept equal to training_params.max_epochs); a write at on_train_loader_start "
+                  "applies to that epoch, elsewhere from the next: schedule horizons follow",
     "stop_training": "set True to stop (during a batch: at once; elsewhere: after the epoch)",
     "stop_reason": "why training stopped; a callback that stops may set it (e.g. 'early_stop')",
     "skip_step": "set True at on_train_batch_gradient_step_start to skip that optimizer step",
@@ -44,7 +45,10 @@ HONOURED: Dict[str, str] = {
 #: Fields the trainer owns while training: replacing them raises.
 LOCKED: Dict[str, str] = {
     "net": "the model the forward pass calls (the user's module, or its DDP / torch.compile wrapper)",
-    "optimizer": "the optimizer; edit its param_groups or add groups instead of replacing it",
+    "optimizer": "the optimizer (the first one with several); edit its param_groups or add groups instead of "
+                 "replacing it",
+    "optimizers": "{name: handle} of every optimizer ('default' for one): handle.optimizer, handle.param_groups, "
+                  "and handle.update(loss) inside a train_step",
     "device": "the torch.device training runs on",
     "experiment_name": "the experiment's name",
     "ckpt_dir": "the experiment dir: checkpoints, logs and the resolved params go here",
@@ -84,6 +88,8 @@ OUTPUTS: Dict[str, str] = {
     "preds": "the model's output for the batch",
     "loss_log_items": "the batch's detached loss items: the loss, or the (K,) components of a tuple loss",
     "exception": "the exception that ended training, at on_training_end (None otherwise)",
+    "optimizer_name": "the optimizer a train_step is updating (context.optimizers[name].update(loss)), at that "
+                      "update's loss, backward and step events; None for the trainer's own update",
 }
 
 FIELD_DOCS: Dict[str, str] = {**HONOURED, **LOCKED, **OUTPUTS}

@@ -15,6 +15,7 @@ from .metrics import loss_names
 from .modules import compile_kwargs
 from .registry import LOSSES, parse_spec
 from .sg_compat import as_named_spec
+from .steps import ModelOwnLoss, uses_model_loss
 
 __all__ = ["build_criterion", "known_loss_names", "SG_LOSS_NAMES", "is_loss_key", "resolve_metric_direction",
            "check_loss_value"]
@@ -23,6 +24,8 @@ logger = logging.getLogger("super_trainer")
 
 
 def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
+    if uses_model_loss(params["loss"]):  # loss: null / "model": the model computes its own (SPEC §8)
+        return ModelOwnLoss()
     spec = _sg_loss_name(as_named_spec(params["loss"], LOSSES))  # an SG _target_ loss as {Name: params}
     name, spec_params = parse_spec(spec, "loss")
     given = dict(params.get("criterion_params") or {})

@@ -1,4 +1,4 @@
-"""``training_params``: defaults and validation (SPEC §2).
+"""``training_params``: resolving and validating them (SPEC §2); the defaults are in ``param_defaults.py``.
 
 Every mistake raises ``ValueError`` before the first batch, naming the key and what would be valid.
 """
@@ -10,136 +10,20 @@ import math
 import numbers
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
-from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
-
 import warnings
+from typing import Any, FrozenSet, Mapping, Optional
 
 import numpy as np
 import torch
 
 from .lr_modes import normalize_lr_mode, normalize_warmup_mode
+from .param_defaults import (DEFAULT_TRAINING_PARAMS, EMA_DEFAULTS, HYDRA_KEYS, MIXED_PRECISION_VALUES, REQUIRED,
+                             SG_LOGGERS, SG_NO_OP_VALUES, SG_RECIPE_KEYS, SG_UNSUPPORTED_DEFAULTS,
+                             TORCH_COMPILE_OPTIONS)
 from .registry import close_matches, to_plain
 
-__all__ = ["DEFAULT_TRAINING_PARAMS",
-           "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "SG_RECIPE_KEYS", "REQUIRED", "TrainingParams",
-           "resolve_training_params"]
-
-
-class _Required:
-    """Marks a key without a default; one instance, kept through copies."""
-
-    def __repr__(self) -> str:
-        return "<required>"
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "_Required":
-        return self
-
-
-REQUIRED: Any = _Required()
-
-EMA_DEFAULTS: Dict[str, Any] = {"decay": 0.9999, "decay_type": "exp", "beta": 15.0, "start_step": 0, "interval": 1}
-
-DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
-    "max_epochs": REQUIRED,
-    "initial_lr": None,
-    "optimizer": "SGD",
-    "optimizer_params": {},
-    "zero_weight_decay_on_bias_and_bn": False,
-    "loss": "CrossEntropyLoss",
-    "criterion_params": {},
-    "loss_logging_items_names": None,
-    "train_metrics_list": [],
-    "valid_metrics_list": ["Accuracy"],
-    "test_metrics_list": None,
-    "metric_to_watch": "Accuracy",
-    "greater_metric_to_watch_is_better": None,  # unset: False for a loss key, else True (resolve_metric_direction)
-    "lr_mode": None,
-    "lr_warmup_epochs": 0,
-    "lr_warmup_steps": 0,
-    "lr_cooldown_epochs": 0,
-    "warmup_initial_lr": None,
-    "warmup_mode": None,
-    "lr_updates": None,  # [] once resolved; None in recipes, so a list and a _target_ node both merge over it
-    "lr_decay_factor": 0.1,
-    "cosine_final_lr_ratio": 0.01,
-    "lr_schedule_function": None,
-    "batch_accumulate": 1,
-    "clip_grad_norm": None,
-    "mixed_precision": False,
-    "ema": False,
-    "ema_params": dict(EMA_DEFAULTS),
-    "log_interval": 50,
-    "phase_callbacks": [],
-    "run_validation_freq": 1,
-    "run_test_freq": None,
-    "max_train_batches": None,
-    "max_valid_batches": None,
-    "save_ckpt_epoch_list": [],
-    "save_ckpt_every_n_steps": None,
-    "max_keep_ckpts": None,
-    "average_best_models": False,
-    "resume": False,
-    "resume_path": None,
-    "resume_weights_only": True,
-    "seed": 42,
-    "sg_logger": "tensorboard",
-    "silent_mode": False,
-    "progress_bar": True,
-    "stop_on_non_finite_loss": True,
-    # SuperGradients keys super_trainer implements with SG's meaning (SPEC §7)
-    "save_model": True,
-    "ckpt_name": "ckpt_latest.pth",
-    "ckpt_best_name": "ckpt_best.pth",
-    "sync_bn": False,
-    "torch_compile": False,
-    "torch_compile_mode": None,
-    "torch_compile_loss": False,
-    "torch_compile_options": {},
-    "step_lr_update_freq": None,
-    "sg_logger_params": {},
-    "pre_prediction_callback": None,
-    "load_opt_params": True,  # False: a resume restores the weights but not the optimizer's state (SG's meaning)
-    "warmup_momentum": None,  # warmup_mode yolov5_warmup: the momentum the warmup starts from (SG 2.x's YoloV5 warmup)
-    "warmup_bias_lr": None,  # warmup_mode yolov5_warmup: the lr the "bias" param group starts from
-}
-
-#: Keys SuperGradients' own recipes set that SG's trainer never reads itself: its models' initialize_param_groups /
-#: update_param_groups read ``multiply_head_lr`` from training_params, and recipes interpolate
-#: ``static_assigner_end_epoch`` into a callback. Accepted and kept in training_params (absent when not given) so a
-#: model or callback reads them as in SG; ``building`` warns when nothing here will read multiply_head_lr.
-SG_RECIPE_KEYS: Dict[str, Any] = {"multiply_head_lr": 1, "static_assigner_end_epoch": None}
-
-#: SuperGradients 3.7 training_params keys for features super_trainer does not have, each with the value that
-#: means "off" in SG (its default). That value is accepted silently; any other raises one ValueError that
-#: lists every such key (SPEC §7). docs/migrating_from_supergradients.md explains each.
-SG_UNSUPPORTED_DEFAULTS: Dict[str, Any] = {
-    "run_id": None,
-    "resume_from_remote_sg_logger": False,
-    "launch_tensorboard": False,
-    "tensorboard_port": None,
-    "tb_files_user_prompt": False,
-    "save_tensorboard_to_s3": False,
-    "precise_bn": False,
-    "precise_bn_batch_size": None,
-    "dataset_statistics": False,
-    "enable_qat": False,
-    "finetune": False,
-    "kill_ddp_pgroup_on_end": True,
-}
-
-#: SuperGradients keys whose listed values all describe what super_trainer already does (it logs no package
-#: list; a resume loads weights strictly, which fits a checkpoint of the same model either way).
-SG_NO_OP_VALUES: Dict[str, Tuple[Any, ...]] = {
-    "log_installed_packages": (True, False),
-    "resume_strict_load": (False, True),
-}
-
-#: Hydra's instantiate flags, present when a recipe node is passed without hydra.utils.instantiate.
-HYDRA_KEYS = ("_convert_", "_recursive_")
-
-MIXED_PRECISION_VALUES = (False, True, "bf16", "bfloat16", "fp16", "float16")
-SG_LOGGERS = ("tensorboard", "base", "base_sg_logger")
-TORCH_COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options", "disable")
+__all__ = ["DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "SG_RECIPE_KEYS", "REQUIRED",
+           "TrainingParams", "resolve_training_params", "NAMED_OPTIMIZER_KEYS", "is_named_optimizers"]
 
 
 class TrainingParams(dict):
@@ -297,9 +181,23 @@ def _validate(params: TrainingParams) -> None:
     _validate_schedule_and_flags(params)
 
 
+#: The keys of one entry of ``optimizer: {name: {...}}`` (several optimizers, SPEC §8).
+NAMED_OPTIMIZER_KEYS = ("optimizer", "initial_lr", "optimizer_params", "params")
+
+
+def is_named_optimizers(optimizer: Any) -> bool:
+    """``optimizer: {name: {optimizer, initial_lr, optimizer_params, params}}`` (or ``{name: Optimizer}``), as
+    opposed to ``{Name: {kwargs}}``; its entries are checked when they are built (``named_optimizers.py``)."""
+    return isinstance(optimizer, MappingABC) and bool(optimizer) and any(
+        isinstance(v, torch.optim.Optimizer) or (isinstance(v, MappingABC) and set(v) & set(NAMED_OPTIMIZER_KEYS))
+        for v in optimizer.values())
+
+
 def _validate_optimizer(params: TrainingParams) -> None:
     _int(params, "max_epochs", 1)
     optimizer = params["optimizer"]
+    if is_named_optimizers(optimizer):
+        return
     is_instance = isinstance(optimizer, torch.optim.Optimizer)
     initial_lr = params["initial_lr"]
     if is_instance:

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from . import distributed, sg_compat
-from .batches import to_device
+from .batches import call_model, metric_preds
 from .building import RunInputs, resolve_device
 from .losses import build_criterion
 from .files import atomic_write_text
@@ -31,6 +31,7 @@ from .callbacks.base import Callback, PhaseContext, Priority
 from .checkpoint import load_checkpoint_to_model
 from .metrics import build_metrics
 from .params import resolve_training_params
+from .steps import build_batch_reader, resolve_train_step
 from .registry import DATASETS, MODELS, close_matches, parse_spec, to_plain
 
 __all__ = ["recipes_dir", "recipe_names", "load_recipe", "build_from_recipe", "check_model_fits_data", "run_inputs",
@@ -241,13 +242,15 @@ def check_model_fits_data(model: nn.Module, loader: Any, training_params: Mappin
         raise ValueError("recipe dataset_params: the data set is empty")
     with preserved_rng():
         batch = loader.collate_fn([dataset[i] for i in range(min(2, len(dataset)))])
-        inputs, target, _ = to_device(batch, device)
+        inputs, target, _ = build_batch_reader(training_params, device)(batch)  # the trainer's batch rules
+        if resolve_train_step(training_params, model) is not None:
+            return  # a train_step decides what the model is called on; the batch splits, which is all we can check
         model.to(device)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                preds = model(inputs)
+                preds = call_model(model, inputs)
         except Exception as err:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
             raise ValueError(f"recipe: the model ({type(model).__name__}) cannot take the data's inputs {shape}: "
@@ -268,7 +271,7 @@ def _check_output(preds: Any, target: Any, training_params: Mapping[str, Any], d
     for key in ("train_metrics_list", "valid_metrics_list", "test_metrics_list"):
         for title, metric in build_metrics(training_params.get(key), f"training_params.{key}").items():
             try:
-                metric.to(device).update(preds, target)
+                metric.to(device).update(metric_preds(preds), target)
             except Exception as err:
                 raise ValueError(f"training_params.{key}: {title} cannot be computed on the model's output {shape}: "
                                  f"{_first_line(err)}") from None

@@ -26,6 +26,7 @@ from .metrics import build_metrics
 from .modules import unwrap_model
 from .params import TrainingParams
 from .result import TrainingResult
+from .steps import build_batch_reader
 
 __all__ = ["Trainer", "TrainingResult"]
 
@@ -92,9 +93,10 @@ class Trainer:
 
     def _run(self, inputs: RunInputs) -> TrainingResult:
         """Build (ValueError before any event), read the checkpoint to resume from (CheckpointError before any
-        event), write the run's description, then run the loop."""
+        event), fire on_optimizer_built and restore the checkpoint, write the run's description, then run the
+        loop."""
         parts, meters = build_run(inputs, self.device, self.ckpt_dir, self.experiment_name)
-        plan = ResumePlan.read(parts, self.ckpt_dir) if parts.params.resume else ResumePlan()
+        plan = ResumePlan.start(parts, self.ckpt_dir)  # the checkpoint read, on_optimizer_built, then its restore
         meters.last_valid = plan.last_metrics
         write_run_files(inputs, parts.params, self.ckpt_dir)  # nothing is written into the dir before this point
         stop_reason = TrainingLoop(parts, meters, plan, CheckpointManager(parts, meters, self.ckpt_dir)).fit()
@@ -103,9 +105,10 @@ class Trainer:
     # ---- testing a trained model ------------------------------------------------------------------
     def test(self, model: nn.Module, test_loader: Any, test_metrics_list: Any = ("Accuracy",),
              loss: Any = None, callbacks: Sequence[Callback] = (), name: str = "test",
-             mixed_precision: Union[bool, str] = False) -> dict:
+             mixed_precision: Union[bool, str] = False, batch_adapter: Any = None) -> dict:
         """Evaluate ``model`` on ``test_loader``; fires only the test events. Returns the metrics_dict
-        (loss average first when ``loss`` is given, then the metrics)."""
+        (loss average first when ``loss`` is given, then the metrics). Batches are split as in training
+        (``batch_adapter`` as training_params'); ``loss="model"`` averages the model's own loss."""
         device = self.device
         net = unwrap_model(model).to(device)
         criterion = build_criterion(TrainingParams(loss=loss, criterion_params={}), device) if loss is not None \
@@ -116,7 +119,8 @@ class Trainer:
                                ckpt_dir=self.ckpt_dir, test_metrics={})
         parts = RunParts(params=TrainingParams(), context=context, callbacks=CallbackHandler(callbacks), net=net,
                          model=net, optimizer=None, scaler=None, autocast=autocast, ema=None,
-                         test_loaders={name: test_loader})
+                         test_loaders={name: test_loader},
+                         read_batch=build_batch_reader({"batch_adapter": batch_adapter, "loss": loss or ""}, device))
         known = known_loss_names(criterion, {}) if criterion is not None else []
         return test_pass(parts, Meters(context, None, known, {"test": metrics}, device), name, test_loader)
 
@@ -155,5 +159,5 @@ def _result(parts: RunParts, meters: Meters, ckpt_dir: Path, stop_reason: str) -
         history=list(context.history), test_metrics=dict(meters.test_results), ckpt_dir=str(ckpt_dir),
         best_ckpt_path=str(best) if best.exists() else None,
         latest_ckpt_path=str(latest) if latest.exists() else None, stop_reason=stop_reason,
-        metric_to_watch=parts.params.metric_to_watch, loss_names=list(meters.loss_names or []),
+        metric_to_watch=parts.params.metric_to_watch, loss_names=list(dict.fromkeys(meters.train_names + list(meters.loss_names or []))),
     )

@@ -82,8 +82,10 @@ def test_a_new_train_loader_is_used_from_the_next_epoch(tmp_path):
             if context.epoch == 0 and context.batch_idx == 0:
                 context.train_loader = make_loader(16, 8)  # 2 batches instead of 6
 
-    with pytest.warns(UserWarning, match="2 optimizer steps per epoch instead of 6"):
-        train(tmp_path, [Grow(), recorder], max_epochs=2)
+    # the schedule follows the new length (SPEC §8 "Per-epoch settings") and says so
+    with pytest.warns(UserWarning, match=r"epoch 1: the run is now 2 epochs of 2 optimizer steps \(was 2 of 6\); the "
+                                         r"horizons of CosineLRSchedule"):
+        train(tmp_path, [Grow(), recorder], max_epochs=2, lr_mode="cosine")
     starts = [epoch for name, epoch, *_ in recorder.detail if name == "on_train_batch_start"]
     assert starts == [0] * 6 + [1] * 2
 

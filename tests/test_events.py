@@ -33,7 +33,7 @@ def expected_trace(epochs: int, n_train: int, n_valid: int, n_test: int, accumul
     """The SPEC §1 diagram, written out independently of the trainer."""
     valid_epochs = list(range(epochs)) if valid_epochs is None else valid_epochs
     best_epochs = [valid_epochs[0]] if best_epochs is None else best_epochs
-    trace = ["on_training_start"]
+    trace = ["on_optimizer_built", "on_training_start"]
     for epoch in range(epochs):
         trace.append("on_train_loader_start")
         for b in range(n_train):

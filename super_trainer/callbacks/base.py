@@ -1,7 +1,8 @@
 """Events, the context they carry, and the handler that dispatches them.
 
-The trainer fires these events, in this order (SPEC §1)::
+The trainer fires these events, in this order (SPEC §1, §8)::
 
+    on_optimizer_built                           # optimizer(s) and param groups built; before a checkpoint is restored
     on_training_start
       for each epoch:
         on_train_loader_start
@@ -11,6 +12,8 @@ The trainer fires these events, in this order (SPEC §1)::
             on_train_batch_backward_end          # after backward()
             on_train_batch_gradient_step_start   # only on stepping batches; before optimizer.step
             on_train_batch_gradient_step_end     # only on stepping batches; after optimizer.step
+            # a train_step that updates through context.optimizers[name].update(loss) fires the four events
+            # above once per update, with context.optimizer_name set (SPEC §8 "Several optimizers")
             on_train_batch_end
         on_train_loader_end                      # metrics_dict holds this epoch's train metrics
         on_validation_loader_start               # only on validation epochs
@@ -21,6 +24,7 @@ The trainer fires these events, in this order (SPEC §1)::
           for each test batch: on_test_batch_start, on_test_batch_end      # or every run_test_freq epochs)
         on_test_loader_end
         on_epoch_end                             # once per completed epoch, before its checkpoints
+        on_checkpoint_saved                      # once a checkpoint's files are complete on disk (also mid-epoch)
     on_training_end                              # always exactly once
 
 docs/events.md has the full table, including what a stop, an exception and Ctrl-C do.
@@ -48,6 +52,7 @@ __all__ = [
 
 #: Every event, in the order the trainer first fires them.
 EVENTS: Tuple[str, ...] = (
+    "on_optimizer_built",
     "on_training_start",
     "on_train_loader_start",
     "on_train_batch_start",
@@ -67,6 +72,7 @@ EVENTS: Tuple[str, ...] = (
     "on_test_batch_end",
     "on_test_loader_end",
     "on_epoch_end",
+    "on_checkpoint_saved",
     "on_training_end",
 )
 
@@ -119,6 +125,13 @@ class Callback:
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint's ``callbacks`` dict."""
         return type(self).__qualname__
+
+    def on_optimizer_built(self, context: PhaseContext) -> None:
+        """Once, first: right after the optimizer(s) and their param groups are built, before any checkpoint is
+        restored (so a resume finds what is added here) and before on_training_start. Add or change param groups
+        here (``context.optimizer.add_param_group``; with several optimizers ``context.optimizers[name]``); a
+        group's lr when added is its lr0 for every schedule. net, optimizer, optimizers, criterion, loaders,
+        training_params and device are set; the checkpoint's weights and counters are not loaded yet."""
 
     def on_training_start(self, context: PhaseContext) -> None:
         """Once, before the first epoch. optimizer, net, criterion, loaders, ckpt_dir, sg_logger,
@@ -181,6 +194,10 @@ class Callback:
         """Once per completed epoch, after its validation, best-epoch and test events and before the epoch's
         checkpoints are written (state changed here is saved). Not fired for an epoch cut short by a stop
         during a batch. metrics_dict holds the last metrics computed (validation's on validation epochs)."""
+
+    def on_checkpoint_saved(self, context: PhaseContext) -> None:
+        """On the training thread, once a checkpoint's files are complete on disk; ``context.checkpoint_paths``
+        lists them (upload or copy them here)."""
 
     def on_training_end(self, context: PhaseContext) -> None:
         """Always exactly once, last; also after a stop, Ctrl-C, or an exception (context.exception set).

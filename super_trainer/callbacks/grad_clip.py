@@ -1,6 +1,8 @@
 """Gradient-norm clipping before each optimizer step."""
 from __future__ import annotations
 
+from typing import Dict, List, Optional
+
 import torch
 
 from .base import Callback, PhaseContext, Priority
@@ -12,7 +14,8 @@ class GradientClipping(Callback):
     """Clips the total gradient norm to ``max_norm`` at on_train_batch_gradient_step_start.
 
     The trainer unscales AMP gradients before that event, so ``max_norm`` is in true gradient units.
-    Runs at LOW priority: callbacks that inspect raw gradients at NORMAL see them before clipping.
+    Runs at LOW priority: callbacks that inspect raw gradients at NORMAL see them before clipping. With several
+    optimizers (SPEC §8) it clips the parameters of the optimizer being updated (``context.optimizer_name``).
     """
 
     priority = Priority.LOW
@@ -20,9 +23,12 @@ class GradientClipping(Callback):
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         self.max_norm = float(max_norm)
         self.norm_type = float(norm_type)
-        self._params = None
+        self._params: Dict[Optional[str], List[torch.Tensor]] = {}  # by optimizer name (None: the whole model)
 
     def on_train_batch_gradient_step_start(self, context: PhaseContext) -> None:
-        if self._params is None:
-            self._params = [p for p in context.net.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(self._params, self.max_norm, norm_type=self.norm_type)
+        name = getattr(context, "optimizer_name", None)
+        params = self._params.get(name)
+        if params is None:
+            source = context.net.parameters() if name is None else context.optimizers[name].parameters()
+            params = self._params[name] = [p for p in source if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)

@@ -13,7 +13,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ..images import make_grid, to_hwc_uint8, write_png
 from .base import Callback, PhaseContext, Priority
 from .sg_logger_api import SGLoggerAPI, sg_step, sg_value, to_chw
 
-__all__ = ["BaseLogger", "TensorBoardLogger", "param_group_names"]
+__all__ = ["BaseLogger", "TensorBoardLogger", "param_group_names", "named_param_groups"]
 
 
 def param_group_names(optimizer: torch.optim.Optimizer) -> List[str]:
@@ -32,6 +32,16 @@ def param_group_names(optimizer: torch.optim.Optimizer) -> List[str]:
     if len(groups) == 1:
         return [groups[0].get("name", "default")]
     return [g.get("name", f"group_{i}") for i, g in enumerate(groups)]
+
+
+def named_param_groups(context: PhaseContext) -> List[Tuple[str, Dict[str, Any]]]:
+    """(display name, param group) of every optimizer's groups, in order; with several optimizers (SPEC §8) the
+    names are ``<optimizer>/<group>``."""
+    optimizers = getattr(context, "optimizers", None)
+    if not optimizers or len(optimizers) == 1:
+        return list(zip(param_group_names(context.optimizer), context.optimizer.param_groups))
+    return [(f"{name}/{group_name}", group) for name, handle in optimizers.items()
+            for group_name, group in zip(param_group_names(handle.optimizer), handle.param_groups)]
 
 
 def _scalar(value: Any) -> Optional[float]:
@@ -163,16 +173,19 @@ class BaseLogger(SGLoggerAPI, Callback):
 
     def on_train_batch_gradient_step_end(self, context: PhaseContext) -> None:
         if self.enabled and context.global_step % self.log_interval == 0:
-            scalars: Dict[str, Any] = {"Step/Train/loss": context.loss}
-            for name, group in zip(param_group_names(context.optimizer), context.optimizer.param_groups):
-                scalars[f"Step/LR/{name}"] = group["lr"]
+            updating = getattr(context, "optimizer_name", None)  # several optimizers: the one that just stepped
+            scalars: Dict[str, Any] = {"Step/Train/loss" + (f"/{updating}" if updating else ""): context.loss}
+            for name, group in named_param_groups(context):
+                if updating is None or name.startswith(updating + "/"):
+                    scalars[f"Step/LR/{name}"] = group["lr"]
             self.add_scalars(scalars, context.global_step)
 
     def on_train_loader_end(self, context: PhaseContext) -> None:
         scalars = {f"Train/{k}": v for k, v in (context.metrics_dict or {}).items()}
         # the lrs the epoch trained with, captured before epoch-end schedules (step mode) change them
-        lrs = getattr(context, "epoch_lrs", None) or [g["lr"] for g in context.optimizer.param_groups]
-        for name, lr in zip(param_group_names(context.optimizer), lrs):
+        groups = named_param_groups(context)
+        lrs = getattr(context, "epoch_lrs", None) or [g["lr"] for _, g in groups]
+        for (name, _), lr in zip(groups, lrs):
             scalars[f"LR/{name}"] = lr
         self._epoch_train_scalars = scalars  # written at on_epoch_end: a partial epoch is not an epoch's point
 

@@ -27,6 +27,7 @@ __all__ = [
     "FunctionLRSchedule",
     "TorchSchedulerCallback",
     "set_group_lrs",
+    "scheduled_optimizers",
     "model_lr_hook",
 ]
 
@@ -35,22 +36,35 @@ def set_group_lrs(context: PhaseContext, lr_of: Callable[[float], float], from_c
     """Every param group's lr = lr_of(its lr0) (``from_current``: lr_of(its current lr)). A param group added
     after the optimizer was built (``optimizer.add_param_group``) takes its lr at that moment as its lr0.
 
+    With several optimizers (SPEC §8) the groups are those of the optimizer being updated
+    (``context.optimizer_name``, at the backward and step events of its update), else of every optimizer.
+
     A model with SuperGradients' ``update_param_groups(param_groups, lr, epoch, iter, training_params,
     total_batch)`` sets the groups itself from lr_of(base lr) instead (base lr: ``initial_lr`` when it is a
     number, else the first group's lr0)."""
-    optimizer = context.optimizer
     hook = model_lr_hook(context.net)
-    if hook is None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_of(group["lr"] if from_current else group.setdefault("initial_lr", group["lr"]))
-        return
-    base = (context.training_params or {}).get("initial_lr")
-    if not isinstance(base, (int, float)) or isinstance(base, bool):
-        base = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])
-    groups = hook(optimizer.param_groups, lr_of(float(base)), context.epoch, context.batch_idx,
-                  context.training_params, context.steps_per_epoch)
-    if groups is not None and groups is not optimizer.param_groups:
-        optimizer.param_groups[:] = list(groups)
+    for optimizer in scheduled_optimizers(context):
+        if hook is None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_of(group["lr"] if from_current else group.setdefault("initial_lr", group["lr"]))
+            continue
+        base = (context.training_params or {}).get("initial_lr")
+        if not isinstance(base, (int, float)) or isinstance(base, bool):
+            base = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])
+        groups = hook(optimizer.param_groups, lr_of(float(base)), context.epoch, context.batch_idx,
+                      context.training_params, context.steps_per_epoch)
+        if groups is not None and groups is not optimizer.param_groups:
+            optimizer.param_groups[:] = list(groups)
+
+
+def scheduled_optimizers(context: PhaseContext) -> List[torch.optim.Optimizer]:
+    """The optimizers a schedule applies to now: the one being updated (``context.optimizer_name``) when there are
+    several, else all of them (``context.optimizer`` for one)."""
+    optimizers = getattr(context, "optimizers", None)
+    if not optimizers or len(optimizers) == 1:
+        return [context.optimizer]
+    name = getattr(context, "optimizer_name", None)
+    return [optimizers[name].optimizer] if name is not None else [h.optimizer for h in optimizers.values()]
 
 
 #: net -> its update_param_groups (or None), looked up once per model: schedules call this every step.
@@ -79,6 +93,12 @@ class _Schedule(Callback):
         self.warmup_epochs = warmup_epochs
         self.warmup_steps = warmup_steps
         self.cooldown_epochs = cooldown_epochs
+
+    def set_horizon(self, max_epochs: int, steps_per_epoch: int) -> bool:
+        """A per-epoch setting changed the run's length (SPEC §8): schedule over the new one. True if it changed."""
+        changed = (max_epochs, steps_per_epoch) != (self.max_epochs, self.steps_per_epoch)
+        self.max_epochs, self.steps_per_epoch = max_epochs, steps_per_epoch
+        return changed
 
     def _active(self, context: PhaseContext) -> bool:
         epoch = context.epoch
@@ -193,13 +213,23 @@ class LinearEpochLRWarmup(Callback):
 
 
 class LinearBatchLRWarmup(Callback):
-    """At on_train_batch_start while global step g < S: lr = w0 + g·(lr0 − w0)/(S − 1); w0 defaults to lr0/(S+1)."""
+    """At on_train_batch_start while global step g < S: lr = w0 + g·(lr0 − w0)/(S − 1); w0 defaults to lr0/(S+1).
+
+    ``warmup_epochs``: S was given as W epochs (S = W·L), so it follows a change of the steps per epoch L."""
 
     priority = Priority.VERY_HIGH
 
-    def __init__(self, warmup_steps: int, warmup_initial_lr: Optional[float] = None) -> None:
+    def __init__(self, warmup_steps: int, warmup_initial_lr: Optional[float] = None,
+                 warmup_epochs: Optional[int] = None) -> None:
         self.warmup_steps = warmup_steps
         self.warmup_initial_lr = warmup_initial_lr
+        self.warmup_epochs = warmup_epochs
+
+    def set_horizon(self, max_epochs: int, steps_per_epoch: int) -> bool:
+        if not self.warmup_epochs or self.warmup_steps == self.warmup_epochs * steps_per_epoch:
+            return False
+        self.warmup_steps = self.warmup_epochs * steps_per_epoch
+        return True
 
     def on_train_batch_start(self, context: PhaseContext) -> None:
         g, S = context.global_step, self.warmup_steps
@@ -235,7 +265,8 @@ class TorchSchedulerCallback(Callback):
         self.phase = default_phase if phase is None else parse_phase(phase, "training_params.lr_mode phase")
         if metric_name is not None:
             self.priority = Priority.LOW  # after NORMAL callbacks that add metrics at the same event
-        self.scheduler: Optional[Any] = None
+        self.scheduler: Optional[Any] = None  # the (first) scheduler
+        self.schedulers: Dict[Optional[str], Any] = {}  # by optimizer name (None: the run's one optimizer)
         self._pending_state: Optional[Dict[str, Any]] = None
         setattr(self, PHASE_EVENTS[self.phase], self._step)
 
@@ -244,31 +275,49 @@ class TorchSchedulerCallback(Callback):
         return f"TorchSchedulerCallback[{self.scheduler_cls.__name__}]"
 
     def on_training_start(self, context: PhaseContext) -> None:
-        """Create the scheduler over ``context.optimizer``. On a resume the optimizer already holds the
-        checkpoint's lrs: the scheduler's constructor (which sets its own first lr) must not change them."""
-        lrs = [group["lr"] for group in context.optimizer.param_groups]
-        self.scheduler = self.scheduler_cls(context.optimizer, **self.params)
-        if self._pending_state is not None:
-            self.scheduler.load_state_dict(self._pending_state)
-            self._pending_state = None
-            for group, lr in zip(context.optimizer.param_groups, lrs):
-                group["lr"] = lr
+        """Create the scheduler over ``context.optimizer`` (one per optimizer when there are several). On a resume
+        the optimizer already holds the checkpoint's lrs: the scheduler's constructor (which sets its own first lr)
+        must not change them."""
+        optimizers = getattr(context, "optimizers", None) or {}
+        names = list(optimizers) if len(optimizers) > 1 else [None]
+        self.schedulers = {}
+        for name, optimizer in zip(names, scheduled_optimizers(context)):
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            scheduler = self.schedulers[name] = self.scheduler_cls(optimizer, **self.params)
+            pending = self._pending_state if name is None else (self._pending_state or {}).get(name)
+            if pending is not None:
+                scheduler.load_state_dict(pending)
+                for group, lr in zip(optimizer.param_groups, lrs):
+                    group["lr"] = lr
+        self._pending_state = None
+        self.scheduler = next(iter(self.schedulers.values()))
 
     def _step(self, context: PhaseContext) -> None:
-        if self.metric_name is not None:
-            value = lookup_metric(context.metrics_dict or {}, self.metric_name)
-            if value is None:
-                raise ValueError(f"lr scheduler metric_name {self.metric_name!r} is not in metrics_dict; "
-                                 f"keys: {list(context.metrics_dict or {})}")
-            self.scheduler.step(value)
-        else:
-            self.scheduler.step()
+        name = getattr(context, "optimizer_name", None)
+        schedulers = self.schedulers.values() if name is None or None in self.schedulers else [self.schedulers[name]]
+        for scheduler in schedulers:
+            if self.metric_name is not None:
+                value = lookup_metric(context.metrics_dict or {}, self.metric_name)
+                if value is None:
+                    raise ValueError(f"lr scheduler metric_name {self.metric_name!r} is not in metrics_dict; "
+                                     f"keys: {list(context.metrics_dict or {})}")
+                scheduler.step(value)
+            else:
+                scheduler.step()
 
     def state_dict(self) -> Dict[str, Any]:
-        return self.scheduler.state_dict() if self.scheduler is not None else {}
+        """The scheduler's state; with several optimizers, each one's by optimizer name."""
+        if self.scheduler is None:
+            return {}
+        if None in self.schedulers:
+            return self.scheduler.state_dict()
+        return {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self.scheduler is None:
             self._pending_state = state
-        else:
+        elif None in self.schedulers:
             self.scheduler.load_state_dict(state)
+        else:
+            for name, scheduler in self.schedulers.items():
+                scheduler.load_state_dict(state[name])

@@ -2,7 +2,10 @@
 its own line, in the order of the diagram; every other file here is one concern ``fit.py`` calls in one line:
 
 - ``fit.py``: the loop (epochs, the train pass, validation, test, history).
-- ``step.py``: the work of one train batch (forward and loss, backward, optimizer step; accumulation, AMP, DDP).
+- ``step.py``: the work of one train batch (forward and loss or the train_step, backward, optimizer step;
+  accumulation, AMP, DDP).
+- ``optimizers.py``: the run's optimizers by name (``context.optimizers``), their checkpoint state, on_optimizer_built.
+- ``settings.py``: per-epoch settings (batch_accumulate, the train loader, max_epochs) and the run's length.
 - ``stops.py``: whether the loop goes on (callback stops, Ctrl-C, non-finite losses, every rank agreeing).
 - ``resume.py``: what a resume restores, and where the running epoch is (the mid-epoch checkpoint record).
 - ``checkpoints.py``: which checkpoint files are written when, and what they hold.

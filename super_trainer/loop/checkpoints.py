@@ -66,8 +66,7 @@ class CheckpointManager:
             "best_epoch": context.best_epoch,
             "metrics": _plain_metrics(last),
             "history": context.history,
-            "optimizer_type": type(parts.optimizer).__name__,
-            "optimizer_state_dict": parts.optimizer.state_dict(),
+            **parts.optimizers.checkpoint_state(),  # optimizer_type, optimizer_state_dict (by name with several)
             "scaler_state_dict": parts.scaler.state_dict() if parts.scaler is not None else None,
             "ema_net": parts.ema.state_dict() if parts.ema is not None else None,
             "callbacks": parts.callbacks.state_dict(),

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..batches import count_batches, numbered, to_device
+from ..batches import BatchReader, call_model, count_batches, metric_preds, numbered
 from ..context import PhaseContext
 from .parts import Meters, RunParts
 
@@ -24,24 +24,25 @@ def evaluate(parts: RunParts, meters: Meters, kind: str, loader: Any, limit: Opt
     was_training = model.training
     model.eval()
     collection = meters.start_eval(kind)
-    criterion, owned, device = context.criterion, context.owned_fields(), context.device
+    criterion, owned = context.criterion, context.owned_fields()
+    read_batch = parts.read_batch or BatchReader(context.device)  # the train pass's batch rules
     try:
         with torch.no_grad():
             for batch_idx, batch, _ in numbered(loader, count_batches(loader, limit), limit):
                 if interrupted():  # Ctrl-C during evaluation: no need to wait for the pass to end
                     raise KeyboardInterrupt
                 owned["batch_idx"] = batch_idx
-                context.inputs, context.target, context.additional_batch_items = to_device(batch, device)
+                context.inputs, context.target, context.additional_batch_items = read_batch(batch)
                 on_batch_start(context)
                 with parts.autocast:
-                    context.preds = model(context.inputs)
+                    context.preds = call_model(model, context.inputs)
                     if criterion is not None:
                         context.loss, context.loss_log_items = meters.compute_loss(criterion, context.preds,
                                                                                    context.target)
                 if criterion is not None:
                     meters.eval_loss.add(context.loss_log_items)
                 if collection is not None:
-                    collection.update(context.preds, context.target)
+                    collection.update(metric_preds(context.preds), context.target)
                 on_batch_end(context)
     finally:
         model.train(was_training)

@@ -1,22 +1,23 @@
 """The training loop: every event of SPEC §1 on its own line, in the order of the diagram in ``callbacks/base.py``.
 
-Each concern the loop serves is one named call to its owner: the work of a step (``step.py``), whether to go on
-(``stops.py``), where the running epoch is and what a resume restores (``resume.py``), which checkpoints are
-written (``checkpoints.py``), and the no-grad passes (``evaluate.py``).
+Each concern the loop serves is one named call to its owner: the work of a step (``step.py``), the optimizers
+(``optimizers.py``), the per-epoch settings (``settings.py``), whether to go on (``stops.py``), where the running
+epoch is and what a resume restores (``resume.py``), which checkpoints are written (``checkpoints.py``), and the
+no-grad passes (``evaluate.py``).
 """
 from __future__ import annotations
 
 import logging
 import math
-import warnings
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
-from ..batches import count_batches, optimizer_steps_per_epoch, to_device
 from ..metrics import check_default_metrics, lookup_metric, warn_non_finite_metrics
 from .checkpoints import CheckpointManager
 from .evaluate import evaluate, test_pass
+from .optimizers import OptimizerHandle
 from .parts import Meters, RunParts
 from .resume import EpochCursor, ResumePlan
+from .settings import EpochSettings
 from .step import TrainStep
 from .stops import NonFiniteGuard, StopControl
 
@@ -31,10 +32,12 @@ class TrainingLoop:
     def __init__(self, parts: RunParts, meters: Meters, plan: ResumePlan, checkpoints: CheckpointManager) -> None:
         self.parts, self.ctx, self.fire, self.params = parts, parts.context, parts.callbacks, parts.params
         self.meters, self.resume, self.checkpoints = meters, plan, checkpoints
-        self.step = TrainStep(parts, meters)
+        self.settings = EpochSettings(parts)
+        self.step = TrainStep(parts, meters, self.optimizer_update)
+        self.read_batch = parts.read_batch
         guard = NonFiniteGuard(parts.params.stop_on_non_finite_loss, parts.params.log_interval, meters.train_loss)
         self.stops = StopControl(parts.context, guard, parts.distributed)
-        self.counted: Tuple[Any, Optional[int]] = (None, None)  # (train loader, its batches per epoch)
+        self.cursor: Optional[EpochCursor] = None  # the running epoch's
         self.epoch_results: Dict[str, Dict[str, Any]] = {}  # the running epoch's "train" and "valid" metrics
 
     # ---- the run --------------------------------------------------------------------------------------
@@ -79,29 +82,20 @@ class TrainingLoop:
         """One pass over the train loader; False when it was cut short (a stop during a batch, Ctrl-C, a non-finite
         loss)."""
         ctx, fire, step, stops = self.ctx, self.fire, self.step, self.stops
-        epoch = self.open_epoch()                           # fresh, or mid-epoch: same batches, RNG, gradients
+        epoch = self.cursor = self.open_epoch()             # fresh, or mid-epoch: same batches, RNG, gradients
         fire.on_train_loader_start(ctx)
-        epoch.restore_lrs()                                 # a mid-epoch resume keeps the checkpoint's lr
+        self.start_pass(epoch)                              # settings written at on_train_loader_start apply now
         stops.open_epoch()                                  # a stop set outside a batch waits for the epoch's end
         try:
             for batch_idx, batch, is_last in epoch.batches():
                 epoch.begin(batch_idx)
-                ctx.inputs, ctx.target, ctx.additional_batch_items = to_device(batch, ctx.device)
+                ctx.inputs, ctx.target, ctx.additional_batch_items = self.read_batch(batch)
                 fire.on_train_batch_start(ctx)
-                stepping = step.is_stepping(batch_idx, is_last)
-                step.forward_loss(ctx, stepping)            # preds, loss, loss_log_items
+                step.begin(batch_idx, is_last)
+                step.forward_loss(ctx)                      # or the train_step, whose own updates fire the events
                 self.meters.add_train(ctx)
-                fire.on_train_batch_loss_end(ctx)
-                if stops.go_on(ctx):                        # every rank agrees before backward's all-reduce
-                    epoch.updating()
-                    step.backward(ctx, batch_idx)
-                    fire.on_train_batch_backward_end(ctx)
-                    if stepping and not ctx.stop_training:
-                        step.unscale(batch_idx, is_last)
-                        fire.on_train_batch_gradient_step_start(ctx)
-                        if step.step(ctx):                  # False after a stop or skip_step
-                            fire.on_train_batch_gradient_step_end(ctx)
-                            stops.check_losses_periodically(ctx)
+                if step.trainer_updates:
+                    self.update_weights(step.first)         # on_train_batch_loss_end ... _gradient_step_end
                 epoch.end(batch_idx)
                 fire.on_train_batch_end(ctx)
                 due = self.checkpoints.mid_epoch_due(ctx, is_last)
@@ -117,30 +111,59 @@ class TrainingLoop:
             self.checkpoints.at_interrupt(ctx, epoch, stops)
         return self.close_epoch(epoch)
 
+    def update_weights(self, handle: OptimizerHandle) -> None:
+        """One optimizer update of the running batch with its events: the trainer's own after forward and loss, or
+        one a train_step asks for with ``context.optimizers[name].update(loss)``."""
+        ctx, fire, step, stops = self.ctx, self.fire, self.step, self.stops
+        fire.on_train_batch_loss_end(ctx)
+        if stops.go_on(ctx):                                # every rank agrees before backward's all-reduce
+            self.cursor.updating()
+            step.backward(ctx, handle)
+            fire.on_train_batch_backward_end(ctx)
+            if step.stepping and not ctx.stop_training:
+                step.unscale(handle)
+                fire.on_train_batch_gradient_step_start(ctx)
+                if step.step(ctx, handle):                  # False after a stop or skip_step
+                    fire.on_train_batch_gradient_step_end(ctx)
+                    stops.check_losses_periodically(ctx)
+
+    def optimizer_update(self, handle: OptimizerHandle, loss: Any) -> None:
+        """``context.optimizers[name].update(loss)`` inside a train_step, with ``context.optimizer_name`` set."""
+        self.step.own_loss(self.ctx, handle, loss)
+        try:
+            self.update_weights(handle)
+        finally:
+            self.ctx.optimizer_name = None
+
     def close_epoch(self, epoch: EpochCursor) -> bool:
         """The train pass's metrics and lrs onto the context, the stop decision, then on_train_loader_end."""
         ctx = self.ctx
         ctx.metrics_dict = self.meters.train_results()
         ctx.trainer_update(epoch_lrs=epoch.lrs())          # before epoch-end schedules change them
-        complete = self.stops.epoch_completed(ctx, ctx.metrics_dict, self.meters.loss_names or [])
-        if not complete:
-            self.step.drop_window()                         # an unfinished accumulation window is dropped
+        complete = self.stops.epoch_completed(ctx, ctx.metrics_dict, self.meters.train_names)
+        self.step.end_pass(complete)                        # no gradient of this pass leaks into the next
         self.fire.on_train_loader_end(ctx)
         self.epoch_results = {"train": dict(ctx.metrics_dict), "valid": {}, "seconds": epoch.seconds()}
         return complete
 
     def open_epoch(self) -> EpochCursor:
-        n_batches = self.count_train_batches()
-        self.step.start_epoch(n_batches)
+        self.settings.apply()                               # settings written since the last epoch
         self.meters.start_train()
         self.parts.model.train()
-        return self.resume.open_epoch(self.parts, self.meters, n_batches)
+        return self.resume.open_epoch(self.parts, self.meters)
+
+    def start_pass(self, epoch: EpochCursor) -> None:
+        """After on_train_loader_start: the batch count and accumulation of this pass, and a mid-epoch resume's
+        lrs (an epoch-start schedule just ran again, but the lr is the checkpoint's)."""
+        n_batches, accumulate = self.settings.apply()
+        self.step.start_epoch(n_batches, accumulate)
+        epoch.start(n_batches)
 
     def epochs(self) -> Iterator[int]:
         """Sets context.epoch to each epoch to run, from the first (the checkpoint's on a resume) while it is below
-        ``context.max_epochs`` (read each time: a callback may extend the run)."""
+        max_epochs (read each time: a callback may extend the run)."""
         epoch = self.ctx.epoch
-        while epoch < self.ctx.max_epochs:
+        while epoch < self.settings.current_max_epochs():
             self.ctx.trainer_update(epoch=epoch)
             yield epoch
             epoch += 1
@@ -193,21 +216,6 @@ class TrainingLoop:
         entry.update({f"train/{k}": v for k, v in results["train"].items()})
         entry.update({f"valid/{k}": v for k, v in results["valid"].items()})
         self.ctx.history.append(entry)
-
-    def count_train_batches(self) -> Optional[int]:
-        """Batches in this epoch's pass over ``context.train_loader`` (a callback may have replaced it)."""
-        loader, counted = self.counted
-        if self.ctx.train_loader is not loader:
-            loader = self.ctx.train_loader
-            counted = count_batches(loader, self.params.max_train_batches)
-            steps = optimizer_steps_per_epoch(self.params, counted)
-            if self.counted[0] is not None and steps != self.ctx.steps_per_epoch and self.ctx.steps_per_epoch is not None:
-                warnings.warn(f"context.train_loader was replaced by one with {steps} optimizer steps per epoch "
-                              f"instead of {self.ctx.steps_per_epoch}; LR schedules and EMA computed their "
-                              "horizon from the first loader", stacklevel=4)
-            self.counted = (loader, counted)
-            self.ctx.trainer_update(steps_per_epoch=steps)
-        return counted
 
 
 def _final_reason(ctx: Any, write_error: Optional[BaseException]) -> str:

@@ -3,17 +3,21 @@ turn batches into ``metrics_dict`` (loss averages first, then metric titles)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+import functools
+import operator
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..batches import BatchReader, metric_preds
 from ..callbacks.base import CallbackHandler
 from ..context import PhaseContext
 from ..ema import ModelEMA
 from ..losses import check_loss_value
 from ..metrics import LossAverageMeter, LossAverager, loss_names, make_collection, metric_values
 from ..params import TrainingParams
+from .optimizers import OptimizerSet
 
 __all__ = ["RunParts", "Meters"]
 
@@ -28,12 +32,15 @@ class RunParts:
     callbacks: CallbackHandler
     net: nn.Module  # the user's model (unwrapped), trained in place; checkpoints hold its state_dict
     model: nn.Module  # what the forward pass calls: net, DDP(net) or a compiled wrapper
-    optimizer: Optional[torch.optim.Optimizer]  # None for Trainer.test
+    optimizer: Optional[torch.optim.Optimizer]  # None for Trainer.test; the first one with several
     scaler: Optional[torch.amp.GradScaler]
     autocast: Any  # a reusable context manager: torch.autocast, or a no-op when mixed precision is off
     ema: Optional[ModelEMA]
     test_loaders: Dict[str, Any]
     distributed: bool = False  # under torchrun (DDP)
+    optimizers: Optional[OptimizerSet] = None  # every optimizer by name (context.optimizers); None for Trainer.test
+    read_batch: Optional[BatchReader] = None  # batch -> (inputs, target, extras) on the device (SPEC §8 "Batches")
+    train_step: Optional[Callable[[PhaseContext], Any]] = None  # replaces forward + criterion in training
 
 
 class Meters:
@@ -45,6 +52,7 @@ class Meters:
         self.context = context  # gets SG's loss_avg_meter / metrics_compute_fn / loss_logging_items_names
         self.declared = list(declared_loss_names) if declared_loss_names else None  # loss_logging_items_names
         self.loss_names = known_names  # None until the loss's first output names them
+        self.step_names: Optional[List[str]] = None  # a train_step's own names (dict keys, components), if any
         self.train_loss = LossAverager()
         self.eval_loss = LossAverager()
         self.train_meter, self.eval_meter = LossAverageMeter(self.train_loss), LossAverageMeter(self.eval_loss)
@@ -72,6 +80,40 @@ class Meters:
             self._name_items(criterion, 1)
         return out, out.detach()
 
+    def read_step(self, out: Any, criterion: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A train_step's result: ``loss``, ``(loss, components)`` or ``{name: loss}`` → (the loss to backward, its
+        detached log items). A tensor is logged under the loss's name, as validation logs it; components under
+        ``<loss>/<component>``; a dict entry under its key, and the dict's sum is the loss."""
+        if isinstance(out, Mapping) and out:
+            values = [_scalar(v, f"train_step's {k!r}") for k, v in out.items()]
+            names = [str(k) for k in out]
+            if self.step_names is not None and self.step_names != names:
+                raise ValueError(f"train_step returned the losses {names}, earlier batches {self.step_names}")
+            self.step_names = names
+            items = torch.stack([v.detach().float() for v in values])
+            return functools.reduce(operator.add, values), items
+        if type(out) is tuple and len(out) == 2:
+            if not isinstance(out[1], torch.Tensor):
+                raise ValueError(f"training_params.train_step: returned (loss, components) with components of type "
+                                 f"{type(out[1]).__name__}; give a 1-d tensor")
+            loss, items = _scalar(out[0], "train_step's loss"), out[1].detach().reshape(-1)
+        else:
+            loss = _scalar(out, "train_step's result")
+            items = loss.detach()
+        count = items.numel()
+        if self.step_names is None or len(self.step_names) != count:
+            if self.step_names is not None:
+                raise ValueError(f"train_step returned {count} loss items, earlier batches {len(self.step_names)}")
+            declared = self.declared or getattr(criterion, "component_names", None)
+            self.step_names = loss_names(criterion, list(declared) if declared and count > 1 else None,
+                                         count if count > 1 else 0)
+        return loss, items
+
+    @property
+    def train_names(self) -> List[str]:
+        """The metrics_dict loss keys of the train pass."""
+        return list(self.step_names or self.loss_names or [])
+
     def _name_items(self, criterion: Any, count: int) -> None:
         declared = self.declared or getattr(criterion, "component_names", None)
         if declared and len(declared) != count:
@@ -93,10 +135,13 @@ class Meters:
         """One train batch's loss items and metric update."""
         self.train_loss.add(context.loss_log_items)
         if self.collections["train"] is not None:
-            self.collections["train"].update(context.preds.detach(), context.target)
+            if context.preds is None:
+                raise ValueError("training_params.train_metrics_list: the train_step stored no context.preds to "
+                                 "compute the train metrics on; store the model's output there, or drop the metrics")
+            self.collections["train"].update(metric_preds(context.preds).detach(), context.target)
 
     def train_results(self) -> Dict[str, Any]:
-        return self._results(self.train_loss, self.collections["train"])
+        return self._results(self.train_loss, self.collections["train"], self.train_names)
 
     def start_eval(self, kind: str) -> Any:
         """Reset the evaluation meters of ``kind`` ("valid" or "test"); returns its metric collection."""
@@ -108,10 +153,18 @@ class Meters:
         return collection
 
     def eval_results(self, kind: str) -> Dict[str, Any]:
-        return self._results(self.eval_loss, self.collections[kind])
+        return self._results(self.eval_loss, self.collections[kind], self.loss_names or [])
 
-    def _results(self, losses: LossAverager, collection: Any) -> Dict[str, Any]:
-        results: Dict[str, Any] = dict(zip(self.loss_names or [], losses.average()))
+    def _results(self, losses: LossAverager, collection: Any, names: List[str]) -> Dict[str, Any]:
+        results: Dict[str, Any] = dict(zip(names, losses.average()))
         if collection is not None:
             results.update(metric_values(collection))
         return results
+
+
+def _scalar(value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"training_params.train_step: {what} must be a scalar tensor (the loss to backward), got "
+                         f"{shown}")
+    return value if value.dim() == 0 else value.reshape(())

@@ -2,7 +2,8 @@
 knows where the running epoch is. The cursor is the one place that writes and reads a mid-epoch checkpoint's
 ``epoch_progress`` record, so a resumed epoch sees the same batches, RNG, gradients and lrs as the original.
 
-The loop consults the plan at two points only: at the start of the fit (restore the RNG) and when an epoch opens
+``ResumePlan.start`` also fires on_optimizer_built (between reading the file and restoring it). The loop consults
+the plan at two points only: at the start of the fit (restore the RNG) and when an epoch opens
 (a fresh cursor, or one that continues the checkpoint's epoch).
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..batches import numbered
-from ..checkpoint import CheckpointError, check_optimizer_fits, read_checkpoint
+from ..checkpoint import CheckpointError, read_checkpoint
 from ..rng import get_rng_state, set_rng_state
+from .optimizers import optimizers_built
 from .parts import Meters, RunParts
 
 __all__ = ["ResumePlan", "EpochCursor"]
@@ -24,7 +26,8 @@ logger = logging.getLogger("super_trainer")
 
 
 class ResumePlan:
-    """What a resume restores: read once, before any event (a bad checkpoint raises CheckpointError then)."""
+    """What a resume restores: read once, before on_training_start (a missing or broken checkpoint raises
+    CheckpointError before any event; one that does not fit the optimizers, after on_optimizer_built)."""
 
     def __init__(self, start_epoch: int = 0, rng: Optional[Dict[str, Any]] = None,
                  progress: Optional[Dict[str, Any]] = None, last_metrics: Optional[Dict[str, Any]] = None) -> None:
@@ -38,27 +41,30 @@ class ResumePlan:
         return self.rng is not None
 
     @classmethod
-    def read(cls, parts: RunParts, ckpt_dir: Path) -> "ResumePlan":
-        """Load ckpt_latest (or ``resume_path``) into the run's model, optimizer, scaler, EMA, callbacks and
-        context counters. A missing ckpt_latest (not a missing resume_path) means a fresh start, with a warning."""
+    def start(cls, parts: RunParts, ckpt_dir: Path) -> "ResumePlan":
+        """Before on_training_start: read the checkpoint to resume from (``resume``; a missing or broken file is a
+        CheckpointError before any event), fire on_optimizer_built, then restore the checkpoint into the run, so the
+        param groups added at that event are there when the optimizer state loads."""
+        found = _read(parts.params, ckpt_dir) if parts.params.resume else None
+        optimizers_built(parts)
+        return cls._restore(parts, *found) if found is not None else cls()
+
+    @classmethod
+    def _restore(cls, parts: RunParts, state: Dict[str, Any], path: Path) -> "ResumePlan":
+        """Load the checkpoint into the run's model, optimizers, scaler, EMA, callbacks and context counters."""
         params, context = parts.params, parts.context
-        path = Path(params.resume_path) if params.resume_path else ckpt_dir / params.ckpt_name
-        if params.resume_path is None and not path.exists():
-            warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=3)
-            return cls()
-        state = read_checkpoint(path, weights_only=params.resume_weights_only)
         _load_model_state(parts, state, path)
         unclaimed = parts.callbacks.load_state_dict(state["callbacks"] or {})
         if unclaimed:
-            warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=3)
+            warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=4)
         start_epoch = int(state["epoch"])
         if start_epoch >= params.max_epochs:
             warnings.warn(f"resume: {path} has already completed {start_epoch} epochs and max_epochs is "
                           f"{params.max_epochs}; nothing left to train (raise training_params.max_epochs to continue)",
-                          stacklevel=3)
+                          stacklevel=4)
         context.global_step = int(state.get("global_step", 0))
         context.batches_seen = int(state.get("batches_seen", 0))
-        context.update_context(epoch=start_epoch, best_metric=state["best_metric"], best_epoch=state.get("best_epoch"),
+        context.trainer_update(epoch=start_epoch, best_metric=state["best_metric"], best_epoch=state.get("best_epoch"),
                                history=list(state.get("history") or []))
         plan = cls(start_epoch, state["rng_state"], state.get("epoch_progress"), state.get("metrics"))
         where = f"in epoch {start_epoch} after batch {plan.progress['batches']}" if plan.progress else \
@@ -72,24 +78,34 @@ class ResumePlan:
         if self.rng is not None and self.progress is None:
             set_rng_state(self.rng)
 
-    def open_epoch(self, parts: RunParts, meters: Meters, n_batches: Optional[int]) -> "EpochCursor":
+    def open_epoch(self, parts: RunParts, meters: Meters) -> "EpochCursor":
         """The running epoch's cursor: fresh, or continuing the checkpoint's epoch (once)."""
         progress, self.progress = self.progress, None
-        cursor = EpochCursor(parts, meters, n_batches, progress, self.rng)
+        cursor = EpochCursor(parts, meters, progress, self.rng)
         start_step = progress["epoch_start_step"] if progress else parts.context.global_step
         parts.context.trainer_update(epoch_start_step=start_step)
         return cursor
 
 
+def _read(params: Any, ckpt_dir: Path) -> Optional[Tuple[Dict[str, Any], Path]]:
+    """The checkpoint to resume from: ckpt_latest (or ``resume_path``); None for a missing ckpt_latest (not a missing
+    resume_path), which means a fresh start, with a warning."""
+    path = Path(params.resume_path) if params.resume_path else ckpt_dir / params.ckpt_name
+    if params.resume_path is None and not path.exists():
+        warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=4)
+        return None
+    return read_checkpoint(path, weights_only=params.resume_weights_only), path
+
+
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
-    """Weights, optimizer (unless SG's ``load_opt_params`` is False: weights only), scaler and EMA."""
+    """Weights, optimizers (unless SG's ``load_opt_params`` is False: weights only), scaler and EMA."""
     with_optimizer = parts.params.get("load_opt_params", True)
-    if with_optimizer:
-        check_optimizer_fits(parts.optimizer, state, path)
+    if with_optimizer:  # before anything is loaded: a refused checkpoint leaves the model as it was
+        parts.optimizers.check(state, path)
     try:
         parts.net.load_state_dict(state["net"])
         if with_optimizer:
-            parts.optimizer.load_state_dict(state["optimizer_state_dict"])
+            parts.optimizers.load(state)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
     if parts.scaler is not None and state["scaler_state_dict"]:
@@ -106,9 +122,10 @@ class EpochCursor:
     """Where the running epoch is: the batches whose work is in the weights, whether a batch is running, the RNG
     state its loader iterator was created from, when it started, and (resumed) the checkpoint's record."""
 
-    def __init__(self, parts: RunParts, meters: Meters, n_batches: Optional[int],
-                 progress: Optional[Dict[str, Any]], rng_after: Optional[Dict[str, Any]]) -> None:
-        self.parts, self.meters, self.n_batches = parts, meters, n_batches
+    def __init__(self, parts: RunParts, meters: Meters, progress: Optional[Dict[str, Any]],
+                 rng_after: Optional[Dict[str, Any]]) -> None:
+        self.parts, self.meters = parts, meters
+        self.n_batches: Optional[int] = None  # set by start(), once on_train_loader_start has run
         self.progress, self.rng_after = progress, rng_after
         self.resumed_at = progress["batches"] if progress else 0
         self.done: Optional[int] = self.resumed_at  # batches whose work is in the weights; None mid-update
@@ -117,12 +134,12 @@ class EpochCursor:
         self.started = time.perf_counter() - (progress["seconds"] if progress else 0.0)
         self._owned = parts.context.owned_fields()
 
-    def restore_lrs(self) -> None:
-        """After on_train_loader_start of a resumed epoch: an epoch-start schedule just ran again, but the lr
-        is the checkpoint's."""
+    def start(self, n_batches: Optional[int]) -> None:
+        """After on_train_loader_start: the pass's batch count; for a resumed epoch, the checkpoint's lrs (an
+        epoch-start schedule just ran again, but the lr is the checkpoint's)."""
+        self.n_batches = n_batches
         if self.progress is not None:
-            for group, lr in zip(self.parts.optimizer.param_groups, self.progress["lrs"]):
-                group["lr"] = lr
+            self.parts.optimizers.set_lrs(self.progress["lrs"])
 
     def batches(self) -> Iterator[Tuple[int, Any, bool]]:
         """The epoch's ``(batch_idx, batch, is_last)``, its loader iterator created from a recorded RNG state. A
@@ -164,7 +181,7 @@ class EpochCursor:
 
     def record(self) -> Dict[str, Any]:
         """The ``epoch_progress`` record of a mid-epoch checkpoint taken after ``done`` batches (SPEC §7)."""
-        net, optimizer = self.parts.net, self.parts.optimizer
+        net = self.parts.net
         grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}  # the writer copies
         return {
             "batches": self.done,
@@ -173,8 +190,8 @@ class EpochCursor:
             "loss_items": self.meters.train_loss.stacked(),
             "grads": grads or None,  # an accumulation window cut by Ctrl-C continues where it was
             "seconds": self.seconds(),
-            "lrs": [group["lr"] for group in optimizer.param_groups],
+            "lrs": self.parts.optimizers.lrs(),
         }
 
     def lrs(self) -> List[float]:
-        return [group["lr"] for group in self.parts.optimizer.param_groups]
+        return self.parts.optimizers.lrs()

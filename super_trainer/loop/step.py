@@ -1,94 +1,183 @@
-"""The work of one train batch: forward and loss, backward, and the optimizer step, with gradient accumulation,
-mixed precision, DDP's ``no_sync`` and closure optimizers. The events around this work are fired by ``fit.py``.
+"""The work of one train batch: forward and loss (or the user's ``train_step``), backward, and the optimizer step,
+with gradient accumulation, mixed precision, DDP and closure optimizers. The events around this work are fired by
+``fit.py`` (``train_epoch`` and ``update_weights``).
 
 Accumulation (SPEC §1): the optimizer steps on every ``batch_accumulate``-th batch of the epoch and on its last
 batch; windows never span epochs, and each micro-batch loss is scaled by 1/(its window's size), so accumulation
 equals one big batch.
+
+Custom steps (SPEC §8): a ``train_step(context)`` runs under the trainer's autocast and returns the loss(es); the
+trainer then updates the one optimizer, unless the step updated through ``context.optimizers[name].update(loss)``
+itself (always, with several optimizers). Under torchrun such a run is not wrapped in DistributedDataParallel: the
+gradients are averaged here on the stepping micro-batch (:class:`~.optimizers.GradientSync`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, List, Optional, Tuple
+import warnings
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from ..batches import rescale_grads, window_size
+from ..batches import call_model, rescale_grads, window_size
 from ..context import PhaseContext
 from ..optimizers import step_takes_closure
+from .optimizers import GradientSync, OptimizerHandle
 from .parts import Meters, RunParts
 
 __all__ = ["TrainStep"]
 
 
 class TrainStep:
-    """Forward, backward and optimizer step of one micro-batch; ``start_epoch`` sets the epoch's batch count."""
+    """Forward, backward and optimizer step of one micro-batch. ``start_epoch`` sets the epoch's batch count and
+    accumulation, ``begin`` the running batch."""
 
-    def __init__(self, parts: RunParts, meters: Meters) -> None:
+    def __init__(self, parts: RunParts, meters: Meters, update: Callable[[OptimizerHandle, Any], None]) -> None:
         self.parts = parts
         self.meters = meters
-        self.optimizer = parts.optimizer
+        self.optimizers = parts.optimizers
+        self.first = parts.optimizers.first  # the optimizer the trainer updates by itself
+        self.custom = parts.train_step  # None: forward + criterion
+        self.update = update  # the loop's update with its events, run by context.optimizers[name].update(loss)
         self.accumulate = int(parts.params.batch_accumulate)
         self.with_closure = step_takes_closure(parts.optimizer)
         self.n_batches: Optional[int] = None  # batches in the running epoch; None when the loader has no len()
+        self.batch_idx, self.is_last, self.stepping = 0, False, True
+        self.counted = False  # global_step already counts the running batch
+        self.in_custom = False  # the user's train_step is running (it may update through context.optimizers)
+        self.updated = False  # the running batch's train_step updated through context.optimizers
+        self.unscaled = False  # the GradScaler unscaled gradients inside the train_step (updated after it)
+        self.sync = GradientSync(parts.net) if parts.distributed and self.custom is not None else None
+        self._local: Any = None  # autocast plus DDP's no_sync() for micro-batches that do not step
+        self.autocasting = isinstance(parts.autocast, torch.autocast)
+        self._no_autocast = torch.autocast(parts.context.device.type, enabled=False) if self.autocasting \
+            else contextlib.nullcontext()
+
+    def start_epoch(self, n_batches: Optional[int], accumulate: int) -> None:
+        self.n_batches, self.accumulate = n_batches, accumulate
         # DDP decides at forward time whether the backward all-reduces: a micro-batch that does not step runs its
         # forward inside no_sync(), so the all-reduce happens once per window, on the stepping micro-batch.
-        self._local = _LocalAccumulation(parts) if parts.distributed and self.accumulate > 1 else None
+        if self._local is None and accumulate > 1 and self.parts.distributed and self.sync is None:
+            self._local = _LocalAccumulation(self.parts)
 
-    def start_epoch(self, n_batches: Optional[int]) -> None:
-        self.n_batches = n_batches
+    def begin(self, batch_idx: int, is_last: bool) -> None:
+        """A new micro-batch: the optimizer steps after it when it is its window's last, or the epoch's last."""
+        self.batch_idx, self.is_last = batch_idx, is_last
+        self.stepping = is_last or (batch_idx + 1) % self.accumulate == 0
+        self.counted = self.updated = False
+        if self.sync is not None:
+            self.sync.broadcast_buffers()
 
-    def is_stepping(self, batch_idx: int, is_last: bool) -> bool:
-        """The optimizer steps after this micro-batch: the window's last, or the epoch's last batch."""
-        return is_last or (batch_idx + 1) % self.accumulate == 0
+    @property
+    def trainer_updates(self) -> bool:
+        """The trainer runs the batch's update itself: no train_step, or one that did not update through
+        ``context.optimizers`` (with several optimizers the step always updates them itself)."""
+        return not self.updated and not self.optimizers.several
 
-    def forward_loss(self, context: PhaseContext, stepping: bool) -> None:
-        """context.preds = model(inputs); context.loss, context.loss_log_items = the criterion's."""
-        with self.parts.autocast if stepping or self._local is None else self._local:
-            context.preds = self.parts.model(context.inputs)
+    # ---- forward and loss ------------------------------------------------------------------------------
+    def forward_loss(self, context: PhaseContext) -> None:
+        """context.preds = model(inputs) and context.loss, context.loss_log_items = the criterion's; or the
+        train_step's loss(es) (its updates through context.optimizers run meanwhile)."""
+        if self.custom is not None:
+            return self.run_custom(context)
+        model, inputs = self.parts.model, context.inputs
+        with self.parts.autocast if self.stepping or self._local is None else self._local:
+            context.preds = model(inputs) if type(inputs) is torch.Tensor else call_model(model, inputs)
             context.loss, context.loss_log_items = self.meters.compute_loss(context.criterion, context.preds,
                                                                             context.target)
 
-    def backward(self, context: PhaseContext, batch_idx: int) -> None:
-        """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler."""
-        window = window_size(batch_idx, self.n_batches, self.accumulate)
+    def run_custom(self, context: PhaseContext) -> None:
+        context.preds = None
+        self.in_custom, self.unscaled = True, False
+        self.optimizers.bind(self.update)
+        try:
+            with self.parts.autocast:
+                out = self.custom(context)
+        finally:
+            self.optimizers.bind(None)
+            self.in_custom = False
+        if self.unscaled:  # once per batch, after every optimizer of the window stepped (torch's AMP recipe)
+            self.parts.scaler.update()
+        context.loss, context.loss_log_items = self.meters.read_step(out, context.criterion)
+
+    def own_loss(self, context: PhaseContext, handle: OptimizerHandle, loss: Any) -> None:
+        """Before the events of ``context.optimizers[name].update(loss)``: the update's loss on the context."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"context.optimizers[{handle.name!r}].update(loss): loss must be a scalar tensor, got "
+                             f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        self.updated = True
+        context.optimizer_name = handle.name
+        context.loss, context.loss_log_items = loss, loss.detach()
+
+    # ---- backward and step -----------------------------------------------------------------------------
+    def backward(self, context: PhaseContext, handle: OptimizerHandle) -> None:
+        """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler; with several optimizers only
+        into ``handle``'s parameters, so one optimizer's loss never adds to another's gradients."""
+        window = window_size(self.batch_idx, self.n_batches, self.accumulate)
         loss = context.loss if window == 1 else context.loss / window
         if self.parts.scaler is not None:
             loss = self.parts.scaler.scale(loss)
-        loss.backward()
+        if not self.in_custom:
+            loss.backward()
+            return
+        with self._no_autocast:  # backward runs outside autocast (a train_step's update runs inside it)
+            loss.backward(inputs=handle.parameters()) if handle.restricted else loss.backward()
 
-    def unscale(self, batch_idx: int, is_last: bool) -> None:
-        """Gradients in true units before on_train_batch_gradient_step_start: the AMP scale removed, and a short
-        last window of a loader without len() (scaled by 1/batch_accumulate) corrected."""
+    def unscale(self, handle: OptimizerHandle) -> None:
+        """Gradients in true units before on_train_batch_gradient_step_start: averaged over the ranks (a
+        train_step under torchrun), the AMP scale removed, and a short last window of a loader without len()
+        (scaled by 1/batch_accumulate) corrected."""
+        params = handle.parameters() if self.sync is not None or self.n_batches is None else []
+        if self.sync is not None:
+            self.sync.average(params)
         if self.parts.scaler is not None:
-            self.parts.scaler.unscale_(self.optimizer)
-        if is_last and self.n_batches is None and (batch_idx + 1) % self.accumulate:
-            rescale_grads(self.parts.net, self.accumulate / ((batch_idx % self.accumulate) + 1))
+            self.parts.scaler.unscale_(handle.optimizer)
+            self.unscaled = self.in_custom
+        if self.is_last and self.n_batches is None and (self.batch_idx + 1) % self.accumulate:
+            rescale_grads(params, self.accumulate / ((self.batch_idx % self.accumulate) + 1))
 
-    def step(self, context: PhaseContext) -> bool:
-        """optimizer.step, zero_grad, global_step += 1; False (no step) after a stop or ``skip_step``."""
-        optimizer, scaler = self.optimizer, self.parts.scaler
+    def step(self, context: PhaseContext, handle: OptimizerHandle) -> bool:
+        """optimizer.step, zero_grad, and global_step += 1 at the batch's first update; False (no step) after a
+        stop or ``skip_step``."""
+        optimizer, scaler = handle.optimizer, self.parts.scaler
         if context.stop_training:
             return False
         if context.skip_step:
             context.skip_step = False
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
+            if scaler is not None and not self.in_custom:
                 scaler.update()  # ends this step's unscale_ bookkeeping
             return False
         if self.with_closure:
             optimizer.step(_StepClosure(self, context))
         elif scaler is not None:
             scaler.step(optimizer)
-            scaler.update()
+            if not self.in_custom:
+                scaler.update()
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        context.global_step += 1
+        if self.in_custom and self.autocasting:
+            # autocast caches its low-precision copies of the weights until the outermost autocast exits, and a
+            # train_step runs all its updates inside one: the next forward must not see the old weights
+            torch.clear_autocast_cache()
+        if not self.counted:  # global_step counts train batches that made at least one update
+            context.global_step += 1
+            self.counted = True
         return True
 
-    def drop_window(self) -> None:
-        """Forget the gradients of an accumulation window a stop cut short."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def end_pass(self, complete: bool) -> None:
+        """At the pass's end, no gradient leaks into the next pass: those of an accumulation window a stop cut
+        short are dropped, and so are those of a last window that never stepped because the loader yielded fewer
+        batches than its len() said (with a warning)."""
+        if complete and (self.is_last or self.stepping):
+            return
+        if complete:
+            warnings.warn(f"the train loader ended after {self.batch_idx + 1} batches, but its len() said "
+                          f"{self.n_batches}: the gradients of its last, unfinished accumulation window are dropped",
+                          stacklevel=3)
+        for handle in self.optimizers:
+            handle.optimizer.zero_grad(set_to_none=True)
 
 
 class _LocalAccumulation:
@@ -134,7 +223,8 @@ class _StepClosure:
         parts, context = self.step.parts, self.context
         parts.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad(), parts.autocast:
-            preds = parts.model(context.inputs)
+            inputs = context.inputs
+            preds = parts.model(inputs) if type(inputs) is torch.Tensor else call_model(parts.model, inputs)
             loss, _ = self.step.meters.compute_loss(context.criterion, preds, context.target)
         loss.backward()
         self.loss, self.versions, self.fingerprint = loss.detach(), versions, fingerprint
