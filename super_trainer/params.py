@@ -15,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from .params_runs import RUN_DEFAULTS, settle_max_epochs, validate_run_keys
 from .registry import close_matches, to_plain
 
 __all__ = ["LR_MODES", "WARMUP_MODES", "normalize_lr_mode", "normalize_warmup_mode", "DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
@@ -133,13 +134,13 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "step_lr_update_freq": None,
     "sg_logger_params": {},
     "pre_prediction_callback": None,
+    **RUN_DEFAULTS,  # max_steps, val_check_interval, save_top_k, run_id (params_runs.py)
 }
 
 #: SuperGradients 3.7 training_params keys for features super_trainer does not have, each with the value that
 #: means "off" in SG (its default). That value is accepted silently; any other raises one ValueError that
 #: lists every such key (SPEC §7). docs/migrating_from_supergradients.md explains each.
 SG_UNSUPPORTED_DEFAULTS: Dict[str, Any] = {
-    "run_id": None,
     "resume_from_remote_sg_logger": False,
     "load_opt_params": True,
     "launch_tensorboard": False,
@@ -203,6 +204,8 @@ def _number(params: Mapping[str, Any], key: str, positive: bool = True, optional
 
 def resolve_training_params(given: Any) -> TrainingParams:
     """Merge ``given`` (dict or DictConfig) over the defaults and validate; ValueError names the bad key."""
+    if isinstance(given, TrainingParams):
+        return TrainingParams(given)  # already resolved (the Trainer resolves first, to choose the run dir)
     if given is None:
         raise ValueError("training_params is required (at least {'max_epochs': N, 'initial_lr': lr})")
     given = to_plain(given)
@@ -212,6 +215,7 @@ def resolve_training_params(given: Any) -> TrainingParams:
     _check_keys(given)
     params = TrainingParams(copy.deepcopy(DEFAULT_TRAINING_PARAMS))  # no run shares a mutable default
     params.update(given)
+    settle_max_epochs(params, REQUIRED)  # optional when max_steps is given
     for key, value in params.items():
         if value is REQUIRED:
             raise _error(key, "is required")
@@ -311,6 +315,7 @@ def _compile_options(params: TrainingParams) -> None:
 
 
 def _validate(params: TrainingParams) -> None:
+    validate_run_keys(params)
     _validate_optimizer(params)
     _validate_numbers(params)
     _validate_logging_and_files(params)
@@ -318,7 +323,7 @@ def _validate(params: TrainingParams) -> None:
 
 
 def _validate_optimizer(params: TrainingParams) -> None:
-    _int(params, "max_epochs", 1)
+    _int(params, "max_epochs", 1, optional=params["max_steps"] is not None)
     optimizer = params["optimizer"]
     is_instance = isinstance(optimizer, torch.optim.Optimizer)
     initial_lr = params["initial_lr"]
@@ -410,7 +415,8 @@ def _validate_schedule_and_flags(params: TrainingParams) -> None:
     if params["warmup_mode"] == "linear_epoch_step" and params["lr_warmup_epochs"] == 0 and params["lr_warmup_steps"]:
         raise _error("warmup_mode", "'linear_epoch_step' needs lr_warmup_epochs > 0; for lr_warmup_steps use "
                                     "warmup_mode 'linear_batch_step' (LinearBatchLRWarmup)")
-    if params["lr_warmup_epochs"] + params["lr_cooldown_epochs"] > params["max_epochs"]:
+    max_epochs = params["max_epochs"]  # None with max_steps alone: derived once the loader is counted
+    if max_epochs is not None and params["lr_warmup_epochs"] + params["lr_cooldown_epochs"] > max_epochs:
         raise _error("lr_warmup_epochs", "plus lr_cooldown_epochs must not exceed max_epochs")
     phase_callbacks = params["phase_callbacks"]
     if phase_callbacks is None:

@@ -165,7 +165,10 @@ class BaseLogger(Callback):
             self.add_scalars(scalars, context.epoch, unit="epoch")
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:
-        self.add_scalars({f"Valid/{k}": v for k, v in (context.metrics_dict or {}).items()}, context.epoch, "epoch")
+        # with val_check_interval an epoch may hold several validations: they are placed by global_step
+        by_step = (context.training_params or {}).get("val_check_interval") is not None
+        step, unit = (context.global_step, "step") if by_step else (context.epoch, "epoch")
+        self.add_scalars({f"Valid/{k}": v for k, v in (context.metrics_dict or {}).items()}, step, unit)
 
     def on_test_loader_end(self, context: PhaseContext) -> None:
         loader = getattr(context, "test_loader_name", None) or "test"
