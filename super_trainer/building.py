@@ -381,9 +381,9 @@ def _sg_logger(params: TrainingParams, callbacks: CallbackHandler) -> Any:
 
 
 def write_run_files(inputs: RunInputs, params: TrainingParams, ckpt_dir: Path) -> None:
-    """The experiment dir's files that describe the run (rank 0): a recipe's own files, then the resolved params.
+    """The run dir's files that describe the run (rank 0): a recipe's own files, then the resolved params.
     Called once everything is validated and the checkpoint (if resuming) was read, so a failed start leaves an
-    existing experiment dir as it was."""
+    existing run dir as it was."""
     if not distributed.is_main_process():
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -395,7 +395,7 @@ def _validate_logging_and_files(params: TrainingParams) -> None:
     for key in ("ckpt_name", "ckpt_best_name"):
         name = params[key]
         if not isinstance(name, str) or not name or "/" in name or "\\" in name:
-            raise _error(key, f"must be a file name inside the experiment dir, got {name!r}")
+            raise _error(key, f"must be a file name inside the run dir, got {name!r}")
     if params["ckpt_best_name"] == "ckpt_latest.pth":
         raise _error("ckpt_best_name", "must differ from ckpt_latest.pth, which holds the latest checkpoint")
     _compile_options(params)

@@ -3,7 +3,7 @@
 A recipe's top-level keys: ``experiment_name``, ``ckpt_root_dir``, ``device``, ``architecture``,
 ``custom_imports``, and the groups ``training_hyperparams``, ``dataset_params``, ``arch_params``,
 ``checkpoint_params``. Objects are built through the registries (``{Name: {params}}`` or a Hydra
-``_target_`` mapping). The resolved recipe is saved as ``recipe.yaml`` in the experiment dir.
+``_target_`` mapping). The resolved recipe is saved as ``recipe.yaml`` in the run dir.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def _scalar(value: Any) -> Optional[float]:
 
 
 class BaseLogger(Callback):
-    """Writes metrics and lifecycle lines to ``<experiment dir>/experiment.log`` (appending on resume)."""
+    """Writes metrics and lifecycle lines to ``<run dir>/experiment.log`` (appending on resume)."""
 
     priority = Priority.LOW  # log what other callbacks may have added to metrics_dict
 
@@ -81,7 +81,7 @@ class BaseLogger(Callback):
 
     def add_image(self, tag: str, image: Any, step: int = 0) -> None:
         """Log one image shaped ``(C, H, W)`` (C in 1, 3, 4) or ``(H, W)``: floats in [0, 1], or integers
-        0–255. The base logger saves ``<experiment dir>/images/<tag>_<step>.png`` ("/" in tags becomes "_")."""
+        0–255. The base logger saves ``<run dir>/images/<tag>_<step>.png`` ("/" in tags becomes "_")."""
         self._ensure_open()
         if self.enabled:
             self._write_image(tag, to_hwc_uint8(image), step)
@@ -186,7 +186,7 @@ class BaseLogger(Callback):
 
 
 class TensorBoardLogger(BaseLogger):
-    """BaseLogger plus TensorBoard event files in the experiment dir.
+    """BaseLogger plus TensorBoard event files in the run dir.
 
     Scalars are queued and handed to TensorBoard's writer at epoch-level events (and at least every
     ``flush_secs`` seconds), then flushed synchronously: the writer's background thread encodes records in
