@@ -91,7 +91,7 @@ def choose_run(experiment_dir: Path, params: Mapping[str, Any]) -> RunChoice:
     """Which run dir to train in and what to resume from (reads only; see the module docstring)."""
     run_id, resume_path, ckpt_name = params.get("run_id"), params.get("resume_path"), params["ckpt_name"]
     resume = bool(params.get("resume")) or resume_path is not None
-    directory = experiment_dir / (run_id if run_id is not None else new_run_id())
+    directory = experiment_dir / (run_id if run_id is not None else _unused_run_id(experiment_dir))
     if resume_path is not None:
         return RunChoice(directory, Path(resume_path))
     if not resume:
@@ -129,6 +129,15 @@ def agree_on_run(choice: RunChoice, context: Any) -> RunChoice:
     if shared[0] != choice:
         context.trainer_update(ckpt_dir=shared[0].directory)
     return shared[0]
+
+
+def _unused_run_id(experiment_dir: Path) -> str:
+    """A new run's name that no dir of the experiment has (two starts in one microsecond get two names)."""
+    while True:
+        name = new_run_id()
+        if not (experiment_dir / name).exists():
+            return name
+        time.sleep(1e-6)
 
 
 def _holds_files(directory: Path) -> bool:
