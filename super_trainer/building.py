@@ -50,6 +50,7 @@ from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .named_optimizers import build_optimizers
 from .optimizers import step_takes_closure
 from .params import TrainingParams, resolve_training_params
+from .params_runs import derive_max_epochs, run_horizon
 from .registry import CALLBACKS, close_matches, parse_spec
 from .rng import seed_everything
 from .steps import build_batch_reader, resolve_train_step
@@ -115,7 +116,7 @@ def builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ck
     if params.get("pre_prediction_callback") is not None:
         callbacks.append(PrePredictionCallback(params.pre_prediction_callback))
     if params.ema:
-        callbacks.append(EMAUpdate(total_steps=(steps_per_epoch or 1) * params.max_epochs,
+        callbacks.append(EMAUpdate(total_steps=run_horizon(params, steps_per_epoch) or params.max_epochs,
                                    per_batch=several_optimizers))
     if params.clip_grad_norm:
         callbacks.append(GradientClipping(params.clip_grad_norm))
@@ -241,8 +242,9 @@ def build_lr_callbacks(params: Mapping[str, Any], steps_per_epoch: int) -> List[
                       "run ends before the lr schedule starts (fine for a smoke run of a longer recipe)", stacklevel=3)
 
     mode = normalize_lr_mode(params.get("lr_mode"))
+    horizon = run_horizon(params, steps_per_epoch) if params.get("max_steps") is not None else None
     common = dict(max_epochs=M, steps_per_epoch=steps_per_epoch, warmup_epochs=W, warmup_steps=S,
-                  cooldown_epochs=C)
+                  cooldown_epochs=C, total_steps=horizon)
     decay = float(params["lr_decay_factor"])
     if mode is None:
         pass
@@ -315,6 +317,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     criterion = build_criterion(params, device)
     train_step = _train_step(params, net, optimizers)
     steps_per_epoch = _check_loaders(params, inputs.train_loader, inputs.valid_loader)
+    derive_max_epochs(params, steps_per_epoch)  # max_steps without max_epochs
     test_loaders = dict(inputs.test_loaders or {})
     metrics = _build_metrics(params, bool(test_loaders))
     known = known_loss_names(criterion, params)
@@ -344,8 +347,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         valid_loader=inputs.valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
         train_metrics=metrics["train"], valid_metrics=metrics["valid"], test_metrics={}, ema_model=ema,
         lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0, max_epochs=params.max_epochs,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * params.max_epochs if steps_per_epoch is not None else None,
+        steps_per_epoch=steps_per_epoch, total_steps=run_horizon(params, steps_per_epoch),
         batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), history=[],
         loss_logging_items_names=known, ddp_silent_mode=not distributed.is_main_process(),
         **inputs.context_extras,
@@ -375,7 +377,14 @@ def _check_loaders(params: TrainingParams, train_loader: Any, valid_loader: Any)
     if valid_loader is not None and count_batches(valid_loader, None) == 0:
         raise ValueError("valid_loader has no batches (len(valid_loader) == 0): validation metrics and "
                          "ckpt_best would be meaningless; pass valid_loader=None to train without validation")
-    return optimizer_steps_per_epoch(params, train_batches)
+    for key in ("val_check_interval", "save_top_k"):
+        if params[key] is not None and valid_loader is None:
+            raise ValueError(f"training_params.{key}: needs validation, but no valid_loader was given")
+    steps = optimizer_steps_per_epoch(params, train_batches)
+    if isinstance(params.val_check_interval, float) and steps is None:
+        raise ValueError("training_params.val_check_interval: a fraction of an epoch needs the epoch's length, but "
+                         "train_loader has no len(); set max_train_batches, or give an int (every N optimizer steps)")
+    return steps
 
 
 def _build_metrics(params: TrainingParams, testing: bool) -> Dict[str, Dict[str, Any]]:
@@ -420,9 +429,9 @@ def _sg_logger(params: TrainingParams, callbacks: CallbackHandler) -> Any:
 
 
 def write_run_files(inputs: RunInputs, params: TrainingParams, ckpt_dir: Path) -> None:
-    """The experiment dir's files that describe the run (rank 0): a recipe's own files, then the resolved params.
+    """The run dir's files that describe the run (rank 0): a recipe's own files, then the resolved params.
     Called once everything is validated and the checkpoint (if resuming) was read, so a failed start leaves an
-    existing experiment dir as it was."""
+    existing run dir as it was."""
     if not distributed.is_main_process():
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ and writes it from its own thread, so training only pays for the copy (SPEC §3:
 from __future__ import annotations
 
 import atexit
+import collections
 import copy
 import logging
 import queue
@@ -130,11 +131,17 @@ class CheckpointWriter:
     ``reuse_buffers`` (default True) keeps the host buffers of one save for the next (a save waits for the previous
     write, so they are free again): the copy then rewrites memory that is already mapped (and pinned), about 3x
     faster than allocating it, at the cost of holding one host copy of the state until ``close()``.
+
+    ``report_written`` (default False): after each job whose files are all complete on disk, the writer's thread
+    appends the job's paths (a list, in write order) to ``written``, a deque the caller pops from its own thread
+    (the trainer fires ``on_checkpoint_saved`` from it). A failed job is not reported.
     """
 
-    def __init__(self, reuse_buffers: bool = True, make_dirs: bool = False) -> None:
+    def __init__(self, reuse_buffers: bool = True, make_dirs: bool = False, report_written: bool = False) -> None:
         self.reuse_buffers = reuse_buffers
         self.make_dirs = make_dirs
+        self.report_written = report_written
+        self.written: "collections.deque[List[Path]]" = collections.deque()  # appended by the writer's thread
         self._thread: Optional[threading.Thread] = None  # started at the first save, ended by close()
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._idle = threading.Event()  # set while no write is in flight
@@ -200,6 +207,8 @@ class CheckpointWriter:
                     atomic_copy(paths[0], path, make_dirs=self.make_dirs)
             for path in remove:
                 path.unlink(missing_ok=True)
+            if self.report_written:  # deque.append is atomic: the reading thread needs no lock
+                self.written.append([p for _, paths in jobs for p in paths])
         except BaseException as err:  # handed to the training thread by flush()
             note = f"raised while writing checkpoint {path} in the background"
             if hasattr(err, "add_note"):

@@ -3,7 +3,7 @@
     super-trainer                                   # the default recipe, digits_mlp
     super-trainer --config-name=NAME key=value ...  # a recipe under recipes/, with overrides
     super-trainer --config-dir DIR --config-name=MY # your own recipes (they may use the shipped groups)
-    super-trainer -m training_hyperparams.initial_lr=0.1,0.01   # a sweep: one experiment dir per job
+    super-trainer -m training_hyperparams.initial_lr=0.1,0.01   # a sweep: one run dir per job
     super-trainer --cfg job                         # print the composed recipe, train nothing
     super-trainer --nproc 4 ...                     # launch 4 processes with torchrun
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -23,11 +24,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from . import sg_compat
 from .checkpoint import CheckpointError
+from .runs import RunLockedError
 from .distributed import is_main_process
 from .recipes import _compose, recipe_names, recipes_dir
 from .trainer import Trainer
@@ -53,7 +55,7 @@ recipe groups (group=option):
 options:
   --config-name=RECIPE   a recipe by name (shipped, or in --config-dir)
   --config-dir DIR       search DIR for recipes first (then the shipped ones: they may use its groups and `base`)
-  -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01 (one experiment dir per job)
+  -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01 (one run dir per job)
   --cfg job              print the composed recipe and train nothing
   --nproc N              launch N processes with torchrun (distributed data parallel)
   key=value              override any recipe key, e.g. training_hyperparams.max_epochs=10 experiment_name=longer
@@ -62,7 +64,8 @@ options:
 exit codes:
   0    training ended (completed, or stopped by a callback)
   1    bad input (an unknown recipe, key or name, a bad value, ...) or another error: one line on stderr;
-       set HYDRA_FULL_ERROR=1 for the traceback. A failed run leaves an existing experiment dir unchanged.
+       set HYDRA_FULL_ERROR=1 for the traceback. A failed run leaves existing run dirs unchanged; a run dir
+       in use by another live process is refused (the error names its pid).
   130  interrupted by Ctrl-C (ckpt_latest.pth holds the last completed epoch)
 """
 
@@ -163,17 +166,20 @@ def _sg_callback_overrides(config_dir: str, argv: List[str]) -> List[str]:
 
 
 def _experiment_dir(cfg: DictConfig) -> Path:
-    """Hydra's output dir when it lies in ckpt_root_dir (the shipped base recipe arranges that, so `.hydra/`
-    sits beside the checkpoints), else ``<ckpt_root_dir>/<experiment_name>`` (``_<job number>`` in a sweep)."""
+    """``<ckpt_root_dir>/<experiment_name>``: each run makes its own run dir in it (``.hydra/`` and recipe.yaml go
+    there too). A sweep's job is named by its ``run_id``: the recipe's, else the job's overrides."""
     hydra_cfg = HydraConfig.get()
-    output = Path(hydra_cfg.runtime.output_dir)
-    root = Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir")))  # SG's variable_setup leaves it null
-    if output.parent.resolve() == root.resolve():
-        return output
-    name = str(cfg.experiment_name)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        name = f"{name}_{hydra_cfg.job.num}"
-    return root / name
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.get("training_hyperparams") is not None \
+            and cfg.training_hyperparams.get("run_id") is None:
+        with open_dict(cfg):
+            cfg.training_hyperparams.run_id = _sweep_run_id(hydra_cfg)
+    return Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir"))) / str(cfg.experiment_name)  # SG's null: the default
+
+
+def _sweep_run_id(hydra_cfg: DictConfig) -> str:
+    """A sweep job's run dir name: its overrides as Hydra writes them (``key=value,key2=value2``), else its number."""
+    name = re.sub(r"[/\\]+", "_", str(hydra_cfg.job.get("override_dirname") or "")).strip(". ")
+    return name or f"job_{hydra_cfg.job.num}"
 
 
 def _run(cfg: DictConfig) -> None:
@@ -195,8 +201,8 @@ def _run(cfg: DictConfig) -> None:
         watched = cfg.training_hyperparams.get("metric_to_watch", "Accuracy")
         where = f" in epoch {result.best_epoch + 1} (best_epoch={result.best_epoch}, 0-based)" \
             if result.best_epoch is not None else ""  # 1-based like the epoch lines above it
-        print(f"{Path(result.ckpt_dir).name}: {result.stop_reason}; best {watched} {best}{where}")
-        print(f"experiment dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
+        print(f"{experiment_dir.name}/{Path(result.ckpt_dir).name}: {result.stop_reason}; best {watched} {best}{where}")
+        print(f"run dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
     if result.stop_reason == "interrupted":
         sys.exit(130)
 
@@ -216,7 +222,7 @@ def _remove_if_empty(directory: Path) -> None:
 
 # errors of bad input (a name, a value, a file): reported by their message alone
 INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, HydraException, OmegaConfBaseException,
-                CheckpointError)
+                CheckpointError, RunLockedError)
 
 
 def describe_error(err: BaseException, config_dir: Optional[str] = None) -> str:
@@ -242,7 +248,7 @@ def describe_error(err: BaseException, config_dir: Optional[str] = None) -> str:
         options = f"; available: {', '.join(err.options)}" if err.options else ""
         return _one_line(first) + options
     message = _one_line(str(err))
-    if isinstance(err, (ValueError, HydraException, OmegaConfBaseException, CheckpointError)):
+    if isinstance(err, (ValueError, HydraException, OmegaConfBaseException, CheckpointError, RunLockedError)):
         return message
     if isinstance(err, INPUT_ERRORS):  # TypeError, ImportError, ...: the type says what went wrong
         return f"{type(err).__name__}: {message}"

@@ -51,7 +51,8 @@ LOCKED: Dict[str, str] = {
                   "and handle.update(loss) inside a train_step",
     "device": "the torch.device training runs on",
     "experiment_name": "the experiment's name",
-    "ckpt_dir": "the experiment dir: checkpoints, logs and the resolved params go here",
+    "ckpt_dir": "the run dir, <ckpt_root_dir>/<experiment_name>/<run id>: checkpoints, logs and the resolved "
+                "params go here",
     "sg_logger": "the logger other callbacks write to (add_scalar, add_text, ...)",
     "training_params": "the resolved training_params (a dict; see docs/events.md for which entries may change)",
     "checkpoint_params": "the recipe's checkpoint_params (recipe runs)",
@@ -68,7 +69,8 @@ LOCKED: Dict[str, str] = {
     "epoch": "the running epoch, 0-based",
     "batch_idx": "the running batch's index in its pass, 0-based",
     "steps_per_epoch": "optimizer steps per epoch (None when the train loader has no len())",
-    "total_steps": "optimizer steps of the whole run (None when unknown)",
+    "total_steps": "optimizer steps of the whole run: steps_per_epoch * max_epochs, capped by max_steps (None when "
+                   "unknown)",
     "epoch_start_step": "global_step when the running epoch began (step-based schedules count from it)",
     "best_metric": "the best metric_to_watch value so far",
     "best_epoch": "the epoch of best_metric (already the current epoch in on_validation_end_best_epoch)",
@@ -90,6 +92,7 @@ OUTPUTS: Dict[str, str] = {
     "exception": "the exception that ended training, at on_training_end (None otherwise)",
     "optimizer_name": "the optimizer a train_step is updating (context.optimizers[name].update(loss)), at that "
                       "update's loss, backward and step events; None for the trainer's own update",
+    "checkpoint_paths": "at on_checkpoint_saved: the paths (str) of the checkpoint files just completed on disk",
 }
 
 FIELD_DOCS: Dict[str, str] = {**HONOURED, **LOCKED, **OUTPUTS}
@@ -136,8 +139,8 @@ class PhaseContext:
     net = _TrainerOwned("change its contents instead (net.load_state_dict(...), or edit its modules in place)")
     optimizer = _TrainerOwned("change its contents instead (optimizer.load_state_dict(...), edit "
                               "optimizer.param_groups, or optimizer.add_param_group(...))")
-    ckpt_dir = _TrainerOwned("the experiment dir is chosen before training starts (Trainer(ckpt_root_dir=..., "
-                             "experiment_name=...))")
+    ckpt_dir = _TrainerOwned("the run dir is chosen before training starts (Trainer(ckpt_root_dir=..., "
+                             "experiment_name=...) and training_params.run_id)")
     training_params = _TrainerOwned("change its entries instead (see docs/events.md for which take effect)")
     ema_model = _TrainerOwned("change its contents instead (ema_model.ema.load_state_dict(...))")
 

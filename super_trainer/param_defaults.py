@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
+from .params_runs import RUN_DEFAULTS
+
 __all__ = ["REQUIRED", "EMA_DEFAULTS", "DEFAULT_TRAINING_PARAMS", "SG_RECIPE_KEYS", "SG_UNSUPPORTED_DEFAULTS",
            "SG_NO_OP_VALUES", "HYDRA_KEYS", "MIXED_PRECISION_VALUES", "SG_LOGGERS", "TORCH_COMPILE_OPTIONS"]
 
@@ -86,6 +88,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "load_opt_params": True,  # False: a resume restores the weights but not the optimizer's state (SG's meaning)
     "warmup_momentum": None,  # warmup_mode yolov5_warmup: the momentum the warmup starts from (SG 2.x's YoloV5 warmup)
     "warmup_bias_lr": None,  # warmup_mode yolov5_warmup: the lr the "bias" param group starts from
+    **RUN_DEFAULTS,  # max_steps, val_check_interval, save_top_k, run_id (params_runs.py)
 }
 
 #: Keys SuperGradients' own recipes set that SG's trainer never reads itself: its models' initialize_param_groups /
@@ -98,7 +101,6 @@ SG_RECIPE_KEYS: Dict[str, Any] = {"multiply_head_lr": 1, "static_assigner_end_ep
 #: means "off" in SG (its default). That value is accepted silently; any other raises one ValueError that
 #: lists every such key (SPEC §7). docs/migrating_from_supergradients.md explains each.
 SG_UNSUPPORTED_DEFAULTS: Dict[str, Any] = {
-    "run_id": None,
     "resume_from_remote_sg_logger": False,
     "launch_tensorboard": False,
     "tensorboard_port": None,

@@ -20,6 +20,7 @@ from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .param_defaults import (DEFAULT_TRAINING_PARAMS, EMA_DEFAULTS, HYDRA_KEYS, MIXED_PRECISION_VALUES, REQUIRED,
                              SG_LOGGERS, SG_NO_OP_VALUES, SG_RECIPE_KEYS, SG_UNSUPPORTED_DEFAULTS,
                              TORCH_COMPILE_OPTIONS)
+from .params_runs import settle_max_epochs, validate_run_keys
 from .registry import close_matches, to_plain
 
 __all__ = ["DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "SG_RECIPE_KEYS", "REQUIRED",
@@ -65,6 +66,10 @@ def _number(params: Mapping[str, Any], key: str, positive: bool = True, optional
 
 def resolve_training_params(given: Any) -> TrainingParams:
     """Merge ``given`` (dict or DictConfig) over the defaults and validate; ValueError names the bad key."""
+    if isinstance(given, TrainingParams):  # already resolved (the Trainer resolves first, to choose the run dir)
+        resolved = TrainingParams(given)
+        resolved.defaulted = given.defaulted
+        return resolved
     if given is None:
         raise ValueError("training_params is required (at least {'max_epochs': N, 'initial_lr': lr})")
     given = to_plain(given)
@@ -74,6 +79,7 @@ def resolve_training_params(given: Any) -> TrainingParams:
     _check_keys(given)
     params = TrainingParams(copy.deepcopy(DEFAULT_TRAINING_PARAMS))  # no run shares a mutable default
     params.update(given)
+    settle_max_epochs(params, REQUIRED)  # optional when max_steps is given
     for key, value in params.items():
         if value is REQUIRED:
             raise _error(key, "is required")
@@ -175,6 +181,7 @@ def _compile_options(params: TrainingParams) -> None:
 
 
 def _validate(params: TrainingParams) -> None:
+    validate_run_keys(params)
     _validate_optimizer(params)
     _validate_numbers(params)
     _validate_logging_and_files(params)
@@ -194,7 +201,7 @@ def is_named_optimizers(optimizer: Any) -> bool:
 
 
 def _validate_optimizer(params: TrainingParams) -> None:
-    _int(params, "max_epochs", 1)
+    _int(params, "max_epochs", 1, optional=params["max_steps"] is not None)
     optimizer = params["optimizer"]
     if is_named_optimizers(optimizer):
         return
@@ -275,7 +282,7 @@ def _validate_logging_and_files(params: TrainingParams) -> None:
     for key in ("ckpt_name", "ckpt_best_name"):
         name = params[key]
         if not isinstance(name, str) or not name or "/" in name or "\\" in name:
-            raise _error(key, f"must be a file name inside the experiment dir, got {name!r}")
+            raise _error(key, f"must be a file name inside the run dir, got {name!r}")
     if params["ckpt_best_name"] == "ckpt_latest.pth":
         raise _error("ckpt_best_name", "must differ from ckpt_latest.pth, which holds the latest checkpoint")
     _compile_options(params)
@@ -325,7 +332,7 @@ def _warn_about_warmup(params: TrainingParams) -> None:
                       f"lr_warmup_steps={S} and no lr_warmup_epochs runs no warmup, as in SuperGradients: the lr stays at "
                       "initial_lr until the schedule starts after those steps; for a warmup over steps use warmup_mode "
                       "'linear_batch_step'", stacklevel=4)
-    if W + C > M:
+    if M is not None and W + C > M:  # None with max_steps alone: derived once the loader is counted
         warnings.warn(f"training_params.lr_warmup_epochs={W} + lr_cooldown_epochs={C} exceed max_epochs={M}: this run ends "
                       "before the lr schedule starts (fine for a smoke run of a longer recipe)", stacklevel=4)
     given = [k for k in ("warmup_momentum", "warmup_bias_lr") if params[k] is not None]

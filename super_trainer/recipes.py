@@ -3,12 +3,13 @@
 A recipe's top-level keys: ``experiment_name``, ``ckpt_root_dir``, ``device``, ``architecture``,
 ``custom_imports``, and the groups ``training_hyperparams``, ``dataset_params``, ``arch_params``,
 ``checkpoint_params``. Objects are built through the registries (``{Name: {params}}`` or a Hydra
-``_target_`` mapping). The resolved recipe is saved as ``recipe.yaml`` in the experiment dir.
+``_target_`` mapping). The resolved recipe is saved as ``recipe.yaml`` in the run dir.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -314,8 +315,9 @@ def recipe_experiment_dir(cfg: DictConfig) -> Path:
 
 def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
     """Inside a Hydra app: what Hydra would have written into ``<output dir>/.hydra`` at job start, written
-    instead once the run is validated (the shipped ``base`` sets ``hydra.output_subdir: null``, so Hydra writes
-    nothing early). None outside a Hydra app, or when Hydra has written it already."""
+    instead into the run dir once the run is validated (the shipped ``base`` sets ``hydra.output_subdir: null``,
+    so Hydra writes nothing early), and Hydra's job log moved there. None outside a Hydra app, or when Hydra has
+    written it already."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -323,14 +325,28 @@ def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.output_subdir is not None:  # a recipe without base: Hydra has written it already
         return None
-    target = Path(hydra_cfg.runtime.output_dir) / HYDRA_DIR
+    output_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     files = {"config.yaml": cfg, "hydra.yaml": HydraConfig.instance().cfg, "overrides.yaml": hydra_cfg.overrides.task}
 
-    def write(_experiment_dir: Path) -> None:
+    def write(run_dir: Path) -> None:
         for name, node in files.items():
-            atomic_write_text(target / name, OmegaConf.to_yaml(node), make_dirs=True)  # .hydra/ is made here
+            atomic_write_text(run_dir / HYDRA_DIR / name, OmegaConf.to_yaml(node), make_dirs=True)  # .hydra/ made here
+        _move_job_log(output_dir, run_dir)
 
     return write
+
+
+def _move_job_log(output_dir: Path, run_dir: Path) -> None:
+    """Re-point Hydra's job log file (a handler of the root logger, opened on its first line) from Hydra's output
+    dir (the experiment dir) into the run dir, so each run keeps its own log."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == output_dir:
+            handler.acquire()
+            try:
+                handler.close()  # reopened at the next line, at the new path
+                handler.baseFilename = str((run_dir / Path(handler.baseFilename).name).resolve())
+            finally:
+                handler.release()
 
 
 def join_process_group(cfg: DictConfig) -> None:

@@ -5,6 +5,7 @@ Reading order: ``Trainer.train`` → ``building.build_run`` (everything the loop
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -16,6 +17,7 @@ from .building import RunInputs, autocast_and_scaler, build_run, resolve_device,
 from .callbacks.base import Callback, CallbackHandler
 from .checks import check_experiment_name, check_test_loaders
 from .context import PhaseContext
+from .distributed import is_main_process
 from .losses import build_criterion, known_loss_names
 from .loop.checkpoints import LATEST, CheckpointManager
 from .loop.evaluate import test_pass
@@ -24,8 +26,9 @@ from .loop.parts import Meters, RunParts
 from .loop.resume import ResumePlan
 from .metrics import build_metrics
 from .modules import unwrap_model
-from .params import TrainingParams
+from .params import TrainingParams, resolve_training_params
 from .result import TrainingResult
+from .runs import RunChoice, RunLock, agree_on_run, choose_run, latest_run_dir
 from .steps import build_batch_reader
 
 __all__ = ["Trainer", "TrainingResult"]
@@ -46,7 +49,9 @@ class Trainer:
     """Runs training and testing; see SPEC §2.
 
     ``device``: "cpu", "cuda", "cuda:1", a torch.device, or None for CUDA when available.
-    Checkpoints, logs and the resolved params go to ``<ckpt_root_dir>/<experiment_name>/``.
+    Each ``train()`` call writes its checkpoints, logs and resolved params into its own run dir,
+    ``<ckpt_root_dir>/<experiment_name>/RUN_<YYYYMMDD>_<HHMMSS>_<microseconds>/`` (``result.ckpt_dir``; see
+    ``super_trainer.runs``).
     """
 
     def __init__(self, experiment_name: str = "experiment", ckpt_root_dir: Union[str, Path] = "checkpoints",
@@ -57,7 +62,8 @@ class Trainer:
 
     @property
     def ckpt_dir(self) -> Path:
-        """The experiment dir."""
+        """The experiment dir, ``<ckpt_root_dir>/<experiment_name>``: it holds one run dir per ``train()`` call
+        (each run's own dir is ``result.ckpt_dir``, and ``context.ckpt_dir`` while it trains)."""
         return self.ckpt_root_dir / self.experiment_name
 
     @classmethod
@@ -92,15 +98,21 @@ class Trainer:
         return self._run(RunInputs(model, training_params, train_loader, valid_loader, check_test_loaders(test_loaders)))
 
     def _run(self, inputs: RunInputs) -> TrainingResult:
-        """Build (ValueError before any event), read the checkpoint to resume from (CheckpointError before any
-        event), fire on_optimizer_built and restore the checkpoint, write the run's description, then run the
-        loop."""
-        parts, meters = build_run(inputs, self.device, self.ckpt_dir, self.experiment_name)
-        plan = ResumePlan.start(parts, self.ckpt_dir)  # the checkpoint read, on_optimizer_built, then its restore
-        meters.last_valid = plan.last_metrics
-        write_run_files(inputs, parts.params, self.ckpt_dir)  # nothing is written into the dir before this point
-        stop_reason = TrainingLoop(parts, meters, plan, CheckpointManager(parts, meters, self.ckpt_dir)).fit()
-        return _result(parts, meters, self.ckpt_dir, stop_reason)
+        """Choose the run dir and build (ValueError before any event), lock the run dir (RunLockedError), read the
+        checkpoint to resume from (CheckpointError before any event), fire on_optimizer_built and restore the
+        checkpoint, write the run's description, then run the loop."""
+        params = resolve_training_params(inputs.training_params)
+        run = choose_run(self.ckpt_dir, params)  # which run dir, and what to resume from (reads only)
+        parts, meters = build_run(dataclasses.replace(inputs, training_params=params), self.device, run.directory,
+                                  self.experiment_name)
+        run = agree_on_run(run, parts.context)  # under torchrun: rank 0's choice
+        with RunLock(run.directory, enabled=is_main_process()):  # rank 0 owns the run dir until training ends
+            plan = ResumePlan.start(parts, run.checkpoint)  # the checkpoint read, on_optimizer_built, its restore
+            meters.last_valid = plan.last_metrics
+            write_run_files(inputs, parts.params, run.directory)  # nothing is written into the dir before this
+            checkpoints = CheckpointManager(parts, meters, run.directory, plan.kept_best)
+            stop_reason = TrainingLoop(parts, meters, plan, checkpoints).fit()
+        return _result(parts, meters, run, stop_reason)
 
     # ---- testing a trained model ------------------------------------------------------------------
     def test(self, model: nn.Module, test_loader: Any, test_metrics_list: Any = ("Accuracy",),
@@ -126,23 +138,30 @@ class Trainer:
 
     @classmethod
     def resume_experiment(cls, experiment_name: str, ckpt_root_dir: Union[str, Path] = "checkpoints",
-                          device: Union[str, torch.device, None] = None) -> TrainingResult:
-        """Continue a recipe-trained experiment from its ckpt_latest, re-reading its saved recipe."""
+                          device: Union[str, torch.device, None] = None, run_id: Optional[str] = None
+                          ) -> TrainingResult:
+        """Continue a recipe-trained run from its ckpt_latest, re-reading its saved recipe: the run ``run_id``, else
+        the experiment's latest run (by run dir name) with a checkpoint, else a 0.2 experiment dir's."""
         from omegaconf import OmegaConf
 
         from .recipes import RECIPE_FILE
 
-        recipe = Path(ckpt_root_dir) / experiment_name / RECIPE_FILE
+        experiment_dir = Path(ckpt_root_dir) / experiment_name
+        run_dir = experiment_dir / run_id if run_id is not None else (
+            latest_run_dir(experiment_dir, needs=RECIPE_FILE) or latest_run_dir(experiment_dir, RECIPE_FILE))
+        recipe = (run_dir or experiment_dir) / RECIPE_FILE
         if not recipe.is_file():
             raise FileNotFoundError(
-                f"{recipe} not found: resume_experiment needs an experiment trained from a recipe; for one trained "
+                f"{recipe} not found: resume_experiment needs a run trained from a recipe; for one trained "
                 "from Python call Trainer.train(..., training_params={..., 'resume': True}) with the same objects"
             )
         cfg = OmegaConf.load(recipe)
         cfg.training_hyperparams.resume = True
+        if run_dir is not None:  # else a 0.2 experiment dir: continued in a new run dir
+            cfg.training_hyperparams.run_id = run_dir.name
         if device is not None:
             cfg.device = str(device)
-        return cls._for_dir(recipe.parent, cfg.get("device")).train(cfg)
+        return cls._for_dir(experiment_dir, cfg.get("device")).train(cfg)
 
 
 def _is_recipe(value: Any) -> bool:
@@ -151,8 +170,8 @@ def _is_recipe(value: Any) -> bool:
     return isinstance(value, (str, Path, DictConfig)) or (isinstance(value, Mapping) and "training_hyperparams" in value)
 
 
-def _result(parts: RunParts, meters: Meters, ckpt_dir: Path, stop_reason: str) -> TrainingResult:
-    context = parts.context
+def _result(parts: RunParts, meters: Meters, run: RunChoice, stop_reason: str) -> TrainingResult:
+    context, ckpt_dir = parts.context, run.directory
     best, latest = ckpt_dir / parts.params.ckpt_best_name, ckpt_dir / LATEST
     return TrainingResult(
         best_metric=context.best_metric, best_epoch=context.best_epoch, metrics=dict(meters.last_valid),

@@ -51,7 +51,7 @@ def main():
     rank = distributed.rank()
     torch.save({"net": model.state_dict(), "stop_reason": result.stop_reason, "world": distributed.world_size(),
                 "epochs": [h["epoch"] for h in result.history], "metrics": result.metrics,
-                "all_reduces": counter.calls},
+                "all_reduces": counter.calls, "ckpt_dir": str(result.ckpt_dir)},
                os.path.join(args.out, f"rank{rank}.pt"))
 
 

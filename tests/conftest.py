@@ -60,13 +60,19 @@ class NoLen:
 
 
 class Recorder(Callback):
-    """Records every event it receives, with epoch and batch_idx."""
+    """Records every event it receives, with epoch and batch_idx. ``on_checkpoint_saved`` goes to ``saved``
+    instead of ``events``: it follows whichever batch a background write finished in, so its place in the trace
+    depends on timing (tests/test_steps.py checks it)."""
 
     def __init__(self) -> None:
         self.events: List[str] = []
         self.detail: List[tuple] = []
+        self.saved: List[tuple] = []
 
     def _record(self, name: str, context: Any) -> None:
+        if name == "on_checkpoint_saved":
+            self.saved.append((len(self.events), context.global_step, list(context.checkpoint_paths)))
+            return
         self.events.append(name)
         self.detail.append((name, context.epoch, context.batch_idx, context.global_step))
 
@@ -96,3 +102,10 @@ def python_env() -> Dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def only_run(experiment_dir: Path) -> Path:
+    """The run dir of an experiment trained (and resumed) as one run: ``<root>/<experiment>/RUN_...``."""
+    runs = sorted(p for p in Path(experiment_dir).iterdir() if p.is_dir() and p.name.startswith("RUN_"))
+    assert len(runs) == 1, f"expected one run dir in {experiment_dir}, found {[p.name for p in runs]}"
+    return runs[0]

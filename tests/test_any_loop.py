@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from _any_models import (ImageMaskNet, TinyTextClassifier, contrastive_step, image_mask_adapter, image_mask_batches,
                          text_batches)
-from conftest import Recorder, make_loader, make_model, quiet_params
+from conftest import Recorder, make_loader, make_model, quiet_params, only_run
 from super_trainer import Callback, Trainer
 from super_trainer.params import resolve_training_params
 from super_trainer.recipes import check_model_fits_data
@@ -256,5 +256,5 @@ def test_every_shape_resumes_bit_exact_from_a_mid_epoch_interrupt(tmp_path, shap
     resumed = make()
     train(tmp_path, resumed, name="cut", train_loader=data(), resume=True, **extras)
     assert_same_weights(resumed, full)
-    ema = [torch.load(tmp_path / name / "ckpt_latest.pth", weights_only=True)["ema_net"] for name in ("full", "cut")]
+    ema = [torch.load(only_run(tmp_path / name) / "ckpt_latest.pth", weights_only=True)["ema_net"] for name in ("full", "cut")]
     assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])

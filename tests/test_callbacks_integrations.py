@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,15 +57,15 @@ def test_png_writer_round_trip(tmp_path):
 
 
 def test_batch_visualization_base_logger_writes_pngs(tmp_path):
-    train_images(tmp_path, "viz", [BatchVisualizationCallback("train", freq=1, max_images=4)], "base")
-    folder = tmp_path / "viz" / "images"
+    run = Path(train_images(tmp_path, "viz", [BatchVisualizationCallback("train", freq=1, max_images=4)], "base").ckpt_dir)
+    folder = run / "images"
     assert sorted(p.name for p in folder.iterdir()) == ["Train_batch_0_0.png", "Train_batch_0_1.png"]
     grid = read_png(folder / "Train_batch_0_0.png")
     assert grid.shape == (2 * (6 + 2) + 2, 2 * (5 + 2) + 2, 3)  # 4 images in a 2x2 grid, padding 2
     first = next(iter(image_loader()))[0]
     assert np.array_equal(grid[2:8, 2:7], expected_cell(first[0]))  # top-left cell: the first input
     assert np.array_equal(grid[10:16, 9:14], expected_cell(first[3]))  # bottom-right: the fourth
-    assert "image Train/batch_0 (step 1)" in (tmp_path / "viz" / "experiment.log").read_text()
+    assert "image Train/batch_0 (step 1)" in (run / "experiment.log").read_text()
 
 
 def test_batch_visualization_and_histogram_in_tensorboard(tmp_path):
@@ -72,9 +73,9 @@ def test_batch_visualization_and_histogram_in_tensorboard(tmp_path):
         def on_train_loader_end(self, context):
             context.sg_logger.add_histogram("weights/0", context.net[1].weight, context.epoch)
 
-    train_images(tmp_path, "tbviz", [BatchVisualizationCallback("valid", freq=2, max_images=3), Histogram()],
-                 "tensorboard", max_epochs=3)
-    events = EventAccumulator(str(tmp_path / "tbviz"), size_guidance={"images": 0, "histograms": 0})
+    run = Path(train_images(tmp_path, "tbviz", [BatchVisualizationCallback("valid", freq=2, max_images=3),
+                                                Histogram()], "tensorboard", max_epochs=3).ckpt_dir)
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0})
     events.Reload()
     images = events.Images("Valid/batch_0")
     assert [e.step for e in images] == [0, 2]  # freq=2: epochs 0 and 2
@@ -82,7 +83,7 @@ def test_batch_visualization_and_histogram_in_tensorboard(tmp_path):
     histograms = events.Histograms("weights/0")
     assert [h.step for h in histograms] == [0, 1, 2]
     assert histograms[0].histogram_value.num == 3 * 90
-    assert not (tmp_path / "tbviz" / "images").exists()  # TensorBoard only, no PNG copies
+    assert not (run / "images").exists()  # TensorBoard only, no PNG copies
 
 
 def test_base_logger_histogram_line_and_bad_image_message(tmp_path):

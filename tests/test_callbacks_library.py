@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,9 +68,9 @@ def test_cancel_file_stops_within_interval_batches(tmp_path, interval, touched_a
     assert result.stop_reason == "cancelled"
     batch_ends = [d for d in recorder.detail if d[0] == "on_train_batch_end"]
     assert len(batch_ends) == stops_at and stops_at - touched_at <= interval
-    assert not (tmp_path / "lib" / ".stop_training").exists()  # removed once honoured, so a resume continues
+    assert not (Path(result.ckpt_dir) / ".stop_training").exists()  # removed once honoured, so a resume continues
     # a stop during a batch: ckpt_latest keeps the last completed epoch (4 batches per epoch)
-    assert read_checkpoint(tmp_path / "lib" / "ckpt_latest.pth")["epoch"] == stops_at // 4
+    assert read_checkpoint(Path(result.ckpt_dir) / "ckpt_latest.pth")["epoch"] == stops_at // 4
 
 
 def test_a_cancelled_run_resumes_to_completion(tmp_path):
@@ -175,8 +176,8 @@ def test_plateau_resumed_reduces_when_the_uninterrupted_run_does(tmp_path):
 
 def test_plateau_state_is_checkpointed(tmp_path):
     plateau = ReduceLROnPlateauCallback("my_metric", "min", patience=2, iteration_patience=12)
-    train(tmp_path, "state", callbacks=[ScriptedMetric(VALUES), plateau], max_epochs=4)
-    saved = read_checkpoint(tmp_path / "state" / "ckpt_latest.pth")["callbacks"]["ReduceLROnPlateauCallback"]
+    _, result = train(tmp_path, "state", callbacks=[ScriptedMetric(VALUES), plateau], max_epochs=4)
+    saved = read_checkpoint(Path(result.ckpt_dir) / "ckpt_latest.pth")["callbacks"]["ReduceLROnPlateauCallback"]
     assert saved == {"best": 0.5, "bad_validations": 2, "cooldown_left": 0, "last_reset_step": 8, "reductions": 0}
 
 

@@ -5,12 +5,13 @@ import collections
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, Recorder, make_loader, make_model, python_env, quiet_params
+from conftest import PYTHON, Recorder, make_loader, make_model, only_run, python_env, quiet_params
 from super_trainer import Callback, Trainer
 from super_trainer import checkpoint as ckpt
 from super_trainer.checkpoint import CheckpointWriter, copy_to_host, read_checkpoint
@@ -190,11 +191,12 @@ def test_on_training_end_reads_the_finished_checkpoints(tmp_path):
         train_loader=make_loader(), valid_loader=make_loader(16))
     assert result.stop_reason == "interrupted"
     assert seen == [(2, True)]
-    best = read_checkpoint(tmp_path / "w" / "ckpt_best.pth")
+    run = Path(result.ckpt_dir)
+    best = read_checkpoint(run / "ckpt_best.pth")
     for key, value in best["ema_net"].items():  # best holds the EMA weights as its net
         assert torch.equal(best["net"][key], value)
-    assert read_checkpoint(tmp_path / "w" / "ckpt_epoch_1.pth")["epoch"] == 1
-    assert read_checkpoint(tmp_path / "w" / "ckpt_epoch_2.pth")["epoch"] == 2
+    assert read_checkpoint(run / "ckpt_epoch_1.pth")["epoch"] == 1
+    assert read_checkpoint(run / "ckpt_epoch_2.pth")["epoch"] == 2
 
 
 @pytest.mark.parametrize("fail_at", [1, 2], ids=["raised_at_next_save", "raised_at_the_end"])
@@ -225,7 +227,7 @@ def test_a_failed_write_fails_the_run_after_on_training_end(tmp_path, monkeypatc
     assert recorder.events.count("on_training_end") == 1
     # epoch 0's failed write is raised at epoch 1's save, the last epoch's at the end: both epochs ran
     assert recorder.events.count("on_train_loader_start") == 2
-    assert not [p for p in (tmp_path / "f").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in only_run(tmp_path / "f").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_reused_host_buffers_never_leak_into_the_previous_file(tmp_path):
@@ -305,4 +307,4 @@ def test_ctrl_c_while_waiting_for_the_last_write(tmp_path, monkeypatch):
     assert reasons == ["interrupted"]
     gate.set()
     wait_for_writes()
-    assert read_checkpoint(tmp_path / "c" / "ckpt_latest.pth")["epoch"] == 1
+    assert read_checkpoint(only_run(tmp_path / "c") / "ckpt_latest.pth")["epoch"] == 1

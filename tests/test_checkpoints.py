@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ def train(tmp_path, name="exp", **overrides):
 
 def test_files_and_keys(tmp_path):
     model, result = train(tmp_path, max_epochs=3, save_ckpt_epoch_list=[2], ema=True)
-    exp = tmp_path / "exp"
+    exp = Path(result.ckpt_dir)
+    assert exp.parent == tmp_path / "exp"
     names = {p.name for p in exp.iterdir()}
     assert {"ckpt_latest.pth", "ckpt_best.pth", "ckpt_epoch_2.pth", "training_params.yaml", "experiment.log"} <= names
     assert "ckpt_epoch_1.pth" not in names and "ckpt_epoch_3.pth" not in names
@@ -48,7 +50,7 @@ def test_best_is_written_only_on_strict_improvement(tmp_path):
 
     _, result = train(tmp_path, max_epochs=3, valid_metrics_list=[{"Const": ConstantMetric()}], metric_to_watch="const")
     assert result.best_epoch == 0
-    assert read_checkpoint(tmp_path / "exp" / "ckpt_best.pth")["epoch"] == 1
+    assert read_checkpoint(Path(result.ckpt_dir) / "ckpt_best.pth")["epoch"] == 1
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -68,8 +70,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_truncated_foreign_and_missing_checkpoints_name_the_path(tmp_path):
-    _, _ = train(tmp_path, max_epochs=1)
-    latest = tmp_path / "exp" / "ckpt_latest.pth"
+    _, result = train(tmp_path, max_epochs=1)
+    latest = Path(result.ckpt_dir) / "ckpt_latest.pth"
     data = latest.read_bytes()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
@@ -82,7 +84,7 @@ def test_truncated_foreign_and_missing_checkpoints_name_the_path(tmp_path):
                                              train_loader=make_loader(), valid_loader=make_loader(16))
         assert str(path) in str(info.value)
         assert isinstance(info.value, RuntimeError)
-    assert not (tmp_path / "other" / "ckpt_latest.pth").exists()  # failed before any batch ran
+    assert not (tmp_path / "other").exists()  # failed before any batch ran: no run dir left behind
 
 
 def test_resume_without_checkpoint_warns_and_starts_fresh(tmp_path):
@@ -100,19 +102,20 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
 
 
 def test_load_checkpoint_to_model_and_ema(tmp_path):
-    model, _ = train(tmp_path, max_epochs=2, ema=True)
+    model, result = train(tmp_path, max_epochs=2, ema=True)
+    latest = Path(result.ckpt_dir) / "ckpt_latest.pth"
     fresh = make_model(seed=99)
-    load_checkpoint_to_model(fresh, tmp_path / "exp" / "ckpt_latest.pth")
+    load_checkpoint_to_model(fresh, latest)
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
     ema = make_model(seed=98)
-    state = load_checkpoint_to_model(ema, tmp_path / "exp" / "ckpt_latest.pth", load_ema_as_net=True)
+    state = load_checkpoint_to_model(ema, latest, load_ema_as_net=True)
     for key, value in state["ema_net"].items():
         assert torch.equal(ema.state_dict()[key], value)
     with pytest.raises(CheckpointError, match="do not fit"):
-        load_checkpoint_to_model(make_model(hidden=7), tmp_path / "exp" / "ckpt_latest.pth")
+        load_checkpoint_to_model(make_model(hidden=7), latest)
     first_layer = nn.Sequential(*list(make_model(seed=97))[:1])
-    load_checkpoint_to_model(first_layer, tmp_path / "exp" / "ckpt_latest.pth", strict=False)
+    load_checkpoint_to_model(first_layer, latest, strict=False)
     assert torch.equal(first_layer[0].weight, model[0].weight)
 
 
@@ -153,9 +156,9 @@ def test_interrupt_leaves_a_loadable_latest(tmp_path):
     _, result = train(tmp_path, max_epochs=3, phase_callbacks=[CtrlC(), End()])
     assert result.stop_reason == "interrupted"
     assert ends == ["interrupted"]
-    latest = read_checkpoint(tmp_path / "exp" / "ckpt_latest.pth")
+    latest = read_checkpoint(Path(result.ckpt_dir) / "ckpt_latest.pth")
     assert latest["epoch"] == 1  # the last completed epoch
-    load_checkpoint_to_model(make_model(), tmp_path / "exp" / "ckpt_latest.pth")
+    load_checkpoint_to_model(make_model(), Path(result.ckpt_dir) / "ckpt_latest.pth")
 
 
 def test_interrupt_in_first_epoch_still_leaves_latest(tmp_path):
@@ -167,7 +170,7 @@ def test_interrupt_in_first_epoch_still_leaves_latest(tmp_path):
 
     _, result = train(tmp_path, max_epochs=2, phase_callbacks=[CtrlC()])
     assert result.stop_reason == "interrupted"
-    assert read_checkpoint(tmp_path / "exp" / "ckpt_latest.pth")["epoch"] == 0
+    assert read_checkpoint(Path(result.ckpt_dir) / "ckpt_latest.pth")["epoch"] == 0
 
 
 def test_interrupt_mid_batch_fires_batch_and_loader_end(tmp_path):

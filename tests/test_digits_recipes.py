@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import python_env
+from conftest import only_run, python_env
 from super_trainer import Trainer, cli
 from super_trainer.checkpoint import read_checkpoint
 from super_trainer.data import Digits
@@ -53,9 +53,10 @@ def test_digits_mlp_from_python_reaches_90_percent(tmp_path):
 
 def _final_weights(tmp_path, name, *overrides):
     trainer = Trainer(name, tmp_path, device="cpu")  # an instance: its name and dir win over the recipe's
-    trainer.train("digits_mlp", overrides=[*QUIET, "training_hyperparams.max_epochs=2", "arch_params.dropout=0.3",
-                                           *overrides])
-    return read_checkpoint(tmp_path / name / "ckpt_latest.pth")["net"]
+    result = trainer.train("digits_mlp", overrides=[*QUIET, "training_hyperparams.max_epochs=2",
+                                                    "arch_params.dropout=0.3", *overrides])
+    assert Path(result.ckpt_dir).parent == tmp_path / name
+    return read_checkpoint(Path(result.ckpt_dir) / "ckpt_latest.pth")["net"]
 
 
 def test_seeded_recipe_runs_are_bit_identical(tmp_path):
@@ -69,8 +70,8 @@ def test_digits_cnn_recipe_with_ema_early_stop_and_csv(tmp_path):
     result = Trainer.train("digits_cnn", overrides=[*QUIET, f"ckpt_root_dir={tmp_path}",
                                                     "training_hyperparams.max_epochs=2",
                                                     "training_hyperparams.max_train_batches=4"])
-    exp = tmp_path / "digits_cnn"
-    assert result.stop_reason == "completed"
+    exp = Path(result.ckpt_dir)
+    assert exp.parent == tmp_path / "digits_cnn" and result.stop_reason == "completed"
     assert len((exp / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
     assert read_checkpoint(exp / "ckpt_latest.pth")["ema_net"] is not None
     saved = OmegaConf.load(exp / "recipe.yaml")
@@ -150,16 +151,17 @@ BAD_INPUT = [
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=[case[1][:40] for case in BAD_INPUT])
 def test_cli_bad_input_is_one_line_and_writes_nothing(trained, monkeypatch, capsys, args, message):
     experiment = trained / "digits_mlp"
-    before = snapshot(trained)
+    run = only_run(experiment).relative_to(trained)
+    before, runs_before = snapshot(trained), sorted(p.name for p in experiment.iterdir())
     assert {"recipe.yaml", ".hydra/config.yaml", "training_params.yaml", "ckpt_latest.pth"} <= set(
-        str(Path(p).relative_to("digits_mlp")) for p in before if p.startswith("digits_mlp"))
+        str(Path(p).relative_to(run)) for p in before if p.startswith(str(run)))
     code, out, err = run_cli(monkeypatch, capsys, *[a.format(root=trained) for a in args], f"ckpt_root_dir={trained}")
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("super-trainer: error: "), err
     assert message.format(root=trained) in err, err
     assert "Traceback" not in err + out
     assert snapshot(trained) == before  # not one byte of the existing experiment changed
-    assert experiment.is_dir()
+    assert sorted(p.name for p in experiment.iterdir()) == runs_before  # and no new (empty) run dir
 
 
 def test_cli_help_lists_recipes_nproc_and_exit_codes(monkeypatch, capsys):

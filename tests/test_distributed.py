@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, python_env
+from conftest import PYTHON, ROOT, only_run, python_env
 
 WORKER = str(ROOT / "tests" / "_ddp_worker.py")
 
@@ -41,7 +41,9 @@ def test_two_ranks_match_a_single_process(tmp_path, accumulate):
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     # one gradient all-reduce per optimizer step: 4 batches an epoch, 3 epochs, no_sync inside a window
     assert [r["all_reduces"] for r in ranks] == [3 * 4 // accumulate] * 2
-    files = sorted(p.name for p in (tmp_path / "ckpt" / "ddp").iterdir())
+    run = only_run(tmp_path / "ckpt" / "ddp")
+    assert [r["ckpt_dir"] for r in ranks] == [str(run)] * 2  # every rank took rank 0's run dir
+    files = sorted(p.name for p in run.iterdir())
     assert "ckpt_latest.pth" in files and not [f for f in files if f.endswith(".tmp")]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import NoLen, make_loader, make_model, quiet_params
+from conftest import NoLen, make_loader, make_model, only_run, quiet_params
 from super_trainer import Callback, Phase, Trainer
 from super_trainer.checkpoint import load_checkpoint_to_model
 
@@ -24,7 +24,7 @@ def test_average_best_models_averages_the_best_epochs(tmp_path):
                                                          greater_metric_to_watch_is_better=False),
         train_loader=make_loader(), valid_loader=make_loader(16))
     averaged = make_model(seed=7)
-    state = load_checkpoint_to_model(averaged, tmp_path / "avg" / "average_model.pth")
+    state = load_checkpoint_to_model(averaged, only_run(tmp_path / "avg") / "average_model.pth")
     assert sorted(state["averaged_epochs"]) == [0, 1, 2, 3]  # fewer than 10 epochs: all are kept
     for key, value in averaged.state_dict().items():
         expected = torch.stack([w[key] for _, w in snapshots.values()]).mean(0)
@@ -85,7 +85,7 @@ def test_history_and_tensorboard_lr_are_the_epochs_own(tmp_path):
         max_epochs=3, lr_mode="step", lr_updates=[0, 1], lr_decay_factor=0.5, sg_logger="tensorboard"),
         train_loader=make_loader(), valid_loader=None)
     assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.05, 0.025])
-    events = EventAccumulator(str(tmp_path / "steplr"))
+    events = EventAccumulator(str(only_run(tmp_path / "steplr")))
     events.Reload()
     assert [e.value for e in events.Scalars("LR/default")] == pytest.approx([0.1, 0.05, 0.025])
 
@@ -103,10 +103,10 @@ def test_log_has_the_stop_reason_and_early_callback_scalars(tmp_path):
     Trainer("log", tmp_path).train(model=make_model(), training_params=quiet_params(
         max_epochs=3, sg_logger="tensorboard", phase_callbacks=[Early()]),
         train_loader=make_loader(), valid_loader=make_loader(16))
-    text = (tmp_path / "log" / "experiment.log").read_text()
+    text = (only_run(tmp_path / "log") / "experiment.log").read_text()
     assert "Setup/params=123" in text
     assert text.strip().splitlines()[-1].endswith("training ended: stopped_by_callback")
-    events = EventAccumulator(str(tmp_path / "log"))
+    events = EventAccumulator(str(only_run(tmp_path / "log")))
     events.Reload()
     assert [e.value for e in events.Scalars("Setup/params")] == [123.0]
 

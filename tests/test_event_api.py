@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import Recorder, make_loader, make_model, quiet_params
+from conftest import Recorder, make_loader, make_model, only_run, quiet_params
 from super_trainer import Callback, Trainer
 from super_trainer.checkpoint import read_checkpoint
 
@@ -55,7 +55,7 @@ def test_on_epoch_end_state_is_saved_in_that_epochs_checkpoint(tmp_path):
     tally = Tally()
     train(tmp_path, [tally], max_epochs=3)
     assert tally.ends == 3
-    assert read_checkpoint(tmp_path / "api" / "ckpt_latest.pth")["callbacks"]["Tally"] == {"ends": 3}
+    assert read_checkpoint(only_run(tmp_path / "api") / "ckpt_latest.pth")["callbacks"]["Tally"] == {"ends": 3}
 
 
 def test_a_new_criterion_serves_training_and_validation_from_the_next_batch(tmp_path):
@@ -118,7 +118,7 @@ def test_skip_step_skips_the_step_and_everything_that_counts_it(tmp_path):
         train_loader=make_loader(64, 8), valid_loader=None)
     steps = [g for name, _, _, g in recorder.detail if name == "on_train_batch_gradient_step_end"]
     assert steps == [1, 2, 3, 4]  # 8 stepping batches, every other one skipped
-    assert read_checkpoint(tmp_path / "skip" / "ckpt_latest.pth")["global_step"] == 4
+    assert read_checkpoint(only_run(tmp_path / "skip") / "ckpt_latest.pth")["global_step"] == 4
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert result.stop_reason == "completed"
 
@@ -222,7 +222,7 @@ def test_sg_model_hooks_build_and_update_the_param_groups(tmp_path):
                           valid_metrics_list=["Accuracy"])
     Trainer("hooks", tmp_path).train(model=model, training_params=params, train_loader=make_loader(32, 8),
                                      valid_loader=make_loader(16, 8))
-    optimizer = read_checkpoint(tmp_path / "hooks" / "ckpt_latest.pth")["optimizer_state_dict"]
+    optimizer = read_checkpoint(only_run(tmp_path / "hooks") / "ckpt_latest.pth")["optimizer_state_dict"]
     backbone, head = optimizer["param_groups"]
     assert (backbone["role"], head["role"]) == ("backbone", "head")
     assert len(calls) == 8 and calls[0][:3] == (0, 0, 4)  # once per step: epoch, batch, steps per epoch

@@ -71,6 +71,10 @@ def run_recorded(tmp_path, **overrides) -> Recorder:
 def test_trace_two_epochs_with_validation_and_test(tmp_path):
     recorder = run_recorded(tmp_path, max_epochs=2)
     assert recorder.events == expected_trace(epochs=2, n_train=3, n_valid=2, n_test=1)
+    # one on_checkpoint_saved per epoch-end write, after that epoch's on_epoch_end, all before on_training_end
+    epoch_ends = [i for i, e in enumerate(recorder.events) if e == "on_epoch_end"]
+    assert [at > end for (at, _, _), end in zip(recorder.saved, epoch_ends)] == [True, True]
+    assert len(recorder.saved) == 2 and recorder.saved[-1][0] == len(recorder.events) - 1
 
 
 def test_trace_batch_accumulate_steps_only_on_window_ends(tmp_path):
@@ -275,7 +279,7 @@ def test_context_fields_at_training_start(tmp_path):
     Trainer("ctx", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=1, phase_callbacks=[Look()]),
                                    train_loader=make_loader(16, 8), valid_loader=make_loader(8, 8))
     assert all(v is not None for v in snapshot.values()), snapshot
-    assert snapshot["ckpt_dir"] == tmp_path / "ctx"
+    assert snapshot["ckpt_dir"].parent == tmp_path / "ctx" and snapshot["ckpt_dir"].name.startswith("RUN_")
     assert snapshot["metric_to_watch"] == "Accuracy"
     context = PhaseContext()
     assert context.stop_training is False and context.epoch is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import make_loader, make_model, quiet_params
+from conftest import make_loader, make_model, only_run, quiet_params
 from super_trainer import Callback, Trainer
 
 
@@ -14,7 +14,7 @@ def test_tensorboard_tags_and_values(tmp_path):
         training_params=quiet_params(max_epochs=3, sg_logger="tensorboard", log_interval=2,
                                      initial_lr={"0.": 0.05, "default": 0.1}),
         train_loader=make_loader(32, 8), valid_loader=make_loader(16, 8), test_loaders={"holdout": make_loader(8, 8)})
-    events = EventAccumulator(str(tmp_path / "tb"))
+    events = EventAccumulator(str(only_run(tmp_path / "tb")))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {"Train/CrossEntropyLoss", "Valid/CrossEntropyLoss", "Valid/Accuracy", "LR/0.", "LR/default",
@@ -35,7 +35,7 @@ def test_tensorboard_tags_and_values(tmp_path):
 def test_base_logger_writes_experiment_log_only(tmp_path):
     Trainer("base", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=2, sg_logger="base"),
                                     train_loader=make_loader(), valid_loader=make_loader(16))
-    exp = tmp_path / "base"
+    exp = only_run(tmp_path / "base")
     assert not list(exp.glob("events.out.tfevents*"))
     text = (exp / "experiment.log").read_text()
     assert "epoch 1  Valid/CrossEntropyLoss=" in text
@@ -50,7 +50,7 @@ def test_callbacks_can_log_through_context_sg_logger(tmp_path):
     Trainer("custom", tmp_path).train(
         model=make_model(), training_params=quiet_params(max_epochs=2, sg_logger="tensorboard", phase_callbacks=[Custom()]),
         train_loader=make_loader(), valid_loader=make_loader(16))
-    events = EventAccumulator(str(tmp_path / "custom"))
+    events = EventAccumulator(str(only_run(tmp_path / "custom")))
     events.Reload()
     assert [e.step for e in events.Scalars("Custom/double_acc")] == [0, 1]
 
@@ -84,7 +84,7 @@ def test_csv_logger_rows_match_history(tmp_path):
         model=make_model(), training_params=quiet_params(max_epochs=4, run_validation_freq=2,
                                                          phase_callbacks=[CSVLogger(), StopMidEpoch2()]),
         train_loader=make_loader(), valid_loader=make_loader(16))
-    with open(tmp_path / "csv" / "results.csv", newline="") as handle:
+    with open(only_run(tmp_path / "csv") / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [0, 1]  # the stopped epoch 2 has no row
     assert list(rows[0])[:3] == ["epoch", "lr", "seconds"]
@@ -108,7 +108,7 @@ def test_tensorboard_has_one_point_per_step_after_ctrl_c_and_resume(tmp_path):
     assert run(phase_callbacks=[CtrlC()]).stop_reason == "interrupted"
     result = run(resume=True)
     assert result.stop_reason == "completed"
-    events = EventAccumulator(str(tmp_path / "tb_resume"))
+    events = EventAccumulator(str(only_run(tmp_path / "tb_resume")))
     events.Reload()
     assert [e.step for e in events.Scalars("Step/Train/loss")] == list(range(1, 13))  # no step twice
     assert [e.step for e in events.Scalars("Train/CrossEntropyLoss")] == [0, 1, 2]  # the partial epoch 1 once

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_loader, make_model, quiet_params
+from conftest import make_loader, make_model, only_run, quiet_params
 from super_trainer import Callback, Trainer
 
 L, M = 4, 5  # optimizer steps per epoch (32 samples / batch 8), epochs
@@ -130,7 +130,7 @@ def test_torch_scheduler_by_name(tmp_path):
     check(actual, [0.1 * 0.5 ** (E // 2) for E in range(M) for _ in range(L)])
     from super_trainer.checkpoint import read_checkpoint
 
-    state = read_checkpoint(tmp_path / "lr" / "ckpt_latest.pth")["lr_scheduler_state"]
+    state = read_checkpoint(only_run(tmp_path / "lr") / "ckpt_latest.pth")["lr_scheduler_state"]
     assert state["TorchSchedulerCallback[StepLR]"]["last_epoch"] == M
 
 
@@ -171,7 +171,7 @@ def test_ema_follows_the_decay_formula(tmp_path, decay_type):
         phase_callbacks=[Shadow(), ValidModel()]), train_loader=make_loader(32, 8), valid_loader=make_loader(16, 8))
     from super_trainer.checkpoint import read_checkpoint
 
-    ema = read_checkpoint(tmp_path / "ema" / "ckpt_latest.pth")["ema_net"]
+    ema = read_checkpoint(only_run(tmp_path / "ema") / "ckpt_latest.pth")["ema_net"]
     for key, value in reference["ema"].items():
         torch.testing.assert_close(ema[key].double(), value, atol=1e-6, rtol=0)
     # validation ran with the EMA weights, not the trained ones

@@ -13,7 +13,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import ROOT
+from conftest import ROOT, only_run
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -71,8 +71,8 @@ def test_quickstart_notebook_executes(tmp_path):
     assert "epoch,lr,seconds" in text
     assert "epochs: [0, 1, 2, 3, 4] | stop reason: completed" in text  # the same Trainer trained again, resumed
     assert "recipe epochs: [0, 1, 2]" in text  # a recipe trained twice from the class (Hydra state not leaked)
-    assert (tmp_path / "checkpoints" / "notebook" / "ckpt_best.pth").is_file()
-    assert (tmp_path / "checkpoints" / "notebook_recipe" / "recipe.yaml").is_file()
+    assert (only_run(tmp_path / "checkpoints" / "notebook") / "ckpt_best.pth").is_file()  # resumed: one run dir
+    assert (only_run(tmp_path / "checkpoints" / "notebook_recipe") / "recipe.yaml").is_file()
 
 
 SETUP = """

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import Recorder, make_loader, make_model, quiet_params
+from conftest import Recorder, make_loader, make_model, only_run, quiet_params
 from super_trainer import Trainer
 
 
@@ -44,7 +44,7 @@ def test_bad_params_raise_before_training(tmp_path, overrides, words):
                                      train_loader=make_loader(), valid_loader=make_loader(16))
     assert "\n" not in str(info.value)
     assert recorder.events == []  # raised before any event
-    assert not (tmp_path / "p" / "ckpt_latest.pth").exists()
+    assert not (tmp_path / "p").exists()  # no run dir was made
 
 
 def test_max_epochs_is_required(tmp_path):
@@ -108,7 +108,7 @@ def test_dictconfig_params_are_accepted(tmp_path):
     result = Trainer("p", tmp_path).train(model=make_model(), training_params=params, train_loader=make_loader(),
                                           valid_loader=make_loader(16))
     assert result.stop_reason == "completed"
-    saved = OmegaConf.load(tmp_path / "p" / "training_params.yaml")
+    saved = OmegaConf.load(only_run(tmp_path / "p") / "training_params.yaml")
     assert saved.max_epochs == 1 and saved.loss == "CrossEntropyLoss"
 
 

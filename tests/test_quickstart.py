@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import PYTHON, ROOT, python_env
+from conftest import PYTHON, ROOT, only_run, python_env
 from super_trainer.checkpoint import read_checkpoint
 
 
@@ -11,7 +11,7 @@ def test_quickstart_example_trains_and_reports(tmp_path):
     proc = subprocess.run([PYTHON, str(ROOT / "examples" / "quickstart.py"), "--epochs", "3", "--ckpt-root-dir", str(tmp_path)],
                           env=python_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    exp = tmp_path / "quickstart"
+    exp = only_run(tmp_path / "quickstart")
     assert f"checkpoints: {exp / 'ckpt_best.pth'}" in proc.stdout
     assert f"tensorboard --logdir {exp}" in proc.stdout
     latest = read_checkpoint(exp / "ckpt_latest.pth")

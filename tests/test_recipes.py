@@ -1,4 +1,4 @@
-"""Recipes and the CLI (SPEC §5): composition, registries, the experiment dir, sweeps, exit codes."""
+"""Recipes and the CLI (SPEC §5): composition, registries, the run dir, sweeps, exit codes."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, python_env
+from conftest import PYTHON, only_run, python_env
 from super_trainer import Callback, Trainer
 from super_trainer.checkpoint import read_checkpoint
 from super_trainer.recipes import load_recipe, recipes_dir
@@ -27,8 +27,8 @@ def cli(args, cwd, env=None, timeout=300):
 def test_recipe_by_name_on_the_class(tmp_path):
     cfg = load_recipe("digits_mlp", [*QUICK, f"ckpt_root_dir={tmp_path}", "experiment_name=by_name"])
     result = Trainer.train(cfg)
-    exp = tmp_path / "by_name"
-    assert result.ckpt_dir == str(exp) and result.stop_reason == "completed"
+    exp = Path(result.ckpt_dir)
+    assert exp.parent == tmp_path / "by_name" and result.stop_reason == "completed"
     saved = OmegaConf.load(exp / "recipe.yaml")
     assert saved.architecture == "MLP" and saved.training_hyperparams.max_epochs == 1
     assert read_checkpoint(exp / "ckpt_latest.pth")["epoch"] == 1
@@ -53,8 +53,9 @@ def test_recipe_by_path_on_an_instance_uses_the_instance_dir(tmp_path):
                       "arch_params:\n  hidden: [16]\n"
                       "training_hyperparams:\n  max_epochs: 1\n  progress_bar: false\n  phase_callbacks: [RecipeContextSpy]\n")
     result = Trainer("chosen", tmp_path / "root").train(recipe)
-    exp = tmp_path / "root" / "chosen"  # the instance's names win over the recipe's
-    assert result.ckpt_dir == str(exp) and (exp / "recipe.yaml").is_file()
+    exp = Path(result.ckpt_dir)
+    assert exp.parent == tmp_path / "root" / "chosen"  # the instance's names win over the recipe's
+    assert (exp / "recipe.yaml").is_file()
     assert read_checkpoint(exp / "ckpt_latest.pth")["net"]["layers.0.weight"].shape == (16, 64)
     assert SEEN["architecture"] == "MLP" and SEEN["arch_params"]["hidden"] == [16]
     assert SEEN["checkpoint_params"]["strict_load"] is True
@@ -74,8 +75,9 @@ def test_unknown_names_are_clear_errors(tmp_path):
 def test_cli_default_recipe_from_any_directory(tmp_path):
     proc = cli([*QUICK, f"ckpt_root_dir={tmp_path / 'ck'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    exp = tmp_path / "ck" / "digits_mlp"
-    assert f"experiment dir: {exp}" in proc.stdout
+    exp = only_run(tmp_path / "ck" / "digits_mlp")
+    assert f"run dir: {exp}" in proc.stdout
+    assert {p.name for p in exp.parent.iterdir()} == {exp.name}  # Hydra's files, the job log: all in the run dir
     names = {p.name for p in exp.iterdir()}
     assert {".hydra", "recipe.yaml", "ckpt_latest.pth", "ckpt_best.pth", "experiment.log"} <= names
     assert {p.name for p in (exp / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
@@ -95,10 +97,14 @@ def test_python_module_entry_and_cfg_job(tmp_path):
 def test_cli_sweep_gives_each_job_its_dir(tmp_path):
     proc = cli(["-m", *QUICK, "training_hyperparams.initial_lr=0.1,0.01", f"ckpt_root_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for job, lr in ((0, 0.1), (1, 0.01)):
-        saved = OmegaConf.load(tmp_path / f"digits_mlp_{job}" / "recipe.yaml")
-        assert saved.training_hyperparams.initial_lr == lr
-        assert (tmp_path / f"digits_mlp_{job}" / ".hydra" / "overrides.yaml").is_file()
+    runs = sorted(p for p in (tmp_path / "digits_mlp").iterdir() if p.is_dir())
+    assert len(runs) == 2  # each job in its own run dir, named by its run_id: the job's overrides
+    for run in runs:
+        saved = OmegaConf.load(run / "recipe.yaml")
+        lr = saved.training_hyperparams.initial_lr
+        assert saved.training_hyperparams.run_id == run.name and f"training_hyperparams.initial_lr={lr}," in run.name
+        assert (run / ".hydra" / "overrides.yaml").is_file() and f"run dir: {run}" in proc.stdout
+    assert sorted(OmegaConf.load(r / "recipe.yaml").training_hyperparams.initial_lr for r in runs) == [0.01, 0.1]
 
 
 def test_cli_user_recipe_dir_custom_imports_and_ctrl_c_exit_code(tmp_path):
@@ -116,27 +122,33 @@ def test_cli_user_recipe_dir_custom_imports_and_ctrl_c_exit_code(tmp_path):
     proc = cli(["--config-dir", str(tmp_path / "recipes"), "--config-name=interrupted", f"ckpt_root_dir={tmp_path}"],
                cwd=tmp_path)
     assert proc.returncode == 130, proc.stderr[-2000:]
-    exp = tmp_path / "interrupted"
+    exp = only_run(tmp_path / "interrupted")
     assert read_checkpoint(exp / "ckpt_latest.pth")["epoch"] == 1
     assert (exp / "experiment.log").read_text().strip().endswith("training ended: interrupted")
 
 
 def test_resume_experiment_rereads_the_saved_recipe(tmp_path):
     cfg = load_recipe("digits_mlp", [*QUICK, f"ckpt_root_dir={tmp_path}", "experiment_name=again"])
-    Trainer.train(cfg)
-    saved = OmegaConf.load(tmp_path / "again" / "recipe.yaml")
+    first = Path(Trainer.train(cfg).ckpt_dir)
+    latest = Path(Trainer.train(cfg).ckpt_dir)  # a second run: resume_experiment continues this one
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in first.iterdir())
+    saved = OmegaConf.load(latest / "recipe.yaml")
     saved.training_hyperparams.max_epochs = 2  # raise max_epochs, as one may on resume
-    OmegaConf.save(saved, tmp_path / "again" / "recipe.yaml")
+    OmegaConf.save(saved, latest / "recipe.yaml")
     result = Trainer.resume_experiment("again", ckpt_root_dir=tmp_path)
-    assert [h["epoch"] for h in result.history] == [0, 1]
-    assert read_checkpoint(tmp_path / "again" / "ckpt_latest.pth")["epoch"] == 2
+    assert Path(result.ckpt_dir) == latest and [h["epoch"] for h in result.history] == [0, 1]
+    assert read_checkpoint(latest / "ckpt_latest.pth")["epoch"] == 2
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in first.iterdir()) == before
+    with pytest.warns(UserWarning, match="nothing left to train"):  # the first run already ended
+        again = Trainer.resume_experiment("again", ckpt_root_dir=tmp_path, run_id=first.name)  # a given run
+    assert Path(again.ckpt_dir) == first and [h["epoch"] for h in again.history] == [0]
 
 
 def test_cli_nproc_launches_torchrun(tmp_path):
     proc = cli(["--nproc", "2", *QUICK, f"ckpt_root_dir={tmp_path}", "experiment_name=ddp", "device=cpu"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("experiment dir:") == 1  # only rank 0 reports
-    assert read_checkpoint(tmp_path / "ddp" / "ckpt_latest.pth")["epoch"] == 1
+    assert proc.stdout.count("run dir:") == 1  # only rank 0 reports
+    assert read_checkpoint(only_run(tmp_path / "ddp") / "ckpt_latest.pth")["epoch"] == 1  # one run dir for all ranks
 
 
 def test_shipped_recipes_are_complete():

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import Recorder, make_loader, make_model, quiet_params
+from conftest import Recorder, make_loader, make_model, only_run, quiet_params
 from super_trainer import Callback, CheckpointError, EarlyStop, Trainer
 from super_trainer.checkpoint import read_checkpoint
 
@@ -35,8 +35,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(tmp_path):
         train_loader=make_loader(48, 8), valid_loader=make_loader(16, 8))
     assert result.stop_reason == "nan_loss"
     assert [h["epoch"] for h in result.history] == [0, 1]  # epoch 2 was neither validated nor recorded
-    latest = read_checkpoint(tmp_path / "nan" / "ckpt_latest.pth")
-    best = read_checkpoint(tmp_path / "nan" / "ckpt_best.pth")
+    latest = read_checkpoint(only_run(tmp_path / "nan") / "ckpt_latest.pth")
+    best = read_checkpoint(only_run(tmp_path / "nan") / "ckpt_best.pth")
     assert latest["epoch"] == 2 and best["epoch"] <= 2
     assert _all_finite(latest["net"]) and _all_finite(best["net"])
 
@@ -167,7 +167,7 @@ def test_max_keep_ckpts_keeps_the_newest_epoch_files(tmp_path):
         model=make_model(), training_params=quiet_params(max_epochs=4, save_ckpt_epoch_list=[1, 2, 3, 4],
                                                          max_keep_ckpts=2),
         train_loader=make_loader(), valid_loader=make_loader(16))
-    assert sorted(p.name for p in (tmp_path / "keep").glob("ckpt_epoch_*.pth")) == ["ckpt_epoch_3.pth",
+    assert sorted(p.name for p in only_run(tmp_path / "keep").glob("ckpt_epoch_*.pth")) == ["ckpt_epoch_3.pth",
                                                                                   "ckpt_epoch_4.pth"]
 
 
@@ -207,7 +207,7 @@ def test_mid_epoch_resume_with_a_distributed_sampler_is_exact(tmp_path):
     full, _ = run("full", [])
     _, stopped = run("cut", [CtrlCAt()])
     assert stopped.stop_reason == "interrupted"
-    assert read_checkpoint(tmp_path / "cut" / "ckpt_latest.pth")["epoch_progress"]["batches"] == 3
+    assert read_checkpoint(only_run(tmp_path / "cut") / "ckpt_latest.pth")["epoch_progress"]["batches"] == 3
     resumed, result = run("cut", [], resume=True)
     assert result.stop_reason == "completed"
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):

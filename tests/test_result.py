@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,7 +119,7 @@ def test_ctrl_c_prints_one_line_and_no_epoch_line_for_the_partial_epoch(tmp_path
     lines = captured.out.strip().splitlines()
     assert result.stop_reason == "interrupted" and len(lines) == 2 and captured.err == ""
     assert LINE.match(lines[0]) and LINE.match(lines[0]).group(1) == "1"
-    assert lines[1] == (f"Training interrupted in epoch 2/3 | resume from {tmp_path / 'ctrl_c' / 'ckpt_latest.pth'} "
+    assert lines[1] == (f"Training interrupted in epoch 2/3 | resume from {Path(result.ckpt_dir) / 'ckpt_latest.pth'} "
                         f"| best Accuracy {result.best_metric:.4g} @1")
 
 

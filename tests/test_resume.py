@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, python_env
+from conftest import PYTHON, ROOT, only_run, python_env
 from super_trainer.checkpoint import read_checkpoint
 
 WORKER = str(ROOT / "tests" / "_resume_worker.py")
@@ -24,7 +24,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path, flags):
 
     killed = run_worker("killed", tmp_path / "b", tmp_path / "never.pt", flags)
     assert killed.returncode == 17, killed.stderr  # died hard at the start of epoch 2
-    partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    partial = read_checkpoint(only_run(tmp_path / "b" / "exp") / "ckpt_latest.pth")
     assert partial["epoch"] == 2
 
     resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", flags)
@@ -37,8 +37,8 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path, flags):
     assert b["epochs"] == [0, 1, 2, 3]  # history carried over from the checkpoint
     assert a["count"] == b["count"]  # the stateful callback was restored, not restarted
     assert a["best_metric"] == b["best_metric"]
-    latest_a = read_checkpoint(tmp_path / "a" / "exp" / "ckpt_latest.pth")
-    latest_b = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    latest_a = read_checkpoint(only_run(tmp_path / "a" / "exp") / "ckpt_latest.pth")
+    latest_b = read_checkpoint(only_run(tmp_path / "b" / "exp") / "ckpt_latest.pth")
     if "--ema" in flags:
         for key, value in latest_a["ema_net"].items():
             assert torch.equal(value, latest_b["ema_net"][key]), key
@@ -55,7 +55,7 @@ def test_resume_can_raise_max_epochs(tmp_path):
     result = Trainer("grow", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=3, resume=True),
                                              train_loader=make_loader(), valid_loader=make_loader(16))
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
-    assert read_checkpoint(tmp_path / "grow" / "ckpt_latest.pth")["epoch"] == 3
+    assert read_checkpoint(only_run(tmp_path / "grow") / "ckpt_latest.pth")["epoch"] == 3
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_hard_kill_mid_epoch_resumes_bit_exact(tmp_path, uninterrupted, every, k
     flags = ["--every", str(every)]
     killed = run_worker("killed", tmp_path / "b", tmp_path / "never.pt", [*flags, "--kill-batch", str(kill_batch)])
     assert killed.returncode == 17, killed.stderr
-    partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    partial = read_checkpoint(only_run(tmp_path / "b" / "exp") / "ckpt_latest.pth")
     assert (partial["epoch"], partial["epoch_progress"]["batches"]) == position
     resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", flags)
     assert resumed.returncode == 0, resumed.stderr
@@ -101,7 +101,7 @@ def test_ctrl_c_mid_window_checkpoints_the_batch_and_resumes_bit_exact(tmp_path,
     stopped = run_worker("killed", tmp_path / "b", tmp_path / "stopped.pt", ["--sigint-batch", "8"])
     assert stopped.returncode == 0, stopped.stderr
     assert torch.load(tmp_path / "stopped.pt", weights_only=True)["stop_reason"] == "interrupted"
-    partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    partial = read_checkpoint(only_run(tmp_path / "b" / "exp") / "ckpt_latest.pth")
     assert (partial["epoch"], partial["epoch_progress"]["batches"]) == (1, 3)
     assert partial["epoch_progress"]["grads"]  # the window's first half is carried over
     resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", [])

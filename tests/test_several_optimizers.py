@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from _any_models import GAN, GAN_OPTIMIZERS, gan_losses, gan_step, hand_gan, real_batches
-from conftest import Recorder, make_loader, make_model, quiet_params
+from conftest import Recorder, make_loader, make_model, quiet_params, only_run
 from super_trainer import Callback, Trainer
 from super_trainer.checkpoint import CheckpointError
 from super_trainer.context import FIELD_DOCS
@@ -113,14 +113,14 @@ def test_a_gan_resumes_bit_exact_from_a_mid_epoch_interrupt(tmp_path):
     extras = dict(ema=True, ema_params={"decay": 0.9, "decay_type": "constant"}, lr_mode="cosine",
                   lr_warmup_epochs=1, batch_accumulate=2, clip_grad_norm=5.0, mixed_precision="bf16")
     full, _ = train_gan(tmp_path, name="full", **extras)
-    full_ema = torch.load(tmp_path / "full" / "ckpt_latest.pth", weights_only=True)
+    full_ema = torch.load(only_run(tmp_path / "full") / "ckpt_latest.pth", weights_only=True)
     cut, result = train_gan(tmp_path, name="cut", phase_callbacks=[InterruptAt(7)], **extras)  # inside a window
     assert result.stop_reason == "interrupted"
     resumed, result = train_gan(tmp_path, name="cut", resume=True, **extras)
     assert result.stop_reason == "completed"
     for (name, value), expected in zip(resumed.state_dict().items(), full.state_dict().values()):
         assert torch.equal(value, expected), name
-    ckpt = torch.load(tmp_path / "cut" / "ckpt_latest.pth", weights_only=True)
+    ckpt = torch.load(only_run(tmp_path / "cut") / "ckpt_latest.pth", weights_only=True)
     for key, value in full_ema["ema_net"].items():
         assert torch.equal(ckpt["ema_net"][key], value), key
     for name in ("discriminator", "generator"):
@@ -281,7 +281,7 @@ def test_a_torch_scheduler_and_the_loggers_follow_every_optimizer(tmp_path):
     resumed, result = train_gan(tmp_path, max_epochs=3, resume=True, lr_mode={"StepLR": {"step_size": 1, "gamma": 0.5}})
     ckpt = torch.load(result.latest_ckpt_path, weights_only=True)
     assert ckpt["optimizer_state_dict"]["generator"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.125)
-    log = (tmp_path / "gan" / "experiment.log").read_text()
+    log = (only_run(tmp_path / "gan") / "experiment.log").read_text()
     for tag in ("Step/Train/loss/discriminator", "Step/Train/loss/generator", "Step/LR/generator/default",
                 "LR/discriminator/default", "Train/d_loss"):
         assert tag in log, tag

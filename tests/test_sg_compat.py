@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from conftest import make_loader, make_model, quiet_params
+from conftest import make_loader, make_model, only_run, quiet_params
 from super_trainer import Callback, Phase, PhaseCallback, Trainer
 from super_trainer.building import build_lr_callbacks, builtin_callbacks
 from super_trainer.losses import build_criterion
@@ -78,10 +78,10 @@ def test_recipe_in_sg_layout_trains_with_only_model_loss_metric_overrides(tmp_pa
         valid_loader=make_loader(16, classes=6))
     assert result.stop_reason == "completed" and len(result.history) == 2
     assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.01])  # the update at epoch 0 decays epoch 1
-    names = {p.name for p in (tmp_path / "ck" / "sg").iterdir()}
+    names = {p.name for p in only_run(tmp_path / "ck" / "sg").iterdir()}
     assert {"ckpt_latest.pth", "ckpt_best.pth", "average_model.pth", "experiment.log"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)  # base_sg_logger: TensorBoard + experiment.log
-    group0 = read_checkpoint(tmp_path / "ck" / "sg" / "ckpt_latest.pth")["optimizer_state_dict"]["param_groups"][0]
+    group0 = read_checkpoint(only_run(tmp_path / "ck" / "sg") / "ckpt_latest.pth")["optimizer_state_dict"]["param_groups"][0]
     assert (group0["momentum"], group0["weight_decay"]) == (0.9, 1e-4)  # SG's SGD defaults: the recipe gave none
 
 
@@ -223,7 +223,7 @@ def test_save_model_false_writes_no_checkpoint(tmp_path):
                                                           save_ckpt_epoch_list=[1]),
         train_loader=make_loader(), valid_loader=make_loader(16))
     assert result.latest_ckpt_path is None and result.best_ckpt_path is None
-    assert not list((tmp_path / "nosave").glob("*.pth"))
+    assert not list((tmp_path / "nosave").rglob("*.pth"))
 
 
 def test_ckpt_best_name_and_resume_from_ckpt_name(tmp_path):
@@ -233,8 +233,8 @@ def test_ckpt_best_name_and_resume_from_ckpt_name(tmp_path):
             valid_loader=make_loader(16))
 
     first = run(max_epochs=1, ckpt_best_name="best_acc.pth")
-    assert first.best_ckpt_path.endswith("best_acc.pth") and not (tmp_path / "names" / "ckpt_best.pth").exists()
-    shutil.move(tmp_path / "names" / "ckpt_latest.pth", tmp_path / "names" / "after_epoch_1.pth")
+    assert first.best_ckpt_path.endswith("best_acc.pth") and not (only_run(tmp_path / "names") / "ckpt_best.pth").exists()
+    shutil.move(only_run(tmp_path / "names") / "ckpt_latest.pth", only_run(tmp_path / "names") / "after_epoch_1.pth")
     resumed = run(max_epochs=2, resume=True, ckpt_name="after_epoch_1.pth")  # SG: the file resume reads
     assert [h["epoch"] for h in resumed.history] == [0, 1]
     assert resumed.history[0] == first.history[0]  # epoch 0 came from the named checkpoint

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics import Metric
 
-from conftest import make_loader, make_model, quiet_params
+from conftest import make_loader, make_model, quiet_params, only_run
 from super_trainer import Callback, EarlyStop, Phase, Trainer
 from super_trainer.losses import build_criterion
 from super_trainer.optimizers import step_takes_closure
@@ -156,7 +156,7 @@ def test_compound_metric_logs_each_component_and_is_watched_by_component(tmp_pat
     assert result.metrics["mAP@0.50:0.95"] == pytest.approx(result.metrics["Precision@0.50"] / 2)
     assert result.best_metric == max(h["valid/mAP@0.50:0.95"] for h in result.history)
     assert "train/Precision@0.50" in result.history[0]
-    events = EventAccumulator(str(tmp_path / "compound"))
+    events = EventAccumulator(str(only_run(tmp_path / "compound")))
     events.Reload()
     assert {"Valid/mAP@0.50:0.95", "Valid/Precision@0.50", "Train/mAP@0.50:0.95"} <= set(events.Tags()["scalars"])
 
@@ -289,7 +289,7 @@ def test_sgs_optimizers_step_without_a_closure_so_fp16_can_scale_them():
 def test_lamb_trains_from_a_recipe_name_with_sgs_params(tmp_path):
     result = Trainer("lamb", tmp_path).train(model=make_model(), train_loader=make_loader(), training_params=quiet_params(
         max_epochs=1, optimizer="Lamb", optimizer_params={"weight_decay": 0.02}, initial_lr=5e-3))
-    state = read_checkpoint(tmp_path / "lamb" / "ckpt_latest.pth")
+    state = read_checkpoint(only_run(tmp_path / "lamb") / "ckpt_latest.pth")
     assert state["optimizer_type"] == "Lamb" and state["optimizer_state_dict"]["param_groups"][0]["weight_decay"] == 0.02
     assert result.stop_reason == "completed"
 
@@ -367,7 +367,7 @@ class HeadLR(nn.Module):
 def test_multiply_head_lr_reaches_the_model_and_warns_when_nothing_reads_it(tmp_path):
     Trainer("head", tmp_path).train(model=HeadLR(), train_loader=make_loader(), training_params=quiet_params(
         max_epochs=1, multiply_head_lr=10.0, optimizer_params={"weight_decay": 0.0, "momentum": 0.0}))
-    groups = read_checkpoint(tmp_path / "head" / "ckpt_latest.pth")["optimizer_state_dict"]["param_groups"]
+    groups = read_checkpoint(only_run(tmp_path / "head") / "ckpt_latest.pth")["optimizer_state_dict"]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([0.1, 1.0])
     with pytest.warns(UserWarning, match="multiply_head_lr=10.0 has no effect: Sequential defines no"):
         Trainer("head2", tmp_path).train(model=make_model(), train_loader=make_loader(), training_params=quiet_params(
@@ -395,7 +395,7 @@ def test_load_opt_params_false_resumes_the_weights_with_a_fresh_optimizer(tmp_pa
     with pytest.raises(CheckpointError):  # the default: the checkpoint's SGD state does not fit an Adam
         train(max_epochs=2, optimizer="Adam", resume=True)
     result = train(max_epochs=2, optimizer="Adam", resume=True, load_opt_params=False)
-    state = read_checkpoint(tmp_path / "opt" / "ckpt_latest.pth")
+    state = read_checkpoint(only_run(tmp_path / "opt") / "ckpt_latest.pth")
     assert len(result.history) == 2 and state["optimizer_type"] == "Adam"
     assert all(int(s["step"]) == 8 for s in state["optimizer_state_dict"]["state"].values())  # epoch 2's 8 steps only
 

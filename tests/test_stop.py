@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from conftest import Recorder, make_loader, make_model, quiet_params
+from conftest import Recorder, make_loader, make_model, only_run, quiet_params
 from super_trainer import Callback, Trainer
 from super_trainer.checkpoint import read_checkpoint
 
@@ -49,7 +49,7 @@ def test_nan_loss_caught_at_loss_end_never_reaches_the_weights(tmp_path):
     # the partial epoch is neither validated, tested nor checkpointed
     assert recorder.events.count("on_validation_loader_start") == 1
     assert "on_test_loader_start" not in recorder.events
-    assert read_checkpoint(tmp_path / "stop" / "ckpt_latest.pth")["epoch"] == 1
+    assert read_checkpoint(only_run(tmp_path / "stop") / "ckpt_latest.pth")["epoch"] == 1
     assert [h["epoch"] for h in result.history] == [0]
 
 
@@ -73,7 +73,7 @@ def test_stop_outside_a_batch_finishes_the_epoch(tmp_path):
     _, result, recorder = run(tmp_path, [EarlyStop()], max_epochs=5)
     assert result.stop_reason == "early_stop"
     assert [h["epoch"] for h in result.history] == [0, 1]
-    assert read_checkpoint(tmp_path / "stop" / "ckpt_latest.pth")["epoch"] == 2  # epoch 1 was saved
+    assert read_checkpoint(only_run(tmp_path / "stop") / "ckpt_latest.pth")["epoch"] == 2  # epoch 1 was saved
     assert recorder.events.count("on_test_loader_start") == 1  # the (last) epoch's test ran
     assert recorder.events[-4:] == ["on_test_batch_end", "on_test_loader_end", "on_epoch_end", "on_training_end"]
     assert math.isfinite(result.test_metrics["t"]["Accuracy"])

@@ -21,7 +21,7 @@ AVERAGE = "average_model.pth"
 
 class AverageBestModels(Callback):
     """Keeps the weights of the ``max_models`` best validation epochs (by metric_to_watch) and, whenever
-    that set changes, writes their element-wise mean to ``<experiment dir>/average_model.pth``.
+    that set changes, writes their element-wise mean to ``<run dir>/average_model.pth``.
 
     The weights averaged are the EMA weights when EMA is on. Integer buffers (e.g. BatchNorm's
     ``num_batches_tracked``) are taken from the best epoch. The kept snapshots live in

@@ -24,7 +24,8 @@ The trainer fires these events, in this order (SPEC §1, §8)::
           for each test batch: on_test_batch_start, on_test_batch_end      # or every run_test_freq epochs)
         on_test_loader_end
         on_epoch_end                             # once per completed epoch, before its checkpoints
-        on_checkpoint_saved                      # once a checkpoint's files are complete on disk (also mid-epoch)
+      on_checkpoint_saved                        # a checkpoint's files are complete on disk (written in the
+                                                 # background): seen after a train batch or before on_training_end
     on_training_end                              # always exactly once
 
 docs/events.md has the full table, including what a stop, an exception and Ctrl-C do.
@@ -196,8 +197,10 @@ class Callback:
         during a batch. metrics_dict holds the last metrics computed (validation's on validation epochs)."""
 
     def on_checkpoint_saved(self, context: PhaseContext) -> None:
-        """On the training thread, once a checkpoint's files are complete on disk; ``context.checkpoint_paths``
-        lists them (upload or copy them here)."""
+        """On the training thread, once a checkpoint's files are complete on disk: context.checkpoint_paths lists
+        them (ckpt_latest, and ckpt_best, a ckpt_epoch_N or a save_top_k file written with it). Checkpoints are
+        written in the background, so this comes after the train batch during which the write finished, or, for
+        the last one, before on_training_end. Upload or copy the files here."""
 
     def on_training_end(self, context: PhaseContext) -> None:
         """Always exactly once, last; also after a stop, Ctrl-C, or an exception (context.exception set).
@@ -330,7 +333,8 @@ FOREIGN_HOOKS: Dict[str, str] = {
     "on_validation_end": "on_validation_loader_end", "on_validation_epoch_end": "on_validation_loader_end",
     "on_test_start": "on_test_loader_start", "on_test_epoch_start": "on_test_loader_start",
     "on_test_end": "on_test_loader_end", "on_test_epoch_end": "on_test_loader_end",
-    "on_save_checkpoint": "state_dict()", "on_load_checkpoint": "load_state_dict(state)",
+    "on_save_checkpoint": "state_dict() (or on_checkpoint_saved, once the files are written)",
+    "on_load_checkpoint": "load_state_dict(state)",
 }
 _warned_hooks: Set[Tuple[type, str]] = set()
 

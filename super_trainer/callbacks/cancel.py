@@ -1,4 +1,4 @@
-"""Stop training from outside the process: create ``.stop_training`` in the experiment dir."""
+"""Stop training from outside the process: create ``.stop_training`` in the run dir."""
 from __future__ import annotations
 
 import logging
@@ -12,12 +12,12 @@ __all__ = ["CancelTrainingCallback", "STOP_FILE"]
 
 logger = logging.getLogger("super_trainer")
 
-#: The file whose presence in the experiment dir stops training.
+#: The file whose presence in the run dir stops training.
 STOP_FILE = ".stop_training"
 
 
 class CancelTrainingCallback(Callback):
-    """Stops training gracefully when the file ``.stop_training`` appears in the experiment dir
+    """Stops training gracefully when the file ``.stop_training`` appears in the run dir
     (``context.ckpt_dir``): ``touch <ckpt_root_dir>/<experiment_name>/.stop_training``.
 
     Checked at on_train_batch_end every ``interval`` train batches (one ``stat`` call, on rank 0 only; the

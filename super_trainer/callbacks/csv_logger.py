@@ -1,4 +1,4 @@
-"""``results.csv``: one row per completed epoch in the experiment dir."""
+"""``results.csv``: one row per completed epoch in the run dir."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ __all__ = ["CSVLogger"]
 
 
 class CSVLogger(Callback):
-    """Writes ``<experiment dir>/results.csv`` (or ``path``): a row per completed epoch with ``epoch``,
+    """Writes ``<run dir>/results.csv`` (or ``path``): a row per completed epoch with ``epoch``,
     ``lr``, ``seconds`` and every ``train/<name>`` and ``valid/<name>`` value, as in ``TrainingResult.history``.
 
     Rows are written when the next epoch starts and when training ends; a partial (stopped) epoch has no

@@ -1,6 +1,8 @@
 """EMA update after every optimizer step (after every train batch that made an update, with several optimizers)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from .base import Callback, PhaseContext, Priority
 
 __all__ = ["EMAUpdate"]
@@ -28,9 +30,10 @@ class EMAUpdate(Callback):
             self.on_train_batch_gradient_step_end = Callback.on_train_batch_gradient_step_end.__get__(self)
             self.on_train_batch_end = self._after_batch
 
-    def set_horizon(self, max_epochs: int, steps_per_epoch: int) -> bool:
-        """A per-epoch setting changed the run's length (SPEC §8): total_steps follows. True if it changed."""
-        total = max_epochs * steps_per_epoch
+    def set_horizon(self, max_epochs: int, steps_per_epoch: int, total_steps: Optional[int] = None) -> bool:
+        """A per-epoch setting changed the run's length (SPEC §8): total_steps follows (max_steps may cap it). True
+        if it changed."""
+        total = total_steps if total_steps is not None else max_epochs * steps_per_epoch
         changed, self.total_steps = total != self.total_steps, total
         return changed
 

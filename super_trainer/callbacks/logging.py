@@ -53,7 +53,7 @@ def _scalar(value: Any) -> Optional[float]:
 
 
 class BaseLogger(SGLoggerAPI, Callback):
-    """Writes metrics and lifecycle lines to ``<experiment dir>/experiment.log`` (appending on resume)."""
+    """Writes metrics and lifecycle lines to ``<run dir>/experiment.log`` (appending on resume)."""
 
     priority = Priority.LOW  # log what other callbacks may have added to metrics_dict
 
@@ -103,7 +103,7 @@ class BaseLogger(SGLoggerAPI, Callback):
                   global_step: Optional[int] = None) -> None:
         """Log one image shaped ``(C, H, W)`` (C in 1, 3, 4) or ``(H, W)`` (SG's ``data_format`` names another
         layout, e.g. "HWC"): floats in [0, 1], or integers 0–255. The base logger saves
-        ``<experiment dir>/images/<tag>_<step>.png`` ("/" in tags becomes "_")."""
+        ``<run dir>/images/<tag>_<step>.png`` ("/" in tags becomes "_")."""
         step = sg_step(step, global_step)
         self._ensure_open()
         if self.enabled:
@@ -195,7 +195,10 @@ class BaseLogger(SGLoggerAPI, Callback):
             self.add_scalars(scalars, context.epoch, unit="epoch")
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:
-        self.add_scalars({f"Valid/{k}": v for k, v in (context.metrics_dict or {}).items()}, context.epoch, "epoch")
+        # with val_check_interval an epoch may hold several validations: they are placed by global_step
+        by_step = (context.training_params or {}).get("val_check_interval") is not None
+        step, unit = (context.global_step, "step") if by_step else (context.epoch, "epoch")
+        self.add_scalars({f"Valid/{k}": v for k, v in (context.metrics_dict or {}).items()}, step, unit)
 
     def on_test_loader_end(self, context: PhaseContext) -> None:
         loader = getattr(context, "test_loader_name", None) or "test"
@@ -213,7 +216,7 @@ class BaseLogger(SGLoggerAPI, Callback):
 
 
 class TensorBoardLogger(BaseLogger):
-    """BaseLogger plus TensorBoard event files in the experiment dir.
+    """BaseLogger plus TensorBoard event files in the run dir.
 
     Scalars are queued and handed to TensorBoard's writer at epoch-level events (and at least every
     ``flush_secs`` seconds), then flushed synchronously: the writer's background thread encodes records in

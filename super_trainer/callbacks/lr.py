@@ -2,7 +2,9 @@
 
 Every param group follows its own ``lr0`` (its ``initial_lr``), so ratios between groups are preserved.
 Notation: L = optimizer steps per epoch, E = 0-based epoch, b = index of the step just taken within the
-epoch, W = lr_warmup_epochs, S = lr_warmup_steps, C = lr_cooldown_epochs, M = max_epochs.
+epoch, W = lr_warmup_epochs, S = lr_warmup_steps, C = lr_cooldown_epochs, M = max_epochs. With ``max_steps``, the
+horizon L·M becomes the run's steps H (``total_steps``: max_steps, or L·M when that is smaller): the schedules
+span H − L·(W+C) steps and stop L·C steps before H.
 All built-in LR callbacks run at Priority.VERY_HIGH so user callbacks see the lr already set.
 """
 from __future__ import annotations
@@ -87,23 +89,36 @@ class _Schedule(Callback):
     priority = Priority.VERY_HIGH
 
     def __init__(self, max_epochs: int, steps_per_epoch: int, warmup_epochs: int = 0, warmup_steps: int = 0,
-                 cooldown_epochs: int = 0) -> None:
+                 cooldown_epochs: int = 0, total_steps: Optional[int] = None) -> None:
         self.max_epochs = max_epochs
         self.steps_per_epoch = steps_per_epoch
         self.warmup_epochs = warmup_epochs
         self.warmup_steps = warmup_steps
         self.cooldown_epochs = cooldown_epochs
+        self.total_steps = total_steps  # H, the run's horizon in steps, when max_steps sets it (else L·M)
 
-    def set_horizon(self, max_epochs: int, steps_per_epoch: int) -> bool:
-        """A per-epoch setting changed the run's length (SPEC §8): schedule over the new one. True if it changed."""
-        changed = (max_epochs, steps_per_epoch) != (self.max_epochs, self.steps_per_epoch)
-        self.max_epochs, self.steps_per_epoch = max_epochs, steps_per_epoch
+    def span(self) -> int:
+        """Steps the schedule runs over, warmup epochs and cooldown left out: L·(M−W−C), or H − L·(W+C)."""
+        L, W, C = self.steps_per_epoch, self.warmup_epochs, self.cooldown_epochs
+        if self.total_steps is None:
+            return L * (self.max_epochs - W - C)
+        return max(1, self.total_steps - L * (W + C))
+
+    def set_horizon(self, max_epochs: int, steps_per_epoch: int, total_steps: Optional[int] = None) -> bool:
+        """A per-epoch setting changed the run's length (SPEC §8): schedule over the new one (``total_steps``: the
+        run's steps, which max_steps may cap). True if it changed."""
+        total = total_steps if self.total_steps is not None else None  # H matters only when max_steps set it
+        changed = (max_epochs, steps_per_epoch, total) != (self.max_epochs, self.steps_per_epoch, self.total_steps)
+        self.max_epochs, self.steps_per_epoch, self.total_steps = max_epochs, steps_per_epoch, total
         return changed
 
     def _active(self, context: PhaseContext) -> bool:
         epoch = context.epoch
-        return (self.warmup_epochs <= epoch < self.max_epochs - self.cooldown_epochs
-                and context.global_step >= self.warmup_steps)
+        if self.total_steps is not None:  # the step just taken (index g − 1) lies before the cooldown's L·C steps
+            before_cooldown = context.global_step <= self.total_steps - self.steps_per_epoch * self.cooldown_epochs
+        else:
+            before_cooldown = epoch < self.max_epochs - self.cooldown_epochs
+        return self.warmup_epochs <= epoch and before_cooldown and context.global_step >= self.warmup_steps
 
 
 class _StepwiseSchedule(_Schedule):
@@ -130,7 +145,7 @@ class CosineLRSchedule(_StepwiseSchedule):
     def factor(self, epoch: int, step: int) -> float:
         L = self.steps_per_epoch
         it = max(0, L * epoch + step - self.warmup_steps)
-        total = L * (self.max_epochs - self.warmup_epochs - self.cooldown_epochs) - self.warmup_steps
+        total = self.span() - self.warmup_steps
         r = self.final_lr_ratio
         return 0.5 * (1.0 + math.cos(math.pi * it / (total + 1))) * (1.0 - r) + r
 
@@ -141,8 +156,7 @@ class PolyLRSchedule(_StepwiseSchedule):
     def factor(self, epoch: int, step: int) -> float:
         L = self.steps_per_epoch
         it = L * epoch + step
-        total = L * (self.max_epochs - self.warmup_epochs - self.cooldown_epochs)
-        return max(0.0, 1.0 - it / total) ** 0.9
+        return max(0.0, 1.0 - it / self.span()) ** 0.9
 
 
 class ExpLRSchedule(_StepwiseSchedule):
@@ -225,7 +239,7 @@ class LinearBatchLRWarmup(Callback):
         self.warmup_initial_lr = warmup_initial_lr
         self.warmup_epochs = warmup_epochs
 
-    def set_horizon(self, max_epochs: int, steps_per_epoch: int) -> bool:
+    def set_horizon(self, max_epochs: int, steps_per_epoch: int, total_steps: Optional[int] = None) -> bool:
         if not self.warmup_epochs or self.warmup_steps == self.warmup_epochs * steps_per_epoch:
             return False
         self.warmup_steps = self.warmup_epochs * steps_per_epoch

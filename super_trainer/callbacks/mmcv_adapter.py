@@ -222,6 +222,10 @@ class MMCVHookAdapter(Callback):
             batches = _train_batches(context)
             runner.iters_per_epoch = batches
             runner.max_iters = batches * int(context.max_epochs) if batches is not None else None
+            max_steps = (context.training_params or {}).get("max_steps")
+            if max_steps is not None:  # iterations = optimizer steps x batch_accumulate (windows within epochs)
+                by_steps = int(max_steps) * int(context.training_params.get("batch_accumulate", 1))
+                runner.max_iters = min(runner.max_iters, by_steps) if runner.max_iters is not None else by_steps
         seen = int(context.batches_seen or 0)
         if event == "on_train_batch_start":
             runner.iter, runner.mode = seen, "train"  # batches_seen counts this batch only at its end

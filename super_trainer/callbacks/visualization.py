@@ -23,7 +23,7 @@ class BatchVisualizationCallback(Callback):
     image is scaled to [0, 1] by its own min and max. The image goes to ``context.sg_logger.add_images``
     with tag ``"<Phase>/batch_<batch_idx>"`` (override with ``tag``) and the 0-based epoch as step:
     TensorBoard shows it under Images; the base logger writes ``images/<tag>_<epoch>.png`` in the
-    experiment dir. Only on logged batches is anything copied to the host.
+    run dir. Only on logged batches is anything copied to the host.
     """
 
     def __init__(self, phase: str = "train", freq: int = 1, max_images: int = 16, batch_idx: int = 0,

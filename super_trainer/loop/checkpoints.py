@@ -1,15 +1,16 @@
-"""Which checkpoint files are written when (SPEC §3, §7), and their content. The loop calls the *points*
-(an epoch's end, a due step, Ctrl-C, the end of training); the *policy* (latest, best, ``ckpt_epoch_N``, every
-N steps, retention, rank 0 only, ``save_model``, file names) lives here.
+"""Which checkpoint files are written when (SPEC §3, §7, §8), and their content. The loop calls the *points*
+(a validation, an epoch's end, a due step, the run's last step, Ctrl-C, the end of training); the *policy* (latest,
+best, the k best, ``ckpt_epoch_N``, every N steps, retention, rank 0 only, ``save_model``, file names) lives here.
 
 Writes go through one background :class:`~super_trainer.checkpoint_writer.CheckpointWriter`: the state is copied
-to host memory on the training thread and written (atomically) from the writer's thread.
+to host memory on the training thread and written (atomically) from the writer's thread, which reports each
+finished job in ``saved``; the loop announces them with ``on_checkpoint_saved`` on the training thread.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from .. import distributed
 from ..callbacks.lr import TorchSchedulerCallback
@@ -21,6 +22,7 @@ from ..rng import get_rng_state
 from .parts import Meters, RunParts
 from .resume import EpochCursor
 from .stops import StopControl
+from .top_k import TopK
 
 __all__ = ["CheckpointManager", "LATEST"]
 
@@ -32,15 +34,22 @@ LATEST = "ckpt_latest.pth"
 class CheckpointManager:
     """Writes the run's checkpoints into ``ckpt_dir`` (rank 0 only; none when ``save_model`` is False)."""
 
-    def __init__(self, parts: RunParts, meters: Meters, ckpt_dir: Path) -> None:
+    def __init__(self, parts: RunParts, meters: Meters, ckpt_dir: Path, kept_best: Sequence[Dict[str, Any]] = ()
+                 ) -> None:
         self.parts, self.meters, self.ckpt_dir = parts, meters, ckpt_dir
-        self.params = parts.params
-        self.every = parts.params.save_ckpt_every_n_steps or 0  # mid-epoch checkpoints every N optimizer steps
-        self.enabled = bool(parts.params.save_model) and distributed.is_main_process()
-        self.writer = CheckpointWriter()
+        self.params = params = parts.params
+        self.every = params.save_ckpt_every_n_steps or 0  # mid-epoch checkpoints every N optimizer steps
+        self.enabled = bool(params.save_model) and distributed.is_main_process()
+        self.writer = CheckpointWriter(report_written=self.enabled)
+        self.saved = self.writer.written  # the paths of each finished write, until the loop announces them
+        self.top_k = TopK(params.save_top_k if self.enabled else None, params.metric_to_watch,
+                          params.greater_metric_to_watch_is_better, ckpt_dir, kept_best)
         self.states_checked = False  # callback states passed the weights_only check
         self.last_step = -1  # global_step of the last checkpoint written (epoch end or mid-epoch)
         self.initial: Optional[Dict[str, Any]] = None  # a fresh run's first state, until another checkpoint is saved
+        self.best_due = False  # the last validation improved metric_to_watch: the next checkpoint writes ckpt_best
+        self.top_due: Optional[tuple] = None  # (file, files to delete) the next checkpoint writes for save_top_k
+        self.closed_at_step = False  # the pass ended at a step checkpointed there: the epoch's close writes nothing
 
     @property
     def latest(self) -> Path:
@@ -72,6 +81,7 @@ class CheckpointManager:
             "callbacks": parts.callbacks.state_dict(),
             "rng_state": get_rng_state(),
             "lr_scheduler_state": schedulers or None,
+            "top_k": self.top_k.state(),
         }
 
     # ---- the points the loop calls ----------------------------------------------------------------
@@ -82,27 +92,29 @@ class CheckpointManager:
         if self.enabled:
             self.initial = copy_to_host(self.state(context.epoch))
 
-    def save_epoch(self, context: PhaseContext, improved: bool) -> None:
-        """At a completed epoch's end: ckpt_latest always; ckpt_best when improved; ckpt_epoch_N when N is listed."""
+    def validated(self, context: PhaseContext, improved: bool, in_pass: bool) -> None:
+        """A validation ended: the next checkpoint writes ckpt_best when it improved, and a save_top_k file when
+        its value is among the k best (named with the step when ``in_pass``, inside an epoch)."""
+        self.best_due = improved
+        value = lookup_metric(self.meters.last_valid, self.params.metric_to_watch)
+        self.top_due = self.top_k.offer(value, context.epoch, context.global_step if in_pass else None)
+
+    def save_epoch(self, context: PhaseContext) -> None:
+        """At a completed epoch's end: ckpt_latest always; ckpt_best / the top-k file when the epoch's validation
+        asks; ckpt_epoch_N when N is listed. Nothing when the pass ended at a step already checkpointed there."""
+        if self.closed_at_step:
+            self.closed_at_step = False
+            return
         self.last_step, self.initial = context.global_step, None
         if not self.enabled:
             return
         done = context.epoch + 1
-        state = self.state(done)
         paths, remove = [self.latest], []
         if done in self.params.save_ckpt_epoch_list:
             paths.append(self.ckpt_dir / f"ckpt_epoch_{done}.pth")
             self.writer.flush()  # the previous ckpt_epoch file is on disk before counting what to prune
             remove = epoch_checkpoints_to_prune(self.ckpt_dir, self.params.max_keep_ckpts, adding=paths[-1])
-        jobs = [(state, paths)]
-        best = self.ckpt_dir / self.params.ckpt_best_name
-        if improved and state["ema_net"] is not None:  # best holds the EMA weights as its net
-            jobs.append((dict(state, net=state["ema_net"]), [best]))
-        elif improved:
-            paths.append(best)
-        # copied now (training may change the state next), written in the background; files beyond
-        # max_keep_ckpts are deleted once the new ones are written
-        self.writer.save_many(jobs, remove=remove)
+        self._write(self.state(done), paths, remove)
 
     def mid_epoch_due(self, context: PhaseContext, is_last: bool) -> bool:
         """A mid-epoch checkpoint is due once global_step reaches a new multiple of save_ckpt_every_n_steps (not
@@ -110,16 +122,41 @@ class CheckpointManager:
         step = context.global_step
         return bool(self.every) and not is_last and step % self.every == 0 and step != self.last_step
 
-    def save_progress(self, epoch: EpochCursor) -> None:
-        """ckpt_latest in the middle of an epoch: the state after ``epoch.done`` batches of the running epoch, with
-        what a resume needs to continue exactly (SPEC §7 "Mid-epoch checkpoints")."""
+    def save_progress(self, epoch: EpochCursor, final: bool = False) -> None:
+        """ckpt_latest in the middle of an epoch (and ckpt_best / a top-k file after a validation there): the state
+        after ``epoch.done`` batches of the running epoch, with what a resume needs to continue exactly (SPEC §7
+        "Mid-epoch checkpoints"). ``final``: the pass ends here (max_steps, or a stop decided at a validation), so
+        the epoch's close writes nothing more."""
         context = self.parts.context
-        self.last_step, self.initial = context.global_step, None
+        self.last_step, self.initial, self.closed_at_step = context.global_step, None, final
         if not self.enabled:
             return
         state = self.state(epochs_done=context.epoch)
         state["epoch_progress"] = epoch.record()
-        self.writer.save(state, self.latest)  # copied now, written in the background
+        self._write(state, [self.latest])
+
+    def _write(self, state: Dict[str, Any], paths: List[Path], remove: List[Path] = ()) -> None:
+        """Hand ``state`` to the writer for ``paths`` plus ckpt_best and the top-k file a validation asked for;
+        files beyond max_keep_ckpts and save_top_k are deleted once the new ones are written."""
+        paths, remove = list(paths), list(remove)
+        jobs = [(state, paths)]
+        if self.top_due is not None:  # a full resumable checkpoint: the training weights, as ckpt_latest
+            name, evicted = self.top_due
+            paths.append(self.ckpt_dir / name)
+            remove += [self.ckpt_dir / old for old in evicted]
+        best = self.ckpt_dir / self.params.ckpt_best_name
+        if self.best_due and state["ema_net"] is not None:  # best holds the EMA weights as its net
+            jobs.append((dict(state, net=state["ema_net"]), [best]))
+        elif self.best_due:
+            paths.append(best)
+        self.best_due, self.top_due = False, None
+        # copied now (training may change the state next), written in the background
+        self.writer.save_many(jobs, remove=remove)
+
+    def landed(self) -> Iterator[List[Path]]:
+        """The paths of each checkpoint whose files are complete on disk since the last call, oldest first."""
+        while self.saved:
+            yield self.saved.popleft()
 
     def at_interrupt(self, context: PhaseContext, epoch: EpochCursor, stops: StopControl) -> None:
         """Ctrl-C stopped the pass: ckpt_latest at the last finished batch, if the state there is consistent."""

@@ -1,9 +1,9 @@
 """The training loop: every event of SPEC §1 on its own line, in the order of the diagram in ``callbacks/base.py``.
 
 Each concern the loop serves is one named call to its owner: the work of a step (``step.py``), the optimizers
-(``optimizers.py``), the per-epoch settings (``settings.py``), whether to go on (``stops.py``), where the running
-epoch is and what a resume restores (``resume.py``), which checkpoints are written (``checkpoints.py``), and the
-no-grad passes (``evaluate.py``).
+(``optimizers.py``), the per-epoch settings (``settings.py``), whether to go on (``stops.py``), when to validate
+and test and when the steps run out (``cadence.py``), where the running epoch is and what a resume restores
+(``resume.py``), which checkpoints are written (``checkpoints.py``), and the no-grad passes (``evaluate.py``).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import math
 from typing import Any, Dict, Iterator, Optional
 
 from ..metrics import check_default_metrics, lookup_metric, warn_non_finite_metrics
+from ..rng import preserved_rng
+from .cadence import Cadence
 from .checkpoints import CheckpointManager
 from .evaluate import evaluate, test_pass
 from .optimizers import OptimizerHandle
@@ -37,8 +39,9 @@ class TrainingLoop:
         self.read_batch = parts.read_batch
         guard = NonFiniteGuard(parts.params.stop_on_non_finite_loss, parts.params.log_interval, meters.train_loss)
         self.stops = StopControl(parts.context, guard, parts.distributed)
+        self.cadence = Cadence(parts.params, bool(parts.test_loaders))
         self.cursor: Optional[EpochCursor] = None  # the running epoch's
-        self.epoch_results: Dict[str, Dict[str, Any]] = {}  # the running epoch's "train" and "valid" metrics
+        self.epoch_results: Dict[str, Any] = {}  # the running epoch's "train" and (last) "valid" metrics, "seconds"
 
     # ---- the run --------------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -55,13 +58,14 @@ class TrainingLoop:
                 for _ in self.epochs():
                     if not self.train_epoch():
                         break  # stopped during a batch: the partial epoch is not validated, tested nor saved
-                    improved = self.validate() if self.validation_due() else False
+                    if self.cadence.validation_due(ctx):
+                        self.validate()
                     stops.agree(ctx)
-                    if self.test_due():
+                    if self.cadence.test_due(ctx):
                         self.test_all()
                     self.record_history()
                     fire.on_epoch_end(ctx)
-                    self.checkpoints.save_epoch(ctx, improved)
+                    self.checkpoints.save_epoch(ctx)
                     if ctx.stop_training:
                         break
         except KeyboardInterrupt:
@@ -71,7 +75,7 @@ class TrainingLoop:
             ctx.exception = err
             raise
         finally:
-            write_error = self.checkpoints.finish()  # the last write lands before on_training_end
+            write_error = self.finish_writes()  # the last write lands (and is announced) before on_training_end
             ctx.stop_reason = _final_reason(ctx, write_error)
             fire.on_training_end(ctx)
         if write_error is not None:
@@ -98,10 +102,16 @@ class TrainingLoop:
                     self.update_weights(step.first)         # on_train_batch_loss_end ... _gradient_step_end
                 epoch.end(batch_idx)
                 fire.on_train_batch_end(ctx)
+                if self.checkpoints.saved:                  # a background write landed: announce it on this thread
+                    self.announce_saved()
                 due = self.checkpoints.mid_epoch_due(ctx, is_last)
-                if stops.end_of_batch(ctx, read_losses=due):  # a stop, the first Ctrl-C, or a bad loss, on all ranks
+                at_step = self.cadence.in_pass(ctx, is_last)  # val_check_interval's step, or max_steps reached
+                if stops.end_of_batch(ctx, read_losses=due or at_step):  # a stop, Ctrl-C or a bad loss, on all ranks
                     break
-                if due:
+                if at_step:
+                    if self.validate_in_pass(epoch):        # the pass ends here (max_steps, or a stop decided there)
+                        break
+                elif due:
                     self.checkpoints.save_progress(epoch)
         except KeyboardInterrupt:                           # a second Ctrl-C, or one no handler could defer
             stops.interrupted_now(ctx)
@@ -143,34 +153,51 @@ class TrainingLoop:
         complete = self.stops.epoch_completed(ctx, ctx.metrics_dict, self.meters.train_names)
         self.step.end_pass(complete)                        # no gradient of this pass leaks into the next
         self.fire.on_train_loader_end(ctx)
-        self.epoch_results = {"train": dict(ctx.metrics_dict), "valid": {}, "seconds": epoch.seconds()}
+        self.epoch_results.update(train=dict(ctx.metrics_dict), seconds=epoch.seconds())
         return complete
+
+    def validate_in_pass(self, epoch: EpochCursor) -> bool:
+        """A point inside the pass (val_check_interval's step, or max_steps reached): validate there, checkpoint
+        this step; True when the pass ends here, as the run's last (then the epoch is closed like a completed one
+        but not checkpointed again: the state of this step is). The validation leaves the random state as it found
+        it (a loader iterator draws a seed), so training draws the same numbers with or without it."""
+        if self.cadence.validates_in_pass(self.ctx):
+            with preserved_rng():
+                self.validate(in_pass=True)
+            epoch.valid = self.epoch_results["valid"]  # recorded in this step's checkpoint, for the epoch's history
+        ends = self.stops.after_step_validation(self.ctx) or self.cadence.steps_done(self.ctx)
+        self.checkpoints.save_progress(epoch, final=ends)
+        return ends
 
     def open_epoch(self) -> EpochCursor:
         self.settings.apply()                               # settings written since the last epoch
         self.meters.start_train()
         self.parts.model.train()
-        return self.resume.open_epoch(self.parts, self.meters)
+        cursor = self.resume.open_epoch(self.parts, self.meters)
+        self.epoch_results = {"valid": cursor.valid}  # a validation inside the pass (before a resume) fills it
+        return cursor
 
     def start_pass(self, epoch: EpochCursor) -> None:
         """After on_train_loader_start: the batch count and accumulation of this pass, and a mid-epoch resume's
         lrs (an epoch-start schedule just ran again, but the lr is the checkpoint's)."""
         n_batches, accumulate = self.settings.apply()
         self.step.start_epoch(n_batches, accumulate)
+        self.cadence.open_epoch(self.ctx.steps_per_epoch)
         epoch.start(n_batches)
 
     def epochs(self) -> Iterator[int]:
         """Sets context.epoch to each epoch to run, from the first (the checkpoint's on a resume) while it is below
-        max_epochs (read each time: a callback may extend the run)."""
+        max_epochs (read each time: a callback may extend the run) and max_steps is not reached."""
         epoch = self.ctx.epoch
-        while epoch < self.settings.current_max_epochs():
+        while epoch < self.settings.current_max_epochs() and not self.cadence.steps_done(self.ctx):
             self.ctx.trainer_update(epoch=epoch)
             yield epoch
             epoch += 1
 
     # ---- validation, test, history --------------------------------------------------------------------
-    def validate(self) -> bool:
-        """One pass over the valid loader (EMA weights when EMA is on); True when metric_to_watch improved."""
+    def validate(self, in_pass: bool = False) -> None:
+        """One pass over the valid loader (EMA weights when EMA is on), best-tracking, and the checkpoints it asks
+        for (ckpt_best, save_top_k), written at the next checkpoint (right after, inside a pass: ``in_pass``)."""
         ctx, fire, limit = self.ctx, self.fire, self.params.max_valid_batches
         fire.on_validation_loader_start(ctx)
         evaluate(self.parts, self.meters, "valid", ctx.valid_loader, limit, fire.on_validation_batch_start,
@@ -181,7 +208,7 @@ class TrainingLoop:
         warn_non_finite_metrics(ctx.metrics_dict, self.params.metric_to_watch)
         fire.on_validation_loader_end(ctx)
         self.epoch_results["valid"] = self.meters.last_valid = dict(ctx.metrics_dict)
-        return self.track_best()
+        self.checkpoints.validated(ctx, self.track_best(), in_pass)
 
     def track_best(self) -> bool:
         """Fire on_validation_end_best_epoch when metric_to_watch strictly improved."""
@@ -200,15 +227,22 @@ class TrainingLoop:
         for name, loader in self.parts.test_loaders.items():
             test_pass(self.parts, self.meters, name, loader, self.stops.interrupted)
 
-    def validation_due(self) -> bool:
-        done, params = self.ctx.epoch + 1, self.params
-        due = done % params.run_validation_freq == 0 or done == self.ctx.max_epochs or done in params.save_ckpt_epoch_list
-        return self.ctx.valid_loader is not None and due
+    def announce_saved(self) -> None:
+        """on_checkpoint_saved for each checkpoint whose files a background write completed since the last call,
+        with context.checkpoint_paths listing them (on the training thread)."""
+        for paths in self.checkpoints.landed():
+            self.ctx.checkpoint_paths = [str(path) for path in paths]
+            self.fire.on_checkpoint_saved(self.ctx)
 
-    def test_due(self) -> bool:
-        done, every = self.ctx.epoch + 1, self.params.run_test_freq
-        last = done == self.ctx.max_epochs or self.ctx.stop_training
-        return bool(self.parts.test_loaders) and (last or (every is not None and done % every == 0))
+    def finish_writes(self) -> Optional[BaseException]:
+        """The last write lands and every finished one is announced; the first error, returned (not raised) so
+        that on_training_end still fires."""
+        error = self.checkpoints.finish()
+        try:
+            self.announce_saved()
+        except BaseException as err:  # an on_checkpoint_saved callback's error: reported like a failed write
+            error = error or err
+        return error
 
     def record_history(self) -> None:
         results = self.epoch_results

@@ -30,24 +30,27 @@ class ResumePlan:
     CheckpointError before any event; one that does not fit the optimizers, after on_optimizer_built)."""
 
     def __init__(self, start_epoch: int = 0, rng: Optional[Dict[str, Any]] = None,
-                 progress: Optional[Dict[str, Any]] = None, last_metrics: Optional[Dict[str, Any]] = None) -> None:
+                 progress: Optional[Dict[str, Any]] = None, last_metrics: Optional[Dict[str, Any]] = None,
+                 kept_best: Optional[List[Dict[str, Any]]] = None) -> None:
         self.start_epoch = start_epoch
         self.rng = rng  # the RNG state at the checkpoint's moment
         self.progress = progress  # a mid-epoch checkpoint's epoch_progress record, until its epoch opens
         self.last_metrics = dict(last_metrics or {})  # the last validation's metrics_dict
+        self.kept_best = list(kept_best or [])  # the save_top_k files the checkpoint's run kept
 
     @property
     def resumed(self) -> bool:
         return self.rng is not None
 
     @classmethod
-    def start(cls, parts: RunParts, ckpt_dir: Path) -> "ResumePlan":
-        """Before on_training_start: read the checkpoint to resume from (``resume``; a missing or broken file is a
-        CheckpointError before any event), fire on_optimizer_built, then restore the checkpoint into the run, so the
-        param groups added at that event are there when the optimizer state loads."""
-        found = _read(parts.params, ckpt_dir) if parts.params.resume else None
+    def start(cls, parts: RunParts, path: Optional[Path]) -> "ResumePlan":
+        """Before on_training_start: read the checkpoint at ``path`` (the one ``runs.choose_run`` picked: the run
+        dir's ckpt_latest, or ``resume_path``; None for a fresh start; a broken file is a CheckpointError before any
+        event), fire on_optimizer_built, then restore the checkpoint into the run, so the param groups added at that
+        event are there when the optimizer state loads."""
+        state = read_checkpoint(path, weights_only=parts.params.resume_weights_only) if path is not None else None
         optimizers_built(parts)
-        return cls._restore(parts, *found) if found is not None else cls()
+        return cls._restore(parts, state, path) if state is not None else cls()
 
     @classmethod
     def _restore(cls, parts: RunParts, state: Dict[str, Any], path: Path) -> "ResumePlan":
@@ -58,15 +61,13 @@ class ResumePlan:
         if unclaimed:
             warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=4)
         start_epoch = int(state["epoch"])
-        if start_epoch >= params.max_epochs:
-            warnings.warn(f"resume: {path} has already completed {start_epoch} epochs and max_epochs is "
-                          f"{params.max_epochs}; nothing left to train (raise training_params.max_epochs to continue)",
-                          stacklevel=4)
         context.global_step = int(state.get("global_step", 0))
+        _warn_when_done(path, start_epoch, context.global_step, params)
         context.batches_seen = int(state.get("batches_seen", 0))
         context.trainer_update(epoch=start_epoch, best_metric=state["best_metric"], best_epoch=state.get("best_epoch"),
                                history=list(state.get("history") or []))
-        plan = cls(start_epoch, state["rng_state"], state.get("epoch_progress"), state.get("metrics"))
+        plan = cls(start_epoch, state["rng_state"], state.get("epoch_progress"), state.get("metrics"),
+                   state.get("top_k"))
         where = f"in epoch {start_epoch} after batch {plan.progress['batches']}" if plan.progress else \
             f"at epoch {start_epoch}"
         logger.info("resuming %s from %s %s", context.experiment_name, path, where)
@@ -87,14 +88,15 @@ class ResumePlan:
         return cursor
 
 
-def _read(params: Any, ckpt_dir: Path) -> Optional[Tuple[Dict[str, Any], Path]]:
-    """The checkpoint to resume from: ckpt_latest (or ``resume_path``); None for a missing ckpt_latest (not a missing
-    resume_path), which means a fresh start, with a warning."""
-    path = Path(params.resume_path) if params.resume_path else ckpt_dir / params.ckpt_name
-    if params.resume_path is None and not path.exists():
-        warnings.warn(f"resume=True but {path} does not exist yet; training from scratch", stacklevel=4)
-        return None
-    return read_checkpoint(path, weights_only=params.resume_weights_only), path
+def _warn_when_done(path: Path, epochs: int, steps: int, params: Any) -> None:
+    if epochs >= params.max_epochs:
+        warnings.warn(f"resume: {path} has already completed {epochs} epochs and max_epochs is "
+                      f"{params.max_epochs}; nothing left to train (raise training_params.max_epochs to continue)",
+                      stacklevel=4)
+    elif params.max_steps is not None and steps >= params.max_steps:
+        warnings.warn(f"resume: {path} has already taken {steps} optimizer steps and max_steps is "
+                      f"{params.max_steps}; nothing left to train (raise training_params.max_steps to continue)",
+                      stacklevel=4)
 
 
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
@@ -132,6 +134,8 @@ class EpochCursor:
         self.in_batch = False
         self.epoch_rng: Optional[Dict[str, Any]] = None
         self.started = time.perf_counter() - (progress["seconds"] if progress else 0.0)
+        # the last validation inside this epoch's pass (val_check_interval): the epoch's history entry shows it
+        self.valid: Dict[str, Any] = dict(progress.get("valid") or {}) if progress else {}
         self._owned = parts.context.owned_fields()
 
     def start(self, n_batches: Optional[int]) -> None:
@@ -191,6 +195,7 @@ class EpochCursor:
             "grads": grads or None,  # an accumulation window cut by Ctrl-C continues where it was
             "seconds": self.seconds(),
             "lrs": self.parts.optimizers.lrs(),
+            "valid": dict(self.valid),
         }
 
     def lrs(self) -> List[float]:

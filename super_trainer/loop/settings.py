@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Tuple
 
 from ..batches import count_batches, optimizer_steps_per_epoch
 from ..optimizers import step_takes_closure
+from ..params_runs import run_horizon
 from .parts import RunParts
 
 __all__ = ["EpochSettings"]
@@ -28,7 +29,8 @@ class EpochSettings:
         self.accumulate = int(self.params.batch_accumulate)
         self.loader: Any = None  # the train loader counted last, and its batches per epoch
         self.n_batches: Optional[int] = None
-        self.horizon: Tuple[Optional[int], int] = (self.context.steps_per_epoch, self.max_epochs)
+        self.horizon: Tuple[Optional[int], int, Optional[int]] = (self.context.steps_per_epoch, self.max_epochs,
+                                                                  self.context.total_steps)
 
     def current_max_epochs(self) -> int:
         """``context.max_epochs`` or ``training_params.max_epochs``, whichever a callback changed (the context's
@@ -57,10 +59,10 @@ class EpochSettings:
                 raise ValueError("context.train_loader: the new train loader has no batches (len() == 0)")
             self.loader = loader
         steps = optimizer_steps_per_epoch(self.params, self.n_batches)
-        total = steps * max_epochs if steps is not None else None
+        total = run_horizon(self.params, steps)  # steps_per_epoch · max_epochs, capped by max_steps
         self.context.trainer_update(steps_per_epoch=steps, total_steps=total)
-        if steps is not None and (steps, max_epochs) != self.horizon:
-            self._new_horizon(steps, max_epochs)
+        if steps is not None and (steps, max_epochs, total) != self.horizon:
+            self._new_horizon(steps, max_epochs, total)
         return self.n_batches, accumulate
 
     def _accumulate(self) -> int:
@@ -76,13 +78,13 @@ class EpochSettings:
         self.accumulate = value
         return value
 
-    def _new_horizon(self, steps: int, max_epochs: int) -> None:
-        old_steps, old_epochs = self.horizon
-        self.horizon = (steps, max_epochs)
+    def _new_horizon(self, steps: int, max_epochs: int, total: Optional[int]) -> None:
+        old_steps, old_epochs, _ = self.horizon
+        self.horizon = (steps, max_epochs, total)
         changed: List[str] = []
         for callback in self.parts.callbacks.callbacks:
             set_horizon = getattr(callback, "set_horizon", None)
-            if callable(set_horizon) and set_horizon(max_epochs=max_epochs, steps_per_epoch=steps):
+            if callable(set_horizon) and set_horizon(max_epochs=max_epochs, steps_per_epoch=steps, total_steps=total):
                 changed.append(type(callback).__name__)
         if changed:
             warnings.warn(f"epoch {self.context.epoch}: the run is now {max_epochs} epochs of {steps} optimizer steps "

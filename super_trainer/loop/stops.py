@@ -163,6 +163,16 @@ class StopControl:
         context.stop_training = self.held
         return self.guard.epoch_finite(context, metrics, loss_names)
 
+    def after_step_validation(self, context: PhaseContext) -> bool:
+        """After a point inside the pass where the loop validated (val_check_interval, or max_steps): True when a
+        stop was decided there (EarlyStop) on any rank. The pass then ends at this step, and the epoch closes as
+        the run's last (test, on_epoch_end): the stop is held like one requested outside a batch."""
+        self.agree(context)
+        if not context.stop_training:
+            return False
+        self.held, context.stop_training = True, False
+        return True
+
     # ---- between epochs ----------------------------------------------------------------------------
     def agree(self, context: PhaseContext) -> None:
         """Every rank stops when one does (after validation, where EarlyStop decides)."""
