@@ -15,6 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from .elastic import normalize_resume, under_elastic_agent
+from .fsdp import FSDP_DEFAULTS, checked_fsdp_params
 from .registry import close_matches, to_plain
 
 __all__ = ["LR_MODES", "WARMUP_MODES", "normalize_lr_mode", "normalize_warmup_mode", "DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
@@ -113,7 +115,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "save_ckpt_every_n_steps": None,
     "max_keep_ckpts": None,
     "average_best_models": False,
-    "resume": False,
+    "resume": None,  # None: "auto" under torchrun's elastic agent, else False (resolve_training_params)
     "resume_path": None,
     "resume_weights_only": True,
     "seed": 42,
@@ -133,6 +135,10 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "step_lr_update_freq": None,
     "sg_logger_params": {},
     "pre_prediction_callback": None,
+    # Scale (SPEC §8): data sharding under torchrun, FSDP2
+    "distributed_sampler": True,
+    "fsdp": False,
+    "fsdp_params": dict(FSDP_DEFAULTS),
 }
 
 #: SuperGradients 3.7 training_params keys for features super_trainer does not have, each with the value that
@@ -215,7 +221,10 @@ def resolve_training_params(given: Any) -> TrainingParams:
     for key, value in params.items():
         if value is REQUIRED:
             raise _error(key, "is required")
+    if params["resume"] is None:  # a job torchrun's agent restarts continues from its checkpoint (SPEC §8)
+        params["resume"] = "auto" if under_elastic_agent() else False
     _validate(params)
+    _validate_scale(params)
     return params
 
 
@@ -402,7 +411,7 @@ def _validate(params: TrainingParams) -> None:
     elif not isinstance(phase_callbacks, (list, tuple)):
         raise _error("phase_callbacks", f"must be a list of callbacks, got {type(phase_callbacks).__name__}")
     for key in ("zero_weight_decay_on_bias_and_bn", "greater_metric_to_watch_is_better", "ema",
-                "average_best_models", "resume", "resume_weights_only", "silent_mode", "progress_bar",
+                "average_best_models", "resume_weights_only", "silent_mode", "progress_bar",
                 "stop_on_non_finite_loss", "save_model", "sync_bn", "torch_compile", "torch_compile_loss"):
         if not isinstance(params[key], bool):
             raise _error(key, f"must be true or false, got {params[key]!r}")
@@ -410,3 +419,13 @@ def _validate(params: TrainingParams) -> None:
         raise _error("metric_to_watch", f"must be a metrics_dict key (a string), got {params['metric_to_watch']!r}")
     if params["resume_path"] is not None:
         params["resume"] = True
+
+
+
+def _validate_scale(params: TrainingParams) -> None:
+    """resume (true, false, "auto"), distributed_sampler, fsdp and fsdp_params."""
+    params["resume"] = normalize_resume(params["resume"])
+    for key in ("distributed_sampler", "fsdp"):
+        if not isinstance(params[key], bool):
+            raise _error(key, f"must be true or false, got {params[key]!r}")
+    params["fsdp_params"] = checked_fsdp_params(params["fsdp_params"])
