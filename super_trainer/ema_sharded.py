@@ -74,6 +74,11 @@ class ShardedModelEMA(ModelEMA):
             with torch.no_grad():
                 torch._foreach_copy_(self._source_floats, trained)
 
+    def sharded_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The EMA's own tensors (DTensor shards, replicated buffers) for ``fsdp.save_sharded_checkpoint`` /
+        ``load_sharded_checkpoint`` (which load into them in place). Not a copy: do not modify."""
+        return self._entries
+
     @torch.no_grad()
     def state_dict(self) -> Dict[str, Any]:
         """The full EMA weights on rank 0's CPU, ``{}`` on the other ranks. A collective."""

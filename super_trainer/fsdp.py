@@ -14,6 +14,8 @@ its parameters are then ``DTensor`` shards, one slice per rank. What this module
 - :func:`load_full_state_dicts` puts such dicts back into the sharded model and optimizer. Every rank calls
   it; only rank 0 needs the dicts (it broadcasts), so ranks without a shared filesystem resume too.
 - :func:`clip_grad_norm` clips by the norm of all shards together (the single-process norm).
+- :func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint`: the option for models too big to gather
+  (``torch.distributed.checkpoint``: one file per rank, never the full model in one place).
 
 Importing this module does not import ``torch.distributed.fsdp``; the checks are free for models that were
 never sharded (nothing can be an FSDP module before that package is imported).
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 __all__ = ["FSDP_DEFAULTS", "checked_fsdp_params", "is_fsdp2", "is_fsdp1", "check_parallel_wrapping", "default_blocks", "shard_model", "full_state_dicts",
-           "load_full_state_dicts", "clip_grad_norm", "global_grad_norm"]
+           "load_full_state_dicts", "clip_grad_norm", "global_grad_norm", "save_sharded_checkpoint",
+           "load_sharded_checkpoint"]
 
 
 #: ``training_params.fsdp_params``: which modules ``fsdp: true`` shards before the root, and whether a block's
@@ -230,3 +234,48 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, norm_typ
     if params:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def save_sharded_checkpoint(directory: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                            extra: Optional[Mapping[str, Any]] = None) -> None:
+    """For models too big to gather on one host: ``torch.distributed.checkpoint`` writes each rank's shards of the
+    model, the optimizer and ``extra`` (e.g. ``{"ema": ema.sharded_state_dict(), "epoch": 3}``) into
+    ``directory`` — one file per rank plus metadata; no rank ever holds the full model. A collective. Every rank
+    must see the same filesystem. Written into ``<directory>.tmp`` and renamed by rank 0 once every rank is done,
+    so an interrupted write never replaces a complete checkpoint. Loading takes any world size
+    (:func:`load_sharded_checkpoint`); the files do not load into a plain model with ``load_state_dict``."""
+    import shutil
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from .distributed import is_main_process
+
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".tmp")
+    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    save({"model": model_state, "optimizer": optim_state, **dict(extra or {})}, checkpoint_id=str(staging))
+    dist.barrier()
+    if is_main_process():
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    dist.barrier()
+
+
+def load_sharded_checkpoint(directory: Union[str, Path], model: nn.Module,
+                            optimizer: Optional[torch.optim.Optimizer], extra: Optional[Dict[str, Any]] = None) -> None:
+    """Read what :func:`save_sharded_checkpoint` wrote into the sharded ``model`` and ``optimizer`` (resharding
+    when the world size changed), and into the tensors of ``extra`` in place (give the same keys as saved, e.g.
+    ``{"ema": ema.sharded_state_dict()}``; other values are replaced in the dict). A collective."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_state, "optimizer": optim_state, **(extra if extra is not None else {})}
+    load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    if extra is not None:
+        extra.update({key: state[key] for key in extra})

@@ -21,7 +21,7 @@ from super_trainer.ema import ModelEMA
 from super_trainer.ema_sharded import make_ema
 from super_trainer.elastic import resume_decision
 from super_trainer.fsdp import (check_parallel_wrapping, clip_grad_norm, full_state_dicts, load_full_state_dicts,
-                                shard_model)
+                                load_sharded_checkpoint, save_sharded_checkpoint, shard_model)
 from super_trainer.metrics import Accuracy
 
 STEPS, CHECKPOINT_AFTER, GLOBAL_BATCH, MAX_NORM = 4, 2, 8, 0.5
@@ -102,6 +102,16 @@ def wrapping_errors():
     return messages
 
 
+def read_sharded(directory):
+    """A fresh sharded model, optimizer and EMA loaded from the sharded checkpoint, gathered for comparison."""
+    model = shard_model(make_model(seed=77), torch.device("cpu"))
+    optimizer, ema = optimizer_for(model), make_ema(model, **EMA)
+    extra = {"ema": ema.sharded_state_dict(), "step": 0}
+    load_sharded_checkpoint(directory, model, optimizer, extra)
+    net, optim = full_state_dicts(model, optimizer)
+    return {"net": net, "optim": optim, "ema": ema.state_dict(), "step": extra["step"]}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -129,6 +139,8 @@ def main():
         if rank == 0:
             torch.save({"net": net, "optimizer_state_dict": optim, "ema_net": ema_net}, out / "ckpt.tmp")
             os.replace(out / "ckpt.tmp", ckpt)
+        # the option for models too big to gather: every rank writes its own shards
+        save_sharded_checkpoint(out / "sharded", model, optimizer, {"ema": ema.sharded_state_dict(), "step": 2})
     norms += train(model, optimizer, ema, range(CHECKPOINT_AFTER, STEPS), share)
     net, optim = full_state_dicts(model, optimizer)
     ema_net = ema.state_dict()
@@ -137,9 +149,10 @@ def main():
     with ema.evaluation_model(model) as ema_model:
         ema_valid = evaluate(ema_model, loader, forward_everywhere=True)
     restored, _ = full_state_dicts(model)  # the trained weights are back after the EMA evaluation
+    sharded = read_sharded(out / "sharded") if attempt == 1 else {}
     if rank == 0:
         torch.save({"net": net, "optim": optim, "ema": ema_net, "norms": norms, "valid": valid, "ema_valid": ema_valid,
-                    "restored": restored, "decision": decision.reason, "shares": len(loader),
+                    "restored": restored, "decision": decision.reason, "shares": len(loader), "sharded": sharded,
                     "errors": wrapping_errors() if attempt == 0 else []}, out / f"attempt{attempt}.pt")
     else:
         torch.save({"shares": len(loader), "decision": decision.reason}, out / f"attempt{attempt}_rank1.pt")

@@ -2,6 +2,7 @@
 docs/distributed.md, run as written (two torchrun launches in all; the rest runs in this process)."""
 from __future__ import annotations
 
+import copy
 import shlex
 import socket
 import subprocess
@@ -89,12 +90,20 @@ def test_fsdp2_trains_like_one_process_and_resumes_after_torchrun_restarts_it(tm
     model = _fsdp_worker.make_model(seed=5)
     model.load_state_dict(checkpoint["net"])
     optimizer, ema = _fsdp_worker.optimizer_for(model), ModelEMA(model, **_fsdp_worker.EMA)
-    optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    optimizer.load_state_dict(copy.deepcopy(checkpoint["optimizer_state_dict"]))  # it would share the tensors
     ema.load_state_dict(checkpoint["ema_net"])
     _fsdp_worker.train(model, optimizer, ema, range(2, 4), clip=torch.nn.utils.clip_grad_norm_)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, first["net"][key], rtol=0, atol=1e-6)
         torch.testing.assert_close(ema.state_dict()[key], first["ema"][key], rtol=0, atol=1e-6)
+
+    sharded = resumed["sharded"]  # the torch.distributed.checkpoint option holds the same state
+    assert sharded["step"] == 2 and sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank, nothing left in sharded.tmp
+    for name, mine in (("net", "net"), ("ema", "ema_net")):
+        assert all(torch.equal(value, checkpoint[mine][key]) for key, value in sharded[name].items())
+    for index, state in checkpoint["optimizer_state_dict"]["state"].items():
+        assert all(torch.equal(v, sharded["optim"]["state"][index][k]) for k, v in state.items())
 
     fsdp1, partial = first["errors"]
     assert "FullyShardedDataParallel (FSDP1) is not supported" in fsdp1 and "fully_shard" in fsdp1
