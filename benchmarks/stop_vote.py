@@ -12,7 +12,8 @@ before each variant; the table shows the median and the 90th percentile of one c
 Variants run in ``--rounds`` rounds, in an order rotated each round, so a change in machine load hits all alike.
 
 - ``any_rank_true``: today's primitive, one float32 element, MAX all-reduce, ``.item()``;
-- ``RankVote(1)`` / ``RankVote(3)``: one int64 all-reduce carrying 1 or 3 values (stop, Ctrl-C, reason code);
+- ``RankVote(1)`` / ``RankVote(3)``: one one-element int64 all-reduce carrying 1 or 3 flags as bits (BOR);
+- ``MAX of 3 int64``: the same three flags as three elements (what a per-element MAX vote would send);
 - ``2 x any_rank_true``: what the loop does per micro-batch today (before backward and at the batch's end);
 - ``work then vote`` / ``start, work, result``: ~``--work-us`` of compute (a matmul) then a blocking vote, against
   the same vote started before the work and waited for after it (what ``RankVote.start`` / ``result`` allow).
@@ -49,6 +50,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     distributed.init_from_env(torch.device("cpu"))
     one, three = distributed.RankVote(1), distributed.RankVote(3)
+    packed = torch.zeros(3, dtype=torch.int64)  # three values as separate elements: gloo's slower path
     a = torch.randn(96, 96)
     reps = max(1, int(args.work_us / 25))  # about 25 µs per 96x96 matmul on one core
 
@@ -57,17 +59,18 @@ def _worker(args: argparse.Namespace) -> None:
             a @ a
 
     def overlapped() -> None:
-        three.start(0, 0, 0)
+        three.start(False, False, False)
         work()
         three.result()
 
     variants: Dict[str, Callable[[], object]] = {
         "any_rank_true": lambda: distributed.any_rank_true(False),
-        "RankVote(1)": lambda: one.vote(0),
-        "RankVote(3)": lambda: three.vote(0, 0, 0),
+        "RankVote(1)": lambda: one.vote(False),
+        "RankVote(3)": lambda: three.vote(False, False, False),
+        "MAX of 3 int64": lambda: dist.all_reduce(packed, op=dist.ReduceOp.MAX),
         "2 x any_rank_true": lambda: (distributed.any_rank_true(False), distributed.any_rank_true(False)),
         "work alone": work,
-        "work then vote": lambda: (work(), three.vote(0, 0, 0)),
+        "work then vote": lambda: (work(), three.vote(False, False, False)),
         "start, work, result": overlapped,
     }
     samples: Dict[str, List[float]] = {name: [] for name in variants}

@@ -5,13 +5,13 @@ import atexit
 import gc
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "local_rank", "init_from_env",
-           "any_rank_true", "RankVote"]
+           "any_rank_true", "RankVote", "collective_device"]
 
 
 def is_distributed() -> bool:
@@ -29,6 +29,13 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """True on rank 0 (and when not distributed): the process that logs and writes checkpoints."""
     return rank() == 0
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: the current CUDA device under NCCL, else the CPU (gloo)."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def local_rank() -> int:
@@ -87,53 +94,72 @@ _flag_buffers: Dict[str, torch.Tensor] = {}
 
 
 class RankVote:
-    """Agree on several small non-negative ints (flags, reason codes) across ranks with ONE all-reduce (MAX).
+    """Agree on several flags (stop, Ctrl-C, one flag per stop reason …) across ranks with ONE all-reduce of
+    ONE element: each flag comes back True when it is True on any rank.
 
-    The loop's stop points need more than one fact from every rank — "stop", "Ctrl-C", which stop reason —
-    and each extra blocking all-reduce costs a full network round trip (about 0.3 ms on gloo/CPU, more across
-    nodes), while a few more int64 elements in the same all-reduce cost nothing measurable
-    (``benchmarks/stop_vote.py``). The buffer is allocated once, on ``device`` (CUDA under NCCL).
+    Every blocking all-reduce is a network round trip (about 0.25 ms on gloo/CPU here, more across nodes) and the
+    loop's stop points need more than one fact from every rank. On gloo an all-reduce of 3+ elements also costs
+    more than one of 1-2 (about 0.4 vs 0.25 ms: another algorithm), so the flags travel as the bits of one int64
+    reduced with bitwise OR. NCCL has no bitwise reduction; there the flags travel as one byte each, reduced with
+    MAX, in the same single kernel (``benchmarks/stop_vote.py``). The buffer is allocated once, on ``device``.
 
-    ``vote(*values)`` blocks and returns the per-position maximum over ranks. ``start(*values)`` launches the same
-    all-reduce without waiting and ``result()`` waits for it, so work that does not depend on the outcome can run
-    in between. Alone (not distributed) both return the values as given.
+    ``vote(*flags)`` blocks. ``start(*flags)`` launches the same all-reduce without waiting and ``result()``
+    waits for it, so work that does not depend on the outcome can run in between. Alone (not distributed) both
+    return the flags as given.
     """
 
     def __init__(self, size: int, device: Optional[torch.device] = None) -> None:
-        if size < 1:
-            raise ValueError(f"RankVote size must be >= 1, got {size}")
+        if not 1 <= size <= 63:
+            raise ValueError(f"RankVote size must be in [1, 63], got {size}")
         self.size = size
-        self._buffer = torch.zeros(size, dtype=torch.int64, device=device or "cpu")
+        self.device = torch.device(device or "cpu")
+        self._buffer: Optional[torch.Tensor] = None
+        self._bits = True  # one int64 of bits, reduced with BOR; per-flag bytes with MAX under NCCL
         self._work: Optional[dist.Work] = None
-        self._values: Tuple[int, ...] = ()
+        self._flags: Tuple[bool, ...] = ()
 
-    def _fill(self, values: Tuple[int, ...]) -> None:
-        if len(values) != self.size:
-            raise ValueError(f"RankVote of size {self.size} got {len(values)} values")
+    def _fill(self, flags: Tuple[Any, ...]) -> None:
+        if len(flags) != self.size:
+            raise ValueError(f"RankVote of size {self.size} got {len(flags)} flags")
         if self._work is not None:
             raise RuntimeError("RankVote.start was called twice without result() in between")
-        self._values = tuple(int(v) for v in values)
-        if is_distributed():
-            if self.size == 1:
-                self._buffer.fill_(self._values[0])
-            else:
-                self._buffer.copy_(torch.tensor(self._values, dtype=torch.int64), non_blocking=True)
-
-    def vote(self, *values: int) -> Tuple[int, ...]:
-        self._fill(values)
+        self._flags = tuple(bool(f) for f in flags)
         if not is_distributed():
-            return self._values
-        dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX)
-        return tuple(self._buffer.tolist())
+            return
+        if self._buffer is None:
+            self._bits = dist.get_backend() != "nccl"
+            self._buffer = torch.zeros(1 if self._bits else self.size, dtype=torch.int64 if self._bits else torch.uint8,
+                                       device=self.device)
+        if self._bits:
+            self._buffer.fill_(sum(1 << i for i, flag in enumerate(self._flags) if flag))
+        else:
+            self._buffer.copy_(torch.tensor(self._flags, dtype=torch.uint8), non_blocking=True)
 
-    def start(self, *values: int) -> None:
-        self._fill(values)
+    def _op(self) -> Any:
+        return dist.ReduceOp.BOR if self._bits else dist.ReduceOp.MAX
+
+    def _read(self) -> Tuple[bool, ...]:
+        assert self._buffer is not None
+        if self._bits:
+            bits = int(self._buffer.item())
+            return tuple(bool(bits >> i & 1) for i in range(self.size))
+        return tuple(bool(v) for v in self._buffer.tolist())
+
+    def vote(self, *flags: Any) -> Tuple[bool, ...]:
+        self._fill(flags)
+        if not is_distributed():
+            return self._flags
+        dist.all_reduce(self._buffer, op=self._op())
+        return self._read()
+
+    def start(self, *flags: Any) -> None:
+        self._fill(flags)
         if is_distributed():
-            self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, async_op=True)
+            self._work = dist.all_reduce(self._buffer, op=self._op(), async_op=True)
 
-    def result(self) -> Tuple[int, ...]:
+    def result(self) -> Tuple[bool, ...]:
         if self._work is None:
-            return self._values
+            return self._flags
         self._work.wait()
         self._work = None
-        return tuple(self._buffer.tolist())
+        return self._read()

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
+
+from .distributed import collective_device
 
 __all__ = ["AUTO", "normalize_resume", "under_elastic_agent", "restart_count", "ResumeDecision", "resume_decision"]
 
@@ -61,9 +64,7 @@ class ResumeDecision:
 def _largest_over_ranks(values: List[int]) -> List[int]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    tensor = torch.tensor(values, dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = torch.tensor(values, dtype=torch.int64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
 
@@ -80,8 +81,8 @@ def resume_decision(resume: Union[bool, str], checkpoint_exists: bool, checkpoin
                     only_rank0_reads: bool = False, env: Optional[Mapping[str, str]] = None) -> ResumeDecision:
     """Decide ``training_params.resume`` for this run; under torchrun every rank must call it at the same point.
 
-    ``True``/``False`` are returned as they are, with one exception that is logged, not silent: ``False`` in a
-    worker group the agent restarted says so in ``reason`` (the caller should warn: the job starts over).
+    ``True``/``False`` are returned as they are; ``False`` in a worker group the agent restarted also warns (on
+    rank 0) that the job starts over.
     ``"auto"``: resume when any rank is a restart (:mod:`elastic <super_trainer.elastic>`'s docstring) and the
     checkpoint exists; a restart before the first checkpoint was written starts fresh. ``checkpoint_exists`` is
     this rank's view of the file: when some ranks see it and others do not (no shared filesystem), every rank
@@ -92,8 +93,12 @@ def resume_decision(resume: Union[bool, str], checkpoint_exists: bool, checkpoin
     distributed = dist.is_available() and dist.is_initialized()
     restarts = _largest_over_ranks([restart_count(env)])[0] if resume is not True else restart_count(env)
     if resume is False:
-        why = f"restart {restarts} of torchrun's elastic agent with resume: false: training starts over " \
-              "(set resume: auto to continue from the checkpoint)" if restarts else "resume: false"
+        if not restarts:
+            return ResumeDecision(False, "resume: false", restarts)
+        why = (f"restart {restarts} of torchrun's elastic agent with resume: false: training starts over from epoch 0 "
+               "(set resume: auto to continue from the checkpoint)")
+        if not distributed or dist.get_rank() == 0:
+            warnings.warn(why, stacklevel=2)
         return ResumeDecision(False, why, restarts)
     if resume is True:
         return ResumeDecision(True, "resume: true", restarts)

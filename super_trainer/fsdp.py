@@ -30,8 +30,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["FSDP_DEFAULTS", "checked_fsdp_params", "is_fsdp2", "is_fsdp1", "check_parallel_wrapping", "default_blocks", "shard_model", "full_state_dicts",
-           "load_full_state_dicts", "clip_grad_norm", "global_grad_norm", "save_sharded_checkpoint",
+__all__ = ["FSDP_DEFAULTS", "checked_fsdp_params", "is_fsdp2", "is_fsdp1", "check_parallel_wrapping",
+           "default_blocks", "shard_model", "full_state_dicts", "load_full_state_dicts", "clip_grad_norm", "global_grad_norm", "save_sharded_checkpoint",
            "load_sharded_checkpoint"]
 
 

@@ -23,11 +23,12 @@ import torch.distributed as dist
 from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler,
                               SequentialSampler)
 
-from .distributed import is_distributed, world_size
+from .distributed import collective_device, is_distributed, world_size
 from .distributed import rank as current_rank
 
 __all__ = ["shard_train_loader", "shard_eval_loader", "UnpaddedDistributedSampler", "set_sampler_epoch",
-           "gather_counts", "check_same_batch_count", "SampleWeightedMean", "batch_size_of", "equalized_batches"]
+           "gather_counts", "check_same_batch_count", "SampleWeightedMean", "batch_size_of", "equalized_batches",
+           "per_rank_share"]
 
 
 class UnpaddedDistributedSampler(Sampler[int]):
@@ -69,7 +70,7 @@ def _plain_order(loader: DataLoader, name: str) -> Tuple[bool, int, bool]:
         sampler, batch_size, drop_last = batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
     if type(sampler) is SequentialSampler:
         return False, batch_size, drop_last
-    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == len(sampler.data_source):
         return True, batch_size, drop_last
     raise ValueError(f"{name}: its sampler {type(sampler).__name__} cannot be sharded across ranks by super_trainer "
                      "(only shuffle=True/False can); make it rank-aware (e.g. wrap the indices it draws in a "
@@ -93,7 +94,7 @@ def _shared_seed(seed: Optional[int]) -> int:
     """``seed``, or (None) one drawn on rank 0 and broadcast: a DistributedSampler needs the same seed everywhere."""
     if seed is not None:
         return int(seed)
-    drawn = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    drawn = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(collective_device())
     if is_distributed():
         dist.broadcast(drawn, 0)
     return int(drawn.item())
@@ -154,8 +155,9 @@ def shard_eval_loader(loader: Any, name: str = "valid_loader", enabled: bool = T
         if isinstance(sampler, DistributedSampler) and type(loader) is DataLoader:
             if len(loader.dataset) % sampler.num_replicas == 0:
                 return loader  # nothing padded: the shares are already disjoint and cover the dataset
-            warnings.warn(f"{name}: its DistributedSampler pads the last rank's share with repeated samples; replaced "
-                          "by an unpadded one so that every sample counts once in the metrics", stacklevel=2)
+            warnings.warn(f"{name}: its DistributedSampler pads the last rank's share with repeated samples (or drops "
+                          "some); replaced by an unpadded one so that every sample counts once in the metrics",
+                          stacklevel=2)
             batch_size, drop_last = loader.batch_size, loader.drop_last
         elif _shardable(loader, name, enabled):
             _, batch_size, drop_last = _plain_order(loader, name)
@@ -180,9 +182,7 @@ def gather_counts(count: Optional[int]) -> List[Optional[int]]:
     """Every rank's ``count`` (None: unknown), in rank order; one all-gather. ``[count]`` alone."""
     if not is_distributed():
         return [count]
-    mine = torch.tensor([-1 if count is None else int(count)], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        mine = mine.cuda()
+    mine = torch.tensor([-1 if count is None else int(count)], dtype=torch.int64, device=collective_device())
     counts = [torch.zeros_like(mine) for _ in range(world_size())]
     dist.all_gather(counts, mine)
     return [None if c.item() < 0 else int(c.item()) for c in counts]
@@ -207,7 +207,7 @@ def batch_size_of(inputs: Any) -> int:
         return int(inputs.shape[0]) if inputs.dim() else 1
     values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else ()
     for value in values:
-        if isinstance(value, torch.Tensor) or isinstance(value, (dict, list, tuple)):
+        if isinstance(value, (torch.Tensor, dict, list, tuple)):
             return batch_size_of(value)
     raise ValueError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
 
@@ -233,11 +233,13 @@ class SampleWeightedMean:
         width = self._items[0][0].numel() if self._items else components
         if width is None:
             raise ValueError("SampleWeightedMean.average: no batches on this rank; pass components=")
-        device = self._items[0][0].device if self._items else torch.device("cpu")
+        device = self._items[0][0].device if self._items else collective_device()
         packed = torch.zeros(width + 1, dtype=torch.float64, device=device)
-        for items, size in self._items:
-            packed[:-1] += items.reshape(-1).to(torch.float64) * size
-            packed[-1] += size
+        if self._items:
+            rows = torch.stack([items.reshape(-1) for items, _ in self._items]).to(torch.float64)
+            sizes = torch.tensor([size for _, size in self._items], dtype=torch.float64, device=device)
+            packed[:-1] = (rows * sizes[:, None]).sum(dim=0)
+            packed[-1] = sizes.sum()
         if is_distributed():
             dist.all_reduce(packed)
         total, count = packed[:-1], packed[-1]
@@ -249,10 +251,12 @@ def equalized_batches(batches: Iterator[Tuple[int, Any, bool]], counts: Sequence
     """For evaluating an FSDP model, whose forward is a collective: ``(batch_idx, batch, counted)`` where this
     rank's batches are followed by ``max(counts) - own`` repeats of its last batch with ``counted=False`` (run
     the forward, count nothing), so every rank runs as many forwards. ``counts``: :func:`gather_counts`."""
-    most, own = max(c or 0 for c in counts), counts[current_rank()] or 0
-    if own == 0 and most > 0:
-        raise ValueError(f"rank {current_rank()} has no evaluation batch while others have {most}: with FSDP every rank "
-                         "needs at least one (use a smaller batch size or fewer ranks for this loader)")
+    sizes = [c or 0 for c in counts]
+    most, own = max(sizes), sizes[current_rank()]
+    if min(sizes) == 0 < most:  # raised on every rank alike, before any forward
+        empty = [r for r, c in enumerate(sizes) if c == 0]
+        raise ValueError(f"ranks {empty} have no evaluation batch while others have up to {most}: an FSDP forward needs "
+                         "every rank (use a smaller batch size, or fewer ranks than samples)")
     last = None
     for batch_idx, batch, _ in batches:
         last = batch

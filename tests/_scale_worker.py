@@ -109,11 +109,12 @@ def users_ddp(record):
 
 
 def votes(record):
-    vote = distributed.RankVote(3)
-    mine = (1, 0, 2) if distributed.rank() == 0 else (0, 1, 3)
+    vote = distributed.RankVote(4)
+    mine = (True, False, False, False) if distributed.rank() == 0 else (False, True, False, False)
     record["vote"] = vote.vote(*mine)
     vote.start(*reversed(mine))
     record["vote_async"] = vote.result()
+    record["vote_none"] = vote.vote(False, False, False, False)
     record["any"] = distributed.any_rank_true(distributed.rank() == 1)
 
 
