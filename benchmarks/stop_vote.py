@@ -9,7 +9,8 @@ Run from the repository root (it launches itself under torchrun, 2 processes, gl
 Method: each variant runs ``--calls`` times back to back on every rank after 50 warm-up calls, with a barrier
 before each variant; the table shows the median and the 90th percentile of one call (µs) on rank 0. Variants:
 
-Variants run in ``--rounds`` rounds, in an order rotated each round, so a change in machine load hits all alike.
+Variants run in ``--rounds`` rounds, in an order rotated each round, so a change in machine load hits all
+alike.
 
 - ``any_rank_true``: today's primitive, one float32 element, MAX all-reduce, ``.item()``;
 - ``RankVote(1)`` / ``RankVote(3)``: one one-element int64 all-reduce carrying 1 or 3 flags as bits (BOR);
@@ -105,7 +106,8 @@ def main() -> None:
         _worker(args)
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               __file__, "--worker", "--calls", str(args.calls), "--rounds", str(args.rounds), "--work-us", str(args.work_us)]
+               __file__, "--worker", "--calls", str(args.calls), "--rounds", str(args.rounds),
+               "--work-us", str(args.work_us)]
     if args.json:
         command += ["--json", os.path.abspath(args.json)]
     sys.exit(subprocess.call(command))

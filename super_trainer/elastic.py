@@ -28,8 +28,11 @@ __all__ = ["AUTO", "normalize_resume", "under_elastic_agent", "restart_count", "
 AUTO = "auto"
 
 
-def normalize_resume(value: Union[bool, str]) -> Union[bool, str]:
-    """``training_params.resume``: True, False or "auto" (any case); ValueError otherwise."""
+def normalize_resume(value: Union[bool, str, None], env: Optional[Mapping[str, str]] = None) -> Union[bool, str]:
+    """``training_params.resume``: True, False or "auto" (any case); None (unset) is "auto" under torchrun's
+    elastic agent and False otherwise; ValueError for anything else."""
+    if value is None:
+        return AUTO if under_elastic_agent(env) else False
     if isinstance(value, str) and value.lower() == AUTO:
         return AUTO
     if not isinstance(value, bool):
@@ -107,8 +110,8 @@ def resume_decision(resume: Union[bool, str], checkpoint_exists: bool, checkpoin
     holders = _ranks_holding(checkpoint_exists)
     world = dist.get_world_size() if distributed else 1
     if not holders:
-        return ResumeDecision(False, f"resume: auto, restart {restarts}, but no rank finds {checkpoint} (the job failed "
-                                     "before its first checkpoint): training starts over", restarts, holders)
+        return ResumeDecision(False, f"resume: auto, restart {restarts}, but no rank finds {checkpoint} (the job "
+                                     "failed before its first checkpoint): training starts over", restarts, holders)
     if len(holders) < world and not (only_rank0_reads and 0 in holders):
         missing = sorted(set(range(world)) - set(holders))
         raise ValueError(f"resume: auto: {checkpoint} exists on ranks {holders} but not on ranks {missing}; give every "

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["FSDP_DEFAULTS", "checked_fsdp_params", "is_fsdp2", "is_fsdp1", "check_parallel_wrapping",
-           "default_blocks", "shard_model", "full_state_dicts", "load_full_state_dicts", "clip_grad_norm", "global_grad_norm", "save_sharded_checkpoint",
-           "load_sharded_checkpoint"]
+           "default_blocks", "shard_model", "full_state_dicts", "load_full_state_dicts", "clip_grad_norm",
+           "global_grad_norm", "save_sharded_checkpoint", "load_sharded_checkpoint"]
 
 
 #: ``training_params.fsdp_params``: which modules ``fsdp: true`` shards before the root, and whether a block's
@@ -44,7 +44,8 @@ def checked_fsdp_params(given: Any) -> Dict[str, Any]:
     """``fsdp_params`` merged over :data:`FSDP_DEFAULTS`; ValueError naming the bad entry."""
     given = {} if given is None else given
     if not isinstance(given, Mapping) or set(given) - set(FSDP_DEFAULTS):
-        raise ValueError(f"training_params.fsdp_params: must be a mapping with keys {list(FSDP_DEFAULTS)}, got {given!r}")
+        raise ValueError(f"training_params.fsdp_params: must be a mapping with keys {list(FSDP_DEFAULTS)}, "
+                         f"got {given!r}")
     merged = {**FSDP_DEFAULTS, **given}
     blocks = merged["blocks"]
     if blocks is not None and (isinstance(blocks, str) or not isinstance(blocks, Sequence)
@@ -110,8 +111,10 @@ def default_blocks(model: nn.Module, blocks: Optional[Sequence[str]] = None) -> 
     """
     if blocks is None:
         return [child for child in model.children() if any(True for _ in child.parameters())]
-    chosen = [module for name, module in model.named_modules() if name and any(
-        fnmatch.fnmatchcase(type(module).__name__, pattern) or fnmatch.fnmatchcase(name, pattern) for pattern in blocks)]
+    def matches(name: str, module: nn.Module) -> bool:
+        return any(fnmatch.fnmatchcase(type(module).__name__, p) or fnmatch.fnmatchcase(name, p) for p in blocks)
+
+    chosen = [module for name, module in model.named_modules() if name and matches(name, module)]
     if not chosen:
         raise ValueError(f"training_params.fsdp_params.blocks: no module of the model matches {list(blocks)!r} "
                          "(give class names such as 'TransformerBlock' or qualified names such as 'layers.*')")

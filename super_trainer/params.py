@@ -10,12 +10,12 @@ import math
 import numbers
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .elastic import normalize_resume, under_elastic_agent
+from .elastic import normalize_resume
 from .fsdp import FSDP_DEFAULTS, checked_fsdp_params
 from .registry import close_matches, to_plain
 
@@ -89,7 +89,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "valid_metrics_list": ["Accuracy"],
     "test_metrics_list": None,
     "metric_to_watch": "Accuracy",
-    "greater_metric_to_watch_is_better": True,
+    "greater_metric_to_watch_is_better": None,  # unset: False for a loss key, else True (resolve_metric_direction)
     "lr_mode": None,
     "lr_warmup_epochs": 0,
     "lr_warmup_steps": 0,
@@ -176,7 +176,12 @@ TORCH_COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options", "
 
 
 class TrainingParams(dict):
-    """The resolved training_params: a dict that also allows attribute access (``params.max_epochs``)."""
+    """The resolved training_params: a dict that also allows attribute access (``params.max_epochs``).
+
+    ``defaulted``: the keys that took their default because they were not given (set by
+    :func:`resolve_training_params`; empty for a TrainingParams built by hand). Not a key, so not in the YAML."""
+
+    defaulted: FrozenSet[str] = frozenset()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -221,10 +226,11 @@ def resolve_training_params(given: Any) -> TrainingParams:
     for key, value in params.items():
         if value is REQUIRED:
             raise _error(key, "is required")
-    if params["resume"] is None:  # a job torchrun's agent restarts continues from its checkpoint (SPEC §8)
-        params["resume"] = "auto" if under_elastic_agent() else False
     _validate(params)
-    _validate_scale(params)
+    params.defaulted = frozenset(key for key in DEFAULT_TRAINING_PARAMS if key not in given)
+    # None: "auto" under torchrun's elastic agent (a restarted job continues from its checkpoint), else False
+    params["resume"] = normalize_resume(params["resume"])
+    params["fsdp_params"] = checked_fsdp_params(params["fsdp_params"])
     return params
 
 
@@ -320,6 +326,13 @@ def _compile_options(params: TrainingParams) -> None:
 
 
 def _validate(params: TrainingParams) -> None:
+    _validate_optimizer(params)
+    _validate_numbers(params)
+    _validate_logging_and_files(params)
+    _validate_schedule_and_flags(params)
+
+
+def _validate_optimizer(params: TrainingParams) -> None:
     _int(params, "max_epochs", 1)
     optimizer = params["optimizer"]
     is_instance = isinstance(optimizer, torch.optim.Optimizer)
@@ -343,6 +356,9 @@ def _validate(params: TrainingParams) -> None:
             or (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer))):
         raise _error("optimizer", f"must be a torch.optim name ('SGD', 'AdamW', ...), {{Name: {{params}}}}, class or "
                                   f"instance, got {optimizer!r}")
+
+
+def _validate_numbers(params: TrainingParams) -> None:
     for key in ("optimizer_params", "criterion_params", "ema_params"):
         if params[key] is None:
             params[key] = {}
@@ -371,6 +387,9 @@ def _validate(params: TrainingParams) -> None:
     _number(params, "warmup_initial_lr", positive=False, optional=True)
     _number(params, "lr_decay_factor", positive=False)
     _number(params, "cosine_final_lr_ratio", positive=False)
+
+
+def _validate_logging_and_files(params: TrainingParams) -> None:
     if params["mixed_precision"] not in MIXED_PRECISION_VALUES:
         raise _error("mixed_precision", f"must be one of {list(MIXED_PRECISION_VALUES)}, got {params['mixed_precision']!r}")
     sg_logger = params["sg_logger"]
@@ -394,6 +413,9 @@ def _validate(params: TrainingParams) -> None:
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in epochs):
         raise _error("save_ckpt_epoch_list", f"must be a list of epoch counts >= 1, got {epochs!r}")
     params["save_ckpt_epoch_list"] = list(epochs)
+
+
+def _validate_schedule_and_flags(params: TrainingParams) -> None:
     params["lr_mode"] = normalize_lr_mode(params["lr_mode"])
     params["warmup_mode"] = normalize_warmup_mode(params["warmup_mode"])
     _lr_updates(params)
@@ -410,22 +432,16 @@ def _validate(params: TrainingParams) -> None:
         params["phase_callbacks"] = []
     elif not isinstance(phase_callbacks, (list, tuple)):
         raise _error("phase_callbacks", f"must be a list of callbacks, got {type(phase_callbacks).__name__}")
-    for key in ("zero_weight_decay_on_bias_and_bn", "greater_metric_to_watch_is_better", "ema",
-                "average_best_models", "resume_weights_only", "silent_mode", "progress_bar",
-                "stop_on_non_finite_loss", "save_model", "sync_bn", "torch_compile", "torch_compile_loss"):
+    greater = params["greater_metric_to_watch_is_better"]
+    if not (greater is None or isinstance(greater, bool)):
+        raise _error("greater_metric_to_watch_is_better", "must be true, false, or unset (None: false when "
+                     f"metric_to_watch is a loss, else true), got {greater!r}")
+    for key in ("zero_weight_decay_on_bias_and_bn", "ema",
+                "average_best_models", "resume_weights_only", "silent_mode", "progress_bar", "distributed_sampler",
+                "fsdp", "stop_on_non_finite_loss", "save_model", "sync_bn", "torch_compile", "torch_compile_loss"):
         if not isinstance(params[key], bool):
             raise _error(key, f"must be true or false, got {params[key]!r}")
     if not isinstance(params["metric_to_watch"], str):
         raise _error("metric_to_watch", f"must be a metrics_dict key (a string), got {params['metric_to_watch']!r}")
     if params["resume_path"] is not None:
         params["resume"] = True
-
-
-
-def _validate_scale(params: TrainingParams) -> None:
-    """resume (true, false, "auto"), distributed_sampler, fsdp and fsdp_params."""
-    params["resume"] = normalize_resume(params["resume"])
-    for key in ("distributed_sampler", "fsdp"):
-        if not isinstance(params[key], bool):
-            raise _error(key, f"must be true or false, got {params[key]!r}")
-    params["fsdp_params"] = checked_fsdp_params(params["fsdp_params"])

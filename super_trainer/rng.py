@@ -18,10 +18,14 @@ __all__ = ["seed_everything", "get_rng_state", "set_rng_state", "preserved_rng"]
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (torch also seeds every CUDA device)."""
+    """Seed Python's, NumPy's, torch's and (when there are any) every CUDA device's generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    # torch.manual_seed also queues a lazy CUDA seeding, which records a traceback (milliseconds) even on a
+    # machine without CUDA: seed the CPU generator directly, and CUDA only where it exists.
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def get_rng_state() -> Dict[str, Any]:

@@ -255,8 +255,8 @@ def equalized_batches(batches: Iterator[Tuple[int, Any, bool]], counts: Sequence
     most, own = max(sizes), sizes[current_rank()]
     if min(sizes) == 0 < most:  # raised on every rank alike, before any forward
         empty = [r for r, c in enumerate(sizes) if c == 0]
-        raise ValueError(f"ranks {empty} have no evaluation batch while others have up to {most}: an FSDP forward needs "
-                         "every rank (use a smaller batch size, or fewer ranks than samples)")
+        raise ValueError(f"ranks {empty} have no evaluation batch while others have up to {most}: an FSDP forward "
+                         "needs every rank (use a smaller batch size, or fewer ranks than samples)")
     last = None
     for batch_idx, batch, _ in batches:
         last = batch

@@ -67,7 +67,8 @@ def test_fsdp2_trains_like_one_process_and_resumes_after_torchrun_restarts_it(tm
         torch.testing.assert_close(first["net"][key], value, rtol=0, atol=1e-6)
         torch.testing.assert_close(first["ema"][key], reference["ema"][key], rtol=0, atol=1e-6)
         # killed after the checkpoint, restarted by torchrun, resumed by resume: auto: bit for bit
-        assert torch.equal(resumed["net"][key], first["net"][key]) and torch.equal(resumed["ema"][key], first["ema"][key])
+        assert torch.equal(resumed["net"][key], first["net"][key])
+        assert torch.equal(resumed["ema"][key], first["ema"][key])
         assert torch.equal(first["restored"][key], first["net"][key])  # EMA evaluation gave the weights back
     torch.testing.assert_close(first["norms"], reference["norms"], rtol=1e-6, atol=0)  # the global, clipped norm
     assert resumed["norms"] == first["norms"][2:]
@@ -127,9 +128,9 @@ def test_two_nodes_shard_every_loader_and_agree(tmp_path):
 
     data = _scale_worker.dataset
     for rank, record in enumerate(ranks):
-        assert record["train_warnings"] == ["train_loader has no DistributedSampler: re-created with one (shuffle=True) "
-                                            "so that each of the 2 ranks trains on its own share; set training_params."
-                                            "distributed_sampler: false to use it as given"]
+        assert record["train_warnings"] == [
+            "train_loader has no DistributedSampler: re-created with one (shuffle=True) so that each of the 2 ranks "
+            "trains on its own share; set training_params.distributed_sampler: false to use it as given"]
         assert record["kept_when_disabled"] and record["carried"] == ["DistributedSampler", 2, True, True, True]
         for epoch, indices in enumerate(record["train_indices"]):  # seeded by training_params.seed, per epoch
             sampler = torch.utils.data.DistributedSampler(data(10), num_replicas=2, rank=rank, shuffle=True, seed=7)
