@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,9 +26,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from . import sg_compat
 from .checkpoint import CheckpointError
 from .distributed import is_main_process
-from .recipes import recipe_names, recipes_dir
+from .recipes import _compose, recipe_names, recipes_dir
 from .trainer import Trainer
 
 __all__ = ["main"]
@@ -51,7 +52,7 @@ recipe groups (group=option):
 
 options:
   --config-name=RECIPE   a recipe by name (shipped, or in --config-dir)
-  --config-dir DIR       also search DIR for recipes; they may use the shipped groups and `base`
+  --config-dir DIR       search DIR for recipes first (then the shipped ones: they may use its groups and `base`)
   -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01 (one experiment dir per job)
   --cfg job              print the composed recipe and train nothing
   --nproc N              launch N processes with torchrun (distributed data parallel)
@@ -106,13 +107,59 @@ def _launch(nproc: int, argv: List[str]) -> int:
     return 0
 
 
-def _config_dir(argv: List[str]) -> Optional[str]:
+def _option(argv: List[str], long: str, short: str) -> Optional[str]:
+    """The value of ``--long VALUE``, ``--long=VALUE`` or ``-short VALUE`` in ``argv``."""
     for i, arg in enumerate(argv):
-        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+        if arg in (long, short) and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--config-dir="):
+        if arg.startswith(long + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _config_dir(argv: List[str]) -> Optional[str]:
+    return _option(argv, "--config-dir", "-cd")
+
+
+# Hydra's options that take a value (argparse splits the overrides around them).
+_VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+           "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _user_dir_first(argv: List[str], extra_overrides: List[str]) -> List[str]:
+    """argv with the shipped recipes as Hydra's ``--config-dir`` (searched after the primary dir), for an app whose
+    primary dir is the user's: so the user's files win over shipped files of the same name (SG's
+    ``default_train_params.yaml`` over ours), while the shipped groups and ``base`` stay available.
+    ``extra_overrides`` join the user's overrides (argparse takes the overrides as one run of arguments)."""
+    out: List[str] = []
+    first_override: Optional[int] = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        takes_value = arg in _VALUED or (arg in ("--info", "-i") and argv[i + 1:i + 2] and argv[i + 1] in _INFO_CHOICES)
+        if arg in ("--config-dir", "-cd") or arg.startswith("--config-dir="):
+            i += 2 if takes_value else 1  # the user's dir is the app's primary dir now
+            continue
+        if not arg.startswith("-") and first_override is None:
+            first_override = len(out)
+        out.extend(argv[i:i + 2] if takes_value else [arg])
+        i += 2 if takes_value else 1
+    at = len(out) if first_override is None else first_override
+    return ["--config-dir", str(recipes_dir()), *out[:at], *extra_overrides, *out[at:]]
+
+
+def _sg_callback_overrides(config_dir: str, argv: List[str]) -> List[str]:
+    """Overrides pointing the recipe's Hydra callbacks into super_gradients (SG's variable_setup) at their equivalents."""
+    name = _option(argv, "--config-name", "-cn") or DEFAULT_RECIPE
+
+    def compose() -> Optional[DictConfig]:
+        try:
+            return _compose(Path(config_dir).resolve(), name, [], hydra_node=True)
+        except Exception:  # Hydra reports what is wrong when it composes the run itself
+            return None
+
+    return sg_compat.hydra_callback_overrides(compose)
 
 
 def _experiment_dir(cfg: DictConfig) -> Path:
@@ -120,7 +167,7 @@ def _experiment_dir(cfg: DictConfig) -> Path:
     sits beside the checkpoints), else ``<ckpt_root_dir>/<experiment_name>`` (``_<job number>`` in a sweep)."""
     hydra_cfg = HydraConfig.get()
     output = Path(hydra_cfg.runtime.output_dir)
-    root = Path(str(cfg.get("ckpt_root_dir", "checkpoints")))
+    root = Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir")))  # SG's variable_setup leaves it null
     if output.parent.resolve() == root.resolve():
         return output
     name = str(cfg.experiment_name)
@@ -129,9 +176,11 @@ def _experiment_dir(cfg: DictConfig) -> Path:
     return root / name
 
 
-@hydra.main(config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE, version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    """The Hydra task: train the composed recipe (``_app`` makes the Hydra app around it)."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if sg_compat.uses_shortcuts(sg_compat.hydra_callbacks_in(HydraConfig.get())):
+        sg_compat.apply_recipe_shortcuts(cfg)  # again for each job of a sweep (SG applies them at run start only)
     try:
         experiment_dir = _experiment_dir(cfg)
         result = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
@@ -150,6 +199,12 @@ def _run(cfg: DictConfig) -> None:
         print(f"experiment dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
     if result.stop_reason == "interrupted":
         sys.exit(130)
+
+
+def _app(config_dir: Optional[str]) -> Callable[[], None]:
+    """The Hydra app; its primary config dir is the user's ``--config-dir`` when given, else the shipped recipes."""
+    primary = str(Path(config_dir).resolve()) if config_dir else str(recipes_dir())
+    return hydra.main(config_path=primary, config_name=DEFAULT_RECIPE, version_base="1.3")(_run)
 
 
 def _remove_if_empty(directory: Path) -> None:
@@ -229,14 +284,19 @@ def main() -> None:
     nproc = _pop_nproc(argv)
     if nproc and nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         sys.exit(_launch(nproc, argv))
-    sys.argv = [sys.argv[0], *argv]
     warnings.formatwarning = _format_warning
     _state["full_error"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    _state["config_dir"] = _config_dir(argv)
+    config_dir = _state["config_dir"] = _config_dir(argv)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
     try:
-        _run()
+        sg_compat.register_resolvers()
+        if config_dir and Path(config_dir).is_dir():
+            argv = _user_dir_first(argv, _sg_callback_overrides(config_dir, argv))
+        else:
+            config_dir = None  # Hydra names a missing --config-dir itself
+        sys.argv = [sys.argv[0], *argv]
+        _app(config_dir)()
     except KeyboardInterrupt:  # raised outside training (e.g. while building): same code as during it
         sys.exit(130)
     except Exception as err:  # ... and they are reported here in one line
