@@ -56,7 +56,7 @@ from .rng import seed_everything
 from .steps import build_batch_reader, resolve_train_step
 
 __all__ = [
-    "RunInputs", "build_run", "write_run_files", "resolve_device", "check_metric_to_watch", "autocast_and_scaler",
+    "RunInputs", "build_run", "write_run_files", "join_process_group", "resolve_device", "check_metric_to_watch", "autocast_and_scaler",
     "builtin_callbacks", "build_lr_callbacks", "user_callbacks", "write_params_yaml", "restart_callback_states",
 ]
 
@@ -308,7 +308,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     if inputs.valid_loader is not None:
         check_loader("valid_loader", inputs.valid_loader)
     params = resolve_training_params(inputs.training_params)
-    is_distributed, device = _join_process_group(device)
+    is_distributed, device = join_process_group(device)
     if params.seed is not None:
         seed_everything(params.seed)
     net = convert_sync_bn(unwrap_model(inputs.model).to(device), params, is_distributed, device)
@@ -358,7 +358,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     return parts, Meters(context, params.get("loss_logging_items_names"), known, metrics, device)
 
 
-def _join_process_group(device: torch.device) -> Tuple[bool, torch.device]:
+def join_process_group(device: torch.device) -> Tuple[bool, torch.device]:
     """Under torchrun: join the process group; on CUDA each process takes its local rank's GPU."""
     is_distributed = distributed.init_from_env(device)
     if is_distributed and device.type == "cuda" and device.index is None:

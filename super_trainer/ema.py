@@ -16,9 +16,10 @@ from ``start_step`` (steps with ``(step − start_step) % interval == 0``). Defa
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, Iterator, List, Mapping
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,15 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, decay_type: str = "exp", beta: float = 15.0,
                  start_step: int = 0, interval: int = 1) -> None:
+        self._set_schedule(decay, decay_type, beta, start_step, interval)
+        self.ema = copy.deepcopy(unwrap_model(model)).eval()
+        for param in self.ema.parameters():
+            param.requires_grad_(False)
+        self._pairs_for: Any = None
+        self._ema_floats: List[torch.Tensor] = []
+        self._source_floats: List[torch.Tensor] = []
+
+    def _set_schedule(self, decay: float, decay_type: str, beta: float, start_step: int, interval: int) -> None:
         if decay_type not in DECAY_TYPES:
             raise ValueError(f"training_params.ema_params.decay_type: unknown {decay_type!r}; valid: {list(DECAY_TYPES)}")
         if not 0.0 <= float(decay) <= 1.0:
@@ -65,12 +75,6 @@ class ModelEMA:
         self.decay_type = decay_type
         self.beta = float(beta)
         self._decay_fn = DECAY_TYPES[decay_type]
-        self.ema = copy.deepcopy(unwrap_model(model)).eval()
-        for param in self.ema.parameters():
-            param.requires_grad_(False)
-        self._pairs_for: Any = None
-        self._ema_floats: List[torch.Tensor] = []
-        self._source_floats: List[torch.Tensor] = []
 
     def _bind(self, model: nn.Module) -> None:
         # state_dict() builds a dict each call; the tensors it returns are the live storage, so collect once.
@@ -105,6 +109,11 @@ class ModelEMA:
             self._bind(model)
         for ema, source in zip(self._ema_floats, self._source_floats):
             ema.copy_(source)
+
+    @contextlib.contextmanager
+    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The module to evaluate with the EMA weights: ``ema`` itself (``model`` is not touched)."""
+        yield self.ema
 
     def state_dict(self) -> Dict[str, Any]:
         return self.ema.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
+from .fsdp import FSDP_DEFAULTS
 from .params_runs import RUN_DEFAULTS
 
 __all__ = ["REQUIRED", "EMA_DEFAULTS", "DEFAULT_TRAINING_PARAMS", "SG_RECIPE_KEYS", "SG_UNSUPPORTED_DEFAULTS",
@@ -65,7 +66,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "save_ckpt_every_n_steps": None,
     "max_keep_ckpts": None,
     "average_best_models": False,
-    "resume": False,
+    "resume": None,  # None: "auto" under torchrun's elastic agent, else False (resolve_training_params)
     "resume_path": None,
     "resume_weights_only": True,
     "seed": 42,
@@ -89,6 +90,10 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "warmup_momentum": None,  # warmup_mode yolov5_warmup: the momentum the warmup starts from (SG 2.x's YoloV5 warmup)
     "warmup_bias_lr": None,  # warmup_mode yolov5_warmup: the lr the "bias" param group starts from
     **RUN_DEFAULTS,  # max_steps, val_check_interval, save_top_k, run_id (params_runs.py)
+    # Scale (SPEC §8): data sharding under torchrun, FSDP2
+    "distributed_sampler": True,
+    "fsdp": False,
+    "fsdp_params": dict(FSDP_DEFAULTS),
 }
 
 #: Keys SuperGradients' own recipes set that SG's trainer never reads itself: its models' initialize_param_groups /

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from .lr_modes import normalize_lr_mode, normalize_warmup_mode
+from .elastic import normalize_resume
+from .fsdp import checked_fsdp_params
 from .param_defaults import (DEFAULT_TRAINING_PARAMS, EMA_DEFAULTS, HYDRA_KEYS, MIXED_PRECISION_VALUES, REQUIRED,
                              SG_LOGGERS, SG_NO_OP_VALUES, SG_RECIPE_KEYS, SG_UNSUPPORTED_DEFAULTS,
                              TORCH_COMPILE_OPTIONS)
@@ -85,6 +87,11 @@ def resolve_training_params(given: Any) -> TrainingParams:
             raise _error(key, "is required")
     _validate(params)
     params.defaulted = frozenset(key for key in DEFAULT_TRAINING_PARAMS if key not in given)
+    # None: "auto" under torchrun's elastic agent (a restarted job continues from its checkpoint), else False
+    params["resume"] = normalize_resume(params["resume"])
+    params["fsdp_params"] = checked_fsdp_params(params["fsdp_params"])
+    if params["fsdp"]:  # remove once the loop calls super_trainer.fsdp (issue #18)
+        raise _error("fsdp", "true is not wired into Trainer.train yet (super_trainer.fsdp is; docs/distributed.md)")
     return params
 
 
@@ -308,10 +315,8 @@ def _validate_schedule_and_flags(params: TrainingParams) -> None:
     if not (greater is None or isinstance(greater, bool)):
         raise _error("greater_metric_to_watch_is_better", "must be true, false, or unset (None: false when "
                      f"metric_to_watch is a loss, else true), got {greater!r}")
-    if params["resume"] is None:  # SG's variable_setup leaves `resume:` empty, which SG reads as False
-        params["resume"] = False
-    for key in ("zero_weight_decay_on_bias_and_bn", "ema", "load_opt_params",
-                "average_best_models", "resume", "resume_weights_only", "silent_mode", "progress_bar",
+    for key in ("zero_weight_decay_on_bias_and_bn", "ema", "load_opt_params", "average_best_models",
+                "resume_weights_only", "silent_mode", "progress_bar", "distributed_sampler", "fsdp",
                 "stop_on_non_finite_loss", "save_model", "sync_bn", "torch_compile", "torch_compile_loss"):
         if not isinstance(params[key], bool):
             raise _error(key, f"must be true or false, got {params[key]!r}")

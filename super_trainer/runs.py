@@ -31,6 +31,7 @@ from typing import Any, List, Mapping, Optional
 import torch.distributed as dist
 
 from . import distributed
+from .elastic import AUTO, resume_decision
 
 try:  # POSIX; elsewhere the lock falls back to checking the owner's pid
     import fcntl
@@ -90,7 +91,10 @@ class RunChoice:
 def choose_run(experiment_dir: Path, params: Mapping[str, Any]) -> RunChoice:
     """Which run dir to train in and what to resume from (reads only; see the module docstring)."""
     run_id, resume_path, ckpt_name = params.get("run_id"), params.get("resume_path"), params["ckpt_name"]
-    resume = bool(params.get("resume")) or resume_path is not None
+    resume = params.get("resume")
+    if resume == AUTO:  # under torchrun's elastic agent: continue only a run the agent restarted
+        resume = _auto_resume(experiment_dir, run_id, ckpt_name)
+    resume = bool(resume) or resume_path is not None
     directory = experiment_dir / (run_id if run_id is not None else _unused_run_id(experiment_dir))
     if resume_path is not None:
         return RunChoice(directory, Path(resume_path))
@@ -117,6 +121,21 @@ def choose_run(experiment_dir: Path, params: Mapping[str, Any]) -> RunChoice:
     warnings.warn(f"resume=True but no run of {str(experiment_dir)!r} holds {ckpt_name} yet; training from scratch "
                   f"in {directory}", stacklevel=3)
     return RunChoice(directory)
+
+
+def _auto_resume(experiment_dir: Path, run_id: Optional[str], ckpt_name: str) -> bool:
+    """``resume: auto``: whether torchrun's elastic agent restarted this job and the checkpoint a resume would read
+    exists (every rank takes part: the agents' restart counts and the file's presence are compared over the ranks)."""
+    if run_id is not None:
+        candidate = experiment_dir / run_id / ckpt_name
+    else:
+        with warnings.catch_warnings():  # latest_run_dir warns about skipped dirs again if the resume goes ahead
+            warnings.simplefilter("ignore")
+            latest = latest_run_dir(experiment_dir, ckpt_name)
+        candidate = (latest or experiment_dir) / ckpt_name
+    decision = resume_decision(AUTO, candidate.is_file(), str(candidate))
+    logger.info("%s", decision.reason)
+    return decision.resume
 
 
 def agree_on_run(choice: RunChoice, context: Any) -> RunChoice:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .building import RunInputs, autocast_and_scaler, build_run, resolve_device, write_run_files
+from .building import RunInputs, autocast_and_scaler, build_run, join_process_group, resolve_device, write_run_files
 from .callbacks.base import Callback, CallbackHandler
 from .checks import check_experiment_name, check_test_loaders
 from .context import PhaseContext
@@ -102,6 +102,7 @@ class Trainer:
         checkpoint to resume from (CheckpointError before any event), fire on_optimizer_built and restore the
         checkpoint, write the run's description, then run the loop."""
         params = resolve_training_params(inputs.training_params)
+        join_process_group(self.device)  # under torchrun: the ranks decide "resume: auto" together
         run = choose_run(self.ckpt_dir, params)  # which run dir, and what to resume from (reads only)
         parts, meters = build_run(dataclasses.replace(inputs, training_params=params), self.device, run.directory,
                                   self.experiment_name)
