@@ -310,7 +310,7 @@ def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
 
     def write(_experiment_dir: Path) -> None:
         for name, node in files.items():
-            atomic_write_text(target / name, OmegaConf.to_yaml(node))
+            atomic_write_text(target / name, OmegaConf.to_yaml(node), make_dirs=True)  # .hydra/ is made here
 
     return write
 
