@@ -107,7 +107,10 @@ class CheckpointManager:
 
     def mid_epoch_due(self, context: PhaseContext, is_last: bool) -> bool:
         """A mid-epoch checkpoint is due once global_step reaches a new multiple of save_ckpt_every_n_steps (not
-        on the epoch's last batch: the epoch-end checkpoint follows)."""
+        on the epoch's last batch: the epoch-end checkpoint follows). Asked after every batch, it also raises a
+        failed background write there, on the training thread (one attribute read per batch)."""
+        if self.writer.failure is not None:
+            self.writer.flush()  # raises it
         step = context.global_step
         return bool(self.every) and not is_last and step % self.every == 0 and step != self.last_step
 
@@ -123,11 +126,12 @@ class CheckpointManager:
         self.writer.save(state, self.latest)  # copied now, written in the background
 
     def at_interrupt(self, context: PhaseContext, epoch: EpochCursor, stops: StopControl) -> None:
-        """Ctrl-C stopped the pass: ckpt_latest at the last finished batch, if the state there is consistent."""
+        """A signal (Ctrl-C, SIGTERM) stopped the pass: ckpt_latest at the last finished batch, if the state there
+        is consistent and finite."""
         if epoch.done is None:
-            logger.warning("Ctrl-C came during a backward pass or optimizer step; %s holds the last checkpointed "
-                           "state", self.latest)
-        elif epoch.done > epoch.resumed_at and stops.finite_before(context, "the Ctrl-C checkpoint"):
+            logger.warning("Ctrl-C or SIGTERM came during a backward pass or optimizer step; %s holds the last "
+                           "checkpointed state", self.latest)
+        elif epoch.done > epoch.resumed_at and stops.finite_before(context, "the Ctrl-C/SIGTERM checkpoint"):
             self.save_progress(epoch)
 
     def finish(self) -> Optional[BaseException]:
