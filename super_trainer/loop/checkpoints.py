@@ -19,7 +19,7 @@ from ..context import PhaseContext
 from ..metrics import lookup_metric
 from ..rng import get_rng_state
 from .parts import Meters, RunParts
-from .resume import EpochCursor
+from .resume import EpochCursor, plain_params
 from .stops import StopControl
 
 __all__ = ["CheckpointManager", "LATEST"]
@@ -73,6 +73,7 @@ class CheckpointManager:
             "callbacks": parts.callbacks.state_dict(),
             "rng_state": get_rng_state(),
             "lr_scheduler_state": schedulers or None,
+            "training_params": plain_params(self.params),  # a resume lists what differs
         }
 
     # ---- the points the loop calls ----------------------------------------------------------------
