@@ -4,6 +4,7 @@ and one warning for changed training_params on resume. The kill-from-outside tes
 test_distributed.py."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -130,6 +131,7 @@ def test_cli_exits_143_after_sigterm_with_the_checkpoint_written(tmp_path):
     latest = read_checkpoint(tmp_path / "term" / "ckpt_latest.pth")
     assert (latest["epoch"], latest["epoch_progress"]["batches"]) == (1, 3)
     assert (tmp_path / "term" / "experiment.log").read_text().strip().endswith("training ended: terminated")
+    assert f"Training terminated in epoch 2/3 | resume from {tmp_path / 'term' / 'ckpt_latest.pth'}" in proc.stdout
 
 
 def test_cli_help_documents_exit_code_143():
@@ -287,16 +289,21 @@ def test_on_epoch_end_sees_the_validation_metrics_not_the_test_metrics(tmp_path)
         assert metrics != test
 
 
-def test_resume_lists_changed_params_in_one_warning(tmp_path):
+def test_resume_lists_changed_params_in_one_warning(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="super_trainer")
     _train(tmp_path, "p", max_epochs=1, initial_lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a raised max_epochs alone (the way to extend a run) is only logged
+        _train(tmp_path, "p", max_epochs=2, initial_lr=0.1, resume=True)
+    assert "take effect: max_epochs 1 -> 2" in caplog.text
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, result = _train(tmp_path, "p", max_epochs=2, initial_lr=0.05, seed=7, batch_accumulate=2, resume=True)
+        _, result = _train(tmp_path, "p", max_epochs=3, initial_lr=0.05, seed=7, batch_accumulate=2, resume=True)
     told = [str(w.message) for w in caught if "training_params differ" in str(w.message)]
     assert len(told) == 1, told
     message = told[0]
     applied, kept = message.split("do NOT take effect")
-    assert "max_epochs 1 -> 2" in applied and "batch_accumulate 1 -> 2" in applied
+    assert "max_epochs 2 -> 3" in applied and "batch_accumulate 1 -> 2" in applied
     assert "initial_lr 0.1 -> 0.05" in kept and "seed 42 -> 7" in kept and "resume" not in message.split(";", 1)[1]
-    assert result.history[1]["lr"] == 0.1  # as the warning says: the restored param group keeps its lr0
+    assert result.history[2]["lr"] == 0.1  # as the warning says: the restored param group keeps its lr0
     assert read_checkpoint(tmp_path / "p" / "ckpt_latest.pth")["training_params"]["initial_lr"] == 0.05

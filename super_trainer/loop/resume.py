@@ -228,6 +228,8 @@ KEPT_BY_CHECKPOINT = {
 }
 #: keys that say how to resume: they differ from the checkpoint's run by nature.
 _RESUME_KEYS = ("resume", "resume_path", "resume_weights_only")
+#: the documented way to continue a run: changed alone, it is logged, not warned about.
+_EXPECTED_CHANGES = ("max_epochs",)
 
 
 def plain_params(params: Mapping[str, Any]) -> Dict[str, Any]:
@@ -255,7 +257,8 @@ def _plain(value: Any) -> Any:
 
 def warn_changed_params(saved: Optional[Mapping[str, Any]], params: Mapping[str, Any], path: Path) -> None:
     """One warning listing every training_params key whose value differs from the checkpoint's run, split into
-    those that take effect and those the restored state overrides (a checkpoint without params: nothing)."""
+    those that take effect and those the restored state overrides (a checkpoint without params: nothing). A raised
+    ``max_epochs`` alone, the documented way to extend a run, is logged instead."""
     if not saved:
         return
     now = plain_params(params)
@@ -273,7 +276,11 @@ def warn_changed_params(saved: Optional[Mapping[str, Any]], params: Mapping[str,
                                 for key in kept}))
         parts.append("do NOT take effect (" + why + "): " +
                      ", ".join(f"{key} {_short(saved[key])} -> {_short(now[key])}" for key in kept))
-    warnings.warn(f"resume: training_params differ from the run that wrote {path}; " + "; ".join(parts), stacklevel=4)
+    message = f"resume: training_params differ from the run that wrote {path}; " + "; ".join(parts)
+    if all(key in _EXPECTED_CHANGES for key in changed):
+        logger.info("%s", message)
+    else:
+        warnings.warn(message, stacklevel=4)
 
 
 def _short(value: Any, limit: int = 60) -> str:
