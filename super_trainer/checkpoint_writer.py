@@ -121,7 +121,8 @@ class CheckpointWriter:
     while training is an error, never recreated.
 
     At most one write is in flight: ``save`` first waits for the previous one. An exception of a background
-    write is logged when it happens and raised (once) by the next ``save``, ``flush`` or ``close``. The thread is
+    write is logged when it happens, kept in ``failure`` (cheap to poll: the trainer reads it after every batch)
+    and raised (once) by the next ``save``, ``flush`` or ``close``. The thread is
     a daemon, so an idle writer never holds up the interpreter's exit; a write in flight still completes before
     the interpreter exits (an atexit hook waits for it), also after Ctrl-C; only a hard kill loses it, leaving
     the previous file. Files are replaced atomically, so a reader sees the previous
@@ -146,7 +147,8 @@ class CheckpointWriter:
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._idle = threading.Event()  # set while no write is in flight
         self._idle.set()
-        self._error: Optional[BaseException] = None
+        # a failed background write, until flush() raises it; read without a lock (the trainer checks it every batch)
+        self.failure: Optional[BaseException] = None
         self._buffers: List[torch.Tensor] = []
         self._closed = False
 
@@ -213,9 +215,9 @@ class CheckpointWriter:
             note = f"raised while writing checkpoint {path} in the background"
             if hasattr(err, "add_note"):
                 err.add_note(note)
-            logging.getLogger("super_trainer").error("%s: %s: %s (raised again at the next save or close)",
+            logging.getLogger("super_trainer").error("%s: %s: %s (raised again on the training thread)",
                                                      note, type(err).__name__, err)
-            self._error = err
+            self.failure = err
 
     @property
     def busy(self) -> bool:
@@ -225,7 +227,7 @@ class CheckpointWriter:
     def flush(self) -> None:
         """Wait until the write in flight, if any, is on disk; raise its exception if it failed."""
         self._idle.wait()
-        error, self._error = self._error, None
+        error, self.failure = self.failure, None
         if error is not None:
             raise error
 

@@ -8,13 +8,14 @@
     super-trainer --nproc 4 ...                     # launch 4 processes with torchrun
 
 Exit codes: 0 when training ends (completed or stopped by a callback), 1 on bad input or another error (one
-line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback), 130 after Ctrl-C.
+line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback), 130 after Ctrl-C, 143 after SIGTERM (preemption).
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from . import sg_compat
 from .checkpoint import CheckpointError
 from .runs import RunLockedError
 from .distributed import is_main_process
+from .loop.stops import Terminated
 from .recipes import _compose, recipe_names, recipes_dir
 from .trainer import Trainer
 
@@ -66,7 +68,9 @@ exit codes:
   1    bad input (an unknown recipe, key or name, a bad value, ...) or another error: one line on stderr;
        set HYDRA_FULL_ERROR=1 for the traceback. A failed run leaves existing run dirs unchanged; a run dir
        in use by another live process is refused (the error names its pid).
-  130  interrupted by Ctrl-C (ckpt_latest.pth holds the last completed epoch)
+  130  interrupted by Ctrl-C (ckpt_latest.pth holds the state at the batch where training stopped)
+  143  terminated by SIGTERM, as a cluster scheduler preempts a job (ckpt_latest.pth holds the state at the
+       batch where training stopped, written before exit; resume with training_hyperparams.resume=true)
 """
 
 
@@ -88,7 +92,8 @@ def _pop_nproc(argv: List[str]) -> Optional[int]:
 
 def _launch(nproc: int, argv: List[str]) -> int:
     """torchrun, in this process: each rank reports its own error in one line, so torchrun's traceback and
-    failure summary are left out. The exit code is 0, 130 when a rank was interrupted, else 1."""
+    failure summary are left out. The exit code is 0, 130 when a rank was interrupted, 143 when terminated
+    (SIGTERM, forwarded by torchrun to every rank), else 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -100,12 +105,14 @@ def _launch(nproc: int, argv: List[str]) -> int:
         run(args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        if failure.exitcode == 130:
-            return 130
+        if failure.exitcode in (130, 143):
+            return failure.exitcode
         if failure.exitcode != 1:  # a rank that died without reporting (a signal, a crash)
             sys.stderr.write(f"super-trainer: error: rank {rank} failed with exit code {failure.exitcode}\n")
         return 1
-    except (KeyboardInterrupt, SignalException):
+    except SignalException as err:
+        return 143 if err.sigval == signal.SIGTERM else 130
+    except KeyboardInterrupt:
         return 130
     return 0
 
@@ -205,6 +212,8 @@ def _run(cfg: DictConfig) -> None:
         print(f"run dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
     if result.stop_reason == "interrupted":
         sys.exit(130)
+    if result.stop_reason == "terminated":
+        sys.exit(143)
 
 
 def _app(config_dir: Optional[str]) -> Callable[[], None]:
@@ -281,6 +290,10 @@ def _fail(err: BaseException) -> None:
     sys.exit(1)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
     """Entry point of ``super-trainer`` and ``python -m super_trainer.train_from_recipe``."""
     argv = sys.argv[1:]
@@ -295,6 +308,7 @@ def main() -> None:
     config_dir = _state["config_dir"] = _config_dir(argv)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
+    signal.signal(signal.SIGTERM, _terminate)  # outside training too (training defers it to a batch's end)
     try:
         sg_compat.register_resolvers()
         if config_dir and Path(config_dir).is_dir():
@@ -303,6 +317,8 @@ def main() -> None:
             config_dir = None  # Hydra names a missing --config-dir itself
         sys.argv = [sys.argv[0], *argv]
         _app(config_dir)()
+    except Terminated:  # a SIGTERM outside training (e.g. while building), or a second one during it
+        sys.exit(143)
     except KeyboardInterrupt:  # raised outside training (e.g. while building): same code as during it
         sys.exit(130)
     except Exception as err:  # ... and they are reported here in one line

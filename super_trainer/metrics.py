@@ -22,7 +22,8 @@ from torchmetrics import Metric, MetricCollection
 from .registry import METRICS, parse_spec
 
 __all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values", "lookup_metric",
-           "check_default_metrics", "warn_non_finite_metrics", "metric_titles", "LossAverageMeter"]
+           "check_default_metrics", "warn_non_finite_metrics", "metric_titles", "LossAverageMeter", "metric_states",
+           "load_metric_states"]
 
 
 @METRICS.register("Accuracy")
@@ -221,6 +222,33 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     return value
+def metric_states(collection: Optional[MetricCollection]) -> Optional[Dict[str, Dict[str, Any]]]:
+    """Each metric's accumulated state (its declared ``add_state`` values: tensors or lists of tensors) and its
+    update count, by title: what a mid-epoch checkpoint needs to continue the epoch's metrics (torchmetrics keeps
+    these out of ``state_dict`` by default). Plain tensors and lists, so ``weights_only`` loads them."""
+    if collection is None:
+        return None
+    states: Dict[str, Dict[str, Any]] = {}
+    for title, metric in collection.items(keep_base=True, copy_state=False):
+        saved = {name: getattr(metric, name) for name in metric._defaults}
+        states[title] = {"states": saved, "update_count": int(metric._update_count)}
+    return states
+
+
+def load_metric_states(collection: Optional[MetricCollection], states: Optional[Mapping[str, Any]],
+                       device: torch.device) -> None:
+    """Put back what :func:`metric_states` returned (on ``device``); metrics it does not name keep their state."""
+    if collection is None or not states:
+        return
+    for title, metric in collection.items(keep_base=True, copy_state=False):
+        saved = states.get(title)
+        if saved is None:
+            continue
+        for name, value in saved["states"].items():
+            if name in metric._defaults:
+                setattr(metric, name, [v.to(device) for v in value] if isinstance(value, list) else value.to(device))
+        metric._update_count = saved["update_count"]
+        metric._computed = None
 
 
 def make_collection(metrics: Dict[str, Metric], device: torch.device) -> Optional[MetricCollection]:

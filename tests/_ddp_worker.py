@@ -1,6 +1,8 @@
 """Run under torchrun by test_distributed.py (or alone for the single-process reference)."""
 import argparse
 import os
+import signal
+import time
 
 import torch
 
@@ -34,16 +36,37 @@ class CountAllReduces(Callback):
             context.net.register_comm_hook(None, counting)
 
 
+class WaitForSigterm(Callback):
+    """Rank 0 writes ``marker`` when train batch (1, 1) starts and waits there until its SIGTERM arrived (the test
+    sends it to torchrun, which forwards it to every rank); the other rank waits at the batch's all-reduce."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def on_train_batch_start(self, context):
+        if (context.epoch, context.batch_idx) != (1, 1) or distributed.rank() != 0:
+            return
+        with open(self.marker, "w") as f:
+            f.write("ready")
+        handler = signal.getsignal(signal.SIGTERM).__self__  # the trainer's DeferredInterrupt
+        deadline = time.monotonic() + 120
+        while not handler.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--stop", action="store_true")
     parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--sigterm-marker", default=None)
     args = parser.parse_args()
     model = make_model()
     counter = CountAllReduces()
     callbacks = [counter] + ([StopOnRank1()] if args.stop else [])
+    if args.sigterm_marker:
+        callbacks.append(WaitForSigterm(args.sigterm_marker))
     result = Trainer("ddp", args.root, device="cpu").train(
         model=model, training_params=quiet_params(max_epochs=3, optimizer_params={"momentum": 0.9}, phase_callbacks=callbacks,
                                                   batch_accumulate=args.accumulate),

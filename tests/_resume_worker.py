@@ -2,6 +2,7 @@
 import argparse
 import os
 import signal
+import time
 
 import torch
 import torch.nn as nn
@@ -66,6 +67,27 @@ class CtrlCAtBatch(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class SigtermAtBatch(Callback):
+    """A SIGTERM while the ``batches_seen``-th train batch runs: sent by the process itself (``marker`` None), or
+    by the test from outside once ``marker`` exists (the batch waits until the trainer's handler has it)."""
+
+    def __init__(self, batch, marker=None):
+        self.batch, self.marker = batch, marker
+
+    def on_train_batch_start(self, context):
+        if context.batches_seen != self.batch:
+            return
+        if self.marker is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        with open(self.marker, "w") as f:
+            f.write(str(os.getpid()))
+        handler = signal.getsignal(signal.SIGTERM).__self__  # the trainer's DeferredInterrupt
+        deadline = time.monotonic() + 120
+        while not handler.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["full", "killed", "resume"], required=True)
@@ -76,6 +98,8 @@ def main():
     parser.add_argument("--every", type=int, default=None, help="save_ckpt_every_n_steps")
     parser.add_argument("--kill-batch", type=int, default=None, help="os._exit when this train batch starts")
     parser.add_argument("--sigint-batch", type=int, default=None, help="SIGINT while this train batch runs")
+    parser.add_argument("--sigterm-batch", type=int, default=None, help="SIGTERM while this train batch runs")
+    parser.add_argument("--marker", default=None, help="with --sigterm-batch: the test sends it, once this exists")
     args = parser.parse_args()
 
     torch.manual_seed(1234)  # a different init than the trainer's seed, like any user model
@@ -87,6 +111,8 @@ def main():
         callbacks.append(KillAtBatch(args.kill_batch))
     elif args.mode == "killed" and args.sigint_batch is not None:
         callbacks.append(CtrlCAtBatch(args.sigint_batch))
+    elif args.mode == "killed" and args.sigterm_batch is not None:
+        callbacks.append(SigtermAtBatch(args.sigterm_batch, args.marker))
     elif args.mode == "killed":
         callbacks.append(KillAtEpoch(2))
     params = {
@@ -94,12 +120,13 @@ def main():
         "lr_mode": "cosine", "lr_warmup_epochs": 1, "batch_accumulate": 2, "mixed_precision": args.amp,
         "ema": args.ema, "ema_params": {"decay": 0.9, "decay_type": "threshold"},
         "phase_callbacks": callbacks, "resume": args.mode == "resume", "sg_logger": "base", "progress_bar": False,
-        "save_ckpt_every_n_steps": args.every,
+        "save_ckpt_every_n_steps": args.every, "train_metrics_list": ["Accuracy"],
     }
     result = Trainer("exp", args.root, device="cpu").train(model=model, training_params=params, train_loader=loader,
                                                            valid_loader=valid)
     torch.save({"net": model.state_dict(), "epochs": [h["epoch"] for h in result.history],
                 "train_losses": [h["train/CrossEntropyLoss"] for h in result.history],
+                "history": [{k: v for k, v in h.items() if k != "seconds"} for h in result.history],
                 "count": callbacks[0].count, "best_metric": result.best_metric, "stop_reason": result.stop_reason},
                args.out)
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import collections
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -15,6 +17,7 @@ from conftest import PYTHON, Recorder, make_loader, make_model, only_run, python
 from super_trainer import Callback, Trainer
 from super_trainer import checkpoint as ckpt
 from super_trainer.checkpoint import CheckpointWriter, copy_to_host, read_checkpoint
+from super_trainer.loop.stops import Terminated
 
 
 class HeldWrites:
@@ -199,8 +202,10 @@ def test_on_training_end_reads_the_finished_checkpoints(tmp_path):
     assert read_checkpoint(run / "ckpt_epoch_2.pth")["epoch"] == 2
 
 
-@pytest.mark.parametrize("fail_at", [1, 2], ids=["raised_at_next_save", "raised_at_the_end"])
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["raised_at_the_next_batch", "raised_at_the_end"])
 def test_a_failed_write_fails_the_run_after_on_training_end(tmp_path, monkeypatch, fail_at):
+    from super_trainer.checkpoint import wait_for_writes
+
     real_save = torch.save
     calls = []
 
@@ -214,6 +219,10 @@ def test_a_failed_write_fails_the_run_after_on_training_end(tmp_path, monkeypatc
     reasons = []
 
     class End(Callback):
+        def on_train_batch_start(self, context):
+            if context.epoch == 1 and context.batch_idx == 1:
+                wait_for_writes()  # epoch 0's write has failed by now (without raising here)
+
         def on_training_end(self, context):
             reasons.append((context.stop_reason, type(context.exception).__name__))
 
@@ -225,9 +234,39 @@ def test_a_failed_write_fails_the_run_after_on_training_end(tmp_path, monkeypatc
             train_loader=make_loader(), valid_loader=None)
     assert reasons == [("exception", "OSError")]
     assert recorder.events.count("on_training_end") == 1
-    # epoch 0's failed write is raised at epoch 1's save, the last epoch's at the end: both epochs ran
-    assert recorder.events.count("on_train_loader_start") == 2
+    epoch_1 = [e for e, epoch, *_ in recorder.detail if epoch == 1 and e == "on_train_batch_end"]
+    if fail_at == 1:  # raised on the training thread at the end of the batch that saw it, not an epoch late
+        assert 1 <= len(epoch_1) <= 2 and recorder.events.count("on_train_loader_end") == 1
+    else:  # the last epoch's write: raised at the end, after both epochs ran
+        assert len(epoch_1) == 8 and recorder.events.count("on_train_loader_end") == 2
     assert not [p for p in only_run(tmp_path / "f").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_vanished_run_dir_fails_the_run_at_the_next_batch(tmp_path):
+    """The writer never recreates a deleted run dir: the failed write is raised at the next batch."""
+    import shutil
+
+    from super_trainer.checkpoint import wait_for_writes
+
+    seen = []
+
+    class DeleteDir(Callback):
+        def on_epoch_end(self, context):
+            if context.epoch == 0:
+                shutil.rmtree(context.ckpt_dir)  # e.g. a cleanup job; the epoch's checkpoint is written next
+
+        def on_train_batch_start(self, context):
+            if context.epoch == 1 and context.batch_idx == 1:
+                wait_for_writes()
+
+        def on_train_batch_end(self, context):
+            seen.append((context.epoch, context.batch_idx))
+
+    with pytest.raises(FileNotFoundError, match="was it deleted during the run"):
+        Trainer("v", tmp_path).train(model=make_model(), training_params=quiet_params(
+            max_epochs=3, phase_callbacks=[DeleteDir()]), train_loader=make_loader(), valid_loader=make_loader(16))
+    assert seen[-1][0] == 1 and seen[-1][1] <= 1  # epoch 1's first batches, not the epoch's end
+    assert not (tmp_path / "v").exists()
 
 
 def test_reused_host_buffers_never_leak_into_the_previous_file(tmp_path):
@@ -277,21 +316,29 @@ def test_cuda_tensors_are_copied_through_pinned_memory(tmp_path):
         assert state["net"]["w"].device.type == "cpu" and bool((state["net"]["w"] == value).all())
 
 
-def test_ctrl_c_while_waiting_for_the_last_write(tmp_path, monkeypatch):
-    """A Ctrl-C during the final wait still fires on_training_end ("interrupted") and re-raises; the write
-    itself goes on and lands."""
-    import os
-    import signal
-
+@pytest.mark.parametrize("signals,raised,reason", [
+    ((signal.SIGINT,), None, "interrupted"),
+    ((signal.SIGTERM,), None, "terminated"),
+    ((signal.SIGINT, signal.SIGINT), KeyboardInterrupt, "interrupted"),
+    ((signal.SIGTERM, signal.SIGINT), Terminated, "terminated"),
+], ids=["ctrl-c", "sigterm", "ctrl-c-twice", "sigterm-then-ctrl-c"])
+def test_signals_while_waiting_for_the_last_write(tmp_path, monkeypatch, signals, raised, reason):
+    """A first signal while the last write is in flight is deferred too: the write lands, then on_training_end
+    fires with the signal's reason (the CLI exits 130 / 143). A second one interrupts the wait at once (the write
+    itself goes on and lands) and keeps the first one's reason."""
     from super_trainer.checkpoint import wait_for_writes
 
     real_save, gate, calls = torch.save, threading.Event(), []
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
 
     def save(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:  # the epoch's checkpoint (a fresh run writes nothing before it)
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-            assert gate.wait(10)
+            for delay, signum in enumerate(signals):
+                threading.Timer(0.3 * (delay + 1), os.kill, (os.getpid(), signum)).start()
+            if raised is None:
+                threading.Timer(0.3 * len(signals) + 0.5, gate.set).start()
+            assert gate.wait(30)
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
@@ -301,10 +348,18 @@ def test_ctrl_c_while_waiting_for_the_last_write(tmp_path, monkeypatch):
         def on_training_end(self, context):
             reasons.append(context.stop_reason)
 
-    with pytest.raises(KeyboardInterrupt):
-        Trainer("c", tmp_path).train(model=make_model(), training_params=quiet_params(
+    def train():
+        return Trainer("c", tmp_path).train(model=make_model(), training_params=quiet_params(
             max_epochs=1, phase_callbacks=[End()]), train_loader=make_loader(), valid_loader=make_loader(16))
-    assert reasons == ["interrupted"]
-    gate.set()
-    wait_for_writes()
+
+    if raised is None:
+        assert train().stop_reason == reason
+    else:
+        with pytest.raises(KeyboardInterrupt) as info:
+            train()
+        assert type(info.value) is raised
+        gate.set()
+        wait_for_writes()
+    assert reasons == [reason]
     assert read_checkpoint(only_run(tmp_path / "c") / "ckpt_latest.pth")["epoch"] == 1
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored after training

@@ -53,3 +53,32 @@ def test_a_stop_on_one_rank_stops_every_rank(tmp_path):
     assert [r["epochs"] for r in ranks] == [[0], [0]]
     for key, value in ranks[0]["net"].items():
         assert torch.equal(value, ranks[1]["net"][key])
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch_with_a_checkpoint(tmp_path):
+    """torchrun forwards SIGTERM to every rank: they stop together after the running batch, agree on the reason,
+    and rank 0 writes ckpt_latest at that batch before the processes exit."""
+    import signal
+    import time
+
+    from super_trainer.checkpoint import read_checkpoint
+
+    out, marker = tmp_path / "out", tmp_path / "ready"
+    out.mkdir()
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, "--root",
+           str(tmp_path / "ckpt"), "--out", str(out), "--sigterm-marker", str(marker)]
+    proc = subprocess.Popen(cmd, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["stop_reason"] for r in ranks] == ["terminated"] * 2, stderr[-3000:]
+    assert [r["all_reduces"] for r in ranks] == [4 + 2] * 2  # epoch 0's 4 steps, then batches 0 and 1 of epoch 1
+    latest = read_checkpoint(tmp_path / "ckpt" / "ddp" / "ckpt_latest.pth")
+    assert (latest["epoch"], latest["epoch_progress"]["batches"]) == (1, 2)
+    for key, value in ranks[0]["net"].items():
+        assert torch.equal(value, ranks[1]["net"][key])
+        assert torch.equal(value, latest["net"][key])

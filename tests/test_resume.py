@@ -75,6 +75,8 @@ def _assert_same_run(full_out, resumed_out):
     assert a["count"] == b["count"]
     assert b["epochs"] == [0, 1, 2, 3]
     assert a["train_losses"] == b["train_losses"]  # the resumed epoch's average covers the whole epoch
+    assert a["history"] == b["history"]  # train metrics (Accuracy) too: their states are in the mid-epoch record
+    assert "train/Accuracy" in b["history"][1]
     assert a["best_metric"] == b["best_metric"]
 
 
@@ -104,6 +106,33 @@ def test_ctrl_c_mid_window_checkpoints_the_batch_and_resumes_bit_exact(tmp_path,
     partial = read_checkpoint(only_run(tmp_path / "b" / "exp") / "ckpt_latest.pth")
     assert (partial["epoch"], partial["epoch_progress"]["batches"]) == (1, 3)
     assert partial["epoch_progress"]["grads"]  # the window's first half is carried over
+    resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", [])
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(uninterrupted, tmp_path / "resumed.pt")
+
+
+def test_sigterm_from_outside_mid_epoch_checkpoints_the_batch_and_resumes_bit_exact(tmp_path, uninterrupted):
+    """What a cluster scheduler does before SIGKILL: the running batch finishes, ckpt_latest is written at it and
+    lands before the process exits normally; the resumed run equals the uninterrupted one, history included."""
+    import os
+    import signal
+    import time
+
+    marker = tmp_path / "at_batch"
+    cmd = [PYTHON, WORKER, "--mode", "killed", "--root", str(tmp_path / "b"), "--out", str(tmp_path / "stopped.pt"),
+           "--sigterm-batch", "8", "--marker", str(marker)]
+    proc = subprocess.Popen(cmd, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert torch.load(tmp_path / "stopped.pt", weights_only=True)["stop_reason"] == "terminated"
+    partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    assert (partial["epoch"], partial["epoch_progress"]["batches"]) == (1, 3)
+    assert partial["epoch_progress"]["metric_states"]["Accuracy"]["update_count"] == 3
     resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", [])
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(uninterrupted, tmp_path / "resumed.pt")

@@ -82,8 +82,8 @@ class EpochSummary(Callback):
             self._print(self.line(context))
 
     def on_training_end(self, context: PhaseContext) -> None:
-        if self.enabled and getattr(context, "stop_reason", None) == "interrupted":
-            self._print(self.interrupted_line(context))  # Ctrl-C: this one line instead of a traceback
+        if self.enabled and getattr(context, "stop_reason", None) in ("interrupted", "terminated"):
+            self._print(self.interrupted_line(context))  # Ctrl-C, SIGTERM: this one line instead of a traceback
 
     def line(self, context: PhaseContext) -> str:
         """The summary of the epoch that just completed."""
@@ -109,8 +109,8 @@ class EpochSummary(Callback):
         return " | ".join(parts)
 
     def interrupted_line(self, context: PhaseContext) -> str:
-        """The report after Ctrl-C: where it stopped, the checkpoint to resume from, the best so far."""
-        text = f"Training interrupted in epoch {_epochs(context)}"
+        """The report after Ctrl-C or SIGTERM: where it stopped, the checkpoint to resume from, the best so far."""
+        text = f"Training {context.stop_reason} in epoch {_epochs(context)}"
         latest = Path(context.ckpt_dir) / "ckpt_latest.pth" if context.ckpt_dir is not None else None
         if latest is not None and latest.exists():
             text += f" | resume from {latest}"

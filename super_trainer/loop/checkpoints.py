@@ -20,7 +20,7 @@ from ..context import PhaseContext
 from ..metrics import lookup_metric
 from ..rng import get_rng_state
 from .parts import Meters, RunParts
-from .resume import EpochCursor
+from .resume import EpochCursor, plain_params
 from .stops import StopControl
 from .top_k import TopK
 
@@ -82,6 +82,7 @@ class CheckpointManager:
             "rng_state": get_rng_state(),
             "lr_scheduler_state": schedulers or None,
             "top_k": self.top_k.state(),
+            "training_params": plain_params(self.params),  # a resume lists what differs
         }
 
     # ---- the points the loop calls ----------------------------------------------------------------
@@ -118,7 +119,10 @@ class CheckpointManager:
 
     def mid_epoch_due(self, context: PhaseContext, is_last: bool) -> bool:
         """A mid-epoch checkpoint is due once global_step reaches a new multiple of save_ckpt_every_n_steps (not
-        on the epoch's last batch: the epoch-end checkpoint follows)."""
+        on the epoch's last batch: the epoch-end checkpoint follows). Asked after every batch, it also raises a
+        failed background write there, on the training thread (one attribute read per batch)."""
+        if self.writer.failure is not None:
+            self.writer.flush()  # raises it
         step = context.global_step
         return bool(self.every) and not is_last and step % self.every == 0 and step != self.last_step
 
@@ -159,11 +163,12 @@ class CheckpointManager:
             yield self.saved.popleft()
 
     def at_interrupt(self, context: PhaseContext, epoch: EpochCursor, stops: StopControl) -> None:
-        """Ctrl-C stopped the pass: ckpt_latest at the last finished batch, if the state there is consistent."""
+        """A signal (Ctrl-C, SIGTERM) stopped the pass: ckpt_latest at the last finished batch, if the state there
+        is consistent and finite."""
         if epoch.done is None:
-            logger.warning("Ctrl-C came during a backward pass or optimizer step; %s holds the last checkpointed "
-                           "state", self.latest)
-        elif epoch.done > epoch.resumed_at and stops.finite_before(context, "the Ctrl-C checkpoint"):
+            logger.warning("Ctrl-C or SIGTERM came during a backward pass or optimizer step; %s holds the last "
+                           "checkpointed state", self.latest)
+        elif epoch.done > epoch.resumed_at and stops.finite_before(context, "the Ctrl-C/SIGTERM checkpoint"):
             self.save_progress(epoch)
 
     def finish(self) -> Optional[BaseException]:

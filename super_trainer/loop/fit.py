@@ -21,7 +21,7 @@ from .parts import Meters, RunParts
 from .resume import EpochCursor, ResumePlan
 from .settings import EpochSettings
 from .step import TrainStep
-from .stops import NonFiniteGuard, StopControl
+from .stops import SIGNAL_REASONS, NonFiniteGuard, StopControl
 
 __all__ = ["TrainingLoop"]
 
@@ -70,12 +70,13 @@ class TrainingLoop:
                         break
         except KeyboardInterrupt:
             stops.interrupted_now(ctx)
-            logger.info("training interrupted; %s holds the last checkpointed state", self.checkpoints.latest)
+            logger.info("training %s; %s holds the last checkpointed state", ctx.stop_reason, self.checkpoints.latest)
         except BaseException as err:
             ctx.exception = err
             raise
         finally:
             write_error = self.finish_writes()  # the last write lands (and is announced) before on_training_end
+            stops.closing(ctx)                          # a signal while it landed counts; handlers restored
             ctx.stop_reason = _final_reason(ctx, write_error)
             fire.on_training_end(ctx)
         if write_error is not None:
@@ -224,8 +225,12 @@ class TrainingLoop:
         return True
 
     def test_all(self) -> None:
+        """The test passes; context.metrics_dict is then the epoch's validation metrics again (on_epoch_end reads
+        them; the test metrics are in context.test_metrics)."""
+        shown = self.ctx.metrics_dict
         for name, loader in self.parts.test_loaders.items():
             test_pass(self.parts, self.meters, name, loader, self.stops.interrupted)
+        self.ctx.metrics_dict = shown
 
     def announce_saved(self) -> None:
         """on_checkpoint_saved for each checkpoint whose files a background write completed since the last call,
@@ -253,15 +258,15 @@ class TrainingLoop:
 
 
 def _final_reason(ctx: Any, write_error: Optional[BaseException]) -> str:
-    """Why training ended: an exception, Ctrl-C, a stop's reason, or "completed"; a failed last write counts as
-    an exception unless one is already propagating."""
+    """Why training ended: an exception, a signal (Ctrl-C, SIGTERM), a stop's reason, or "completed"; a failed
+    last write counts as an exception unless one is already propagating."""
     if ctx.exception is not None:
         return "exception"
-    if isinstance(write_error, KeyboardInterrupt):  # Ctrl-C while waiting for the last write
-        return "interrupted"
+    if isinstance(write_error, KeyboardInterrupt):  # a second signal while waiting for the last write
+        return ctx.stop_reason if ctx.stop_reason in SIGNAL_REASONS.values() else "interrupted"
     if write_error is not None:
         ctx.exception = write_error
         return "exception"
-    if ctx.stop_reason == "interrupted":
-        return "interrupted"
+    if ctx.stop_reason in SIGNAL_REASONS.values():
+        return ctx.stop_reason
     return (ctx.stop_reason or "stopped_by_callback") if ctx.stop_training else "completed"

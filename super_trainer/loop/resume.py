@@ -5,22 +5,32 @@ knows where the running epoch is. The cursor is the one place that writes and re
 ``ResumePlan.start`` also fires on_optimizer_built (between reading the file and restoring it). The loop consults
 the plan at two points only: at the start of the fit (restore the RNG) and when an epoch opens
 (a fresh cursor, or one that continues the checkpoint's epoch).
+
+A DataLoader with ``persistent_workers`` keeps one iterator for all epochs: the uninterrupted run created it (a
+base seed and the sampler's seed drawn from the global RNG) in its first epoch and only reset it later (the
+sampler's seed alone). A resumed run creates that iterator once from a throwaway RNG state
+(:func:`iterate_as_before`), so its later ``iter()`` calls draw what the uninterrupted run drew. The workers' own
+RNG (random transforms inside them) lives in their processes and cannot be restored: a warning says so.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
 
 from ..batches import numbered
 from ..checkpoint import CheckpointError, read_checkpoint
+from ..metrics import load_metric_states, metric_states
 from ..rng import get_rng_state, set_rng_state
 from .optimizers import optimizers_built
 from .parts import Meters, RunParts
 
-__all__ = ["ResumePlan", "EpochCursor"]
+__all__ = ["ResumePlan", "EpochCursor", "plain_params", "iterate_as_before"]
 
 logger = logging.getLogger("super_trainer")
 
@@ -37,6 +47,8 @@ class ResumePlan:
         self.progress = progress  # a mid-epoch checkpoint's epoch_progress record, until its epoch opens
         self.last_metrics = dict(last_metrics or {})  # the last validation's metrics_dict
         self.kept_best = list(kept_best or [])  # the save_top_k files the checkpoint's run kept
+        self.context: Any = None  # the run's context, when resuming
+        self.warned_workers = False  # the persistent-workers warning was given
 
     @property
     def resumed(self) -> bool:
@@ -57,6 +69,7 @@ class ResumePlan:
         """Load the checkpoint into the run's model, optimizers, scaler, EMA, callbacks and context counters."""
         params, context = parts.params, parts.context
         _load_model_state(parts, state, path)
+        warn_changed_params(state.get("training_params"), params, path)
         unclaimed = parts.callbacks.load_state_dict(state["callbacks"] or {})
         if unclaimed:
             warnings.warn(f"{path} holds state for callbacks not in this run: {unclaimed}", stacklevel=4)
@@ -68,6 +81,7 @@ class ResumePlan:
                                history=list(state.get("history") or []))
         plan = cls(start_epoch, state["rng_state"], state.get("epoch_progress"), state.get("metrics"),
                    state.get("top_k"))
+        plan.context = context
         where = f"in epoch {start_epoch} after batch {plan.progress['batches']}" if plan.progress else \
             f"at epoch {start_epoch}"
         logger.info("resuming %s from %s %s", context.experiment_name, path, where)
@@ -75,14 +89,19 @@ class ResumePlan:
 
     def at_training_start(self) -> None:
         """After on_training_start: an epoch-boundary resume draws as the original from here (a mid-epoch resume
-        restores its RNG when its epoch reopens)."""
+        restores its RNG when its epoch reopens). A persistent-workers valid loader the original run had already
+        iterated gets its iterator now (without changing the RNG), as it had one then."""
         if self.rng is not None and self.progress is None:
             set_rng_state(self.rng)
+        context = self.context
+        if context is not None and any(key.startswith("valid/") for entry in context.history or () for key in entry):
+            iterate_as_before(context.valid_loader, self)
 
     def open_epoch(self, parts: RunParts, meters: Meters) -> "EpochCursor":
         """The running epoch's cursor: fresh, or continuing the checkpoint's epoch (once)."""
         progress, self.progress = self.progress, None
-        cursor = EpochCursor(parts, meters, progress, self.rng)
+        cursor = EpochCursor(parts, meters, progress, self.rng,
+                             self if self.resumed and parts.context.epoch > 0 else None)
         start_step = progress["epoch_start_step"] if progress else parts.context.global_step
         parts.context.trainer_update(epoch_start_step=start_step)
         return cursor
@@ -125,10 +144,11 @@ class EpochCursor:
     state its loader iterator was created from, when it started, and (resumed) the checkpoint's record."""
 
     def __init__(self, parts: RunParts, meters: Meters, progress: Optional[Dict[str, Any]],
-                 rng_after: Optional[Dict[str, Any]]) -> None:
+                 rng_after: Optional[Dict[str, Any]], reused_by: Optional[ResumePlan] = None) -> None:
         self.parts, self.meters = parts, meters
         self.n_batches: Optional[int] = None  # set by start(), once on_train_loader_start has run
         self.progress, self.rng_after = progress, rng_after
+        self.reused_by = reused_by  # a resumed epoch after the first: the original had its loader iterator already
         self.resumed_at = progress["batches"] if progress else 0
         self.done: Optional[int] = self.resumed_at  # batches whose work is in the weights; None mid-update
         self.in_batch = False
@@ -153,6 +173,8 @@ class EpochCursor:
         progress, context = self.progress, self.parts.context
         if progress is not None:
             set_rng_state(progress["epoch_rng_state"])
+        if self.reused_by is not None:
+            iterate_as_before(context.train_loader, self.reused_by)
         self.epoch_rng = get_rng_state()
         batches = numbered(context.train_loader, self.n_batches, self.parts.params.max_train_batches)
         if progress is None:
@@ -162,6 +184,7 @@ class EpochCursor:
         set_rng_state(self.rng_after)
         items = progress["loss_items"]
         self.meters.train_loss.load(items.to(context.device) if items is not None else None)
+        load_metric_states(self.meters.collections["train"], progress.get("metric_states"), context.device)
         grads = progress.get("grads") or {}
         for name, param in self.parts.net.named_parameters():
             if name in grads:
@@ -192,6 +215,7 @@ class EpochCursor:
             "epoch_start_step": self.parts.context.epoch_start_step,
             "epoch_rng_state": self.epoch_rng,
             "loss_items": self.meters.train_loss.stacked(),
+            "metric_states": metric_states(self.meters.collections["train"]),  # the train metrics so far
             "grads": grads or None,  # an accumulation window cut by Ctrl-C continues where it was
             "seconds": self.seconds(),
             "lrs": self.parts.optimizers.lrs(),
@@ -200,3 +224,90 @@ class EpochCursor:
 
     def lrs(self) -> List[float]:
         return self.parts.optimizers.lrs()
+
+
+def iterate_as_before(loader: Any, plan: ResumePlan) -> None:
+    """Give a persistent-workers DataLoader that has no iterator yet the one the uninterrupted run had: created
+    now from a throwaway RNG state, so the caller's next ``iter(loader)`` only resets it (drawing the sampler's
+    seed, not a new base seed first). Its workers' own RNG cannot be restored: warned once per resume."""
+    persistent = getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0
+    if not persistent or getattr(loader, "_iterator", True) is not None:
+        return
+    state = torch.random.get_rng_state()
+    iter(loader)  # starts the workers; draws the base seed and the sampler's first seed
+    torch.random.set_rng_state(state)
+    if not plan.warned_workers:
+        plan.warned_workers = True
+        warnings.warn("resume with persistent_workers=True: the loader draws the same batches as the uninterrupted "
+                      "run, but random numbers drawn inside its worker processes (random augmentations in the "
+                      "dataset) cannot be restored and differ from the uninterrupted run's", stacklevel=4)
+
+
+#: training_params a resume cannot apply: the state restored from the checkpoint keeps the old value.
+KEPT_BY_CHECKPOINT = {
+    "initial_lr": "the restored optimizer's param groups keep their lr0",
+    "optimizer": "the checkpoint's optimizer state is restored",
+    "optimizer_params": "the restored optimizer state keeps its hyperparameters",
+    "zero_weight_decay_on_bias_and_bn": "the restored optimizer's param groups keep their weight decay",
+    "seed": "the RNG state is restored",
+}
+#: keys that say how to resume: they differ from the checkpoint's run by nature.
+_RESUME_KEYS = ("resume", "resume_path", "resume_weights_only")
+#: the documented way to continue a run: changed alone, it is logged, not warned about.
+_EXPECTED_CHANGES = ("max_epochs",)
+
+
+def plain_params(params: Mapping[str, Any]) -> Dict[str, Any]:
+    """The resolved training_params as plain values, stored in every checkpoint (weights_only-loadable and
+    comparable between processes): numbers, strings, lists and dicts as they are, other objects as ``<TypeName>``
+    (a class or function as ``<its name>``)."""
+    return {str(key): _plain(value) for key, value in params.items()}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.name
+    for kind in (bool, int, float, str):  # numpy scalars and other subclasses: their plain value
+        if isinstance(value, kind):
+            return kind(value)
+    name = getattr(value, "__name__", None)  # a class or function
+    return f"<{name if isinstance(name, str) else type(value).__name__}>"
+
+
+def warn_changed_params(saved: Optional[Mapping[str, Any]], params: Mapping[str, Any], path: Path) -> None:
+    """One warning listing every training_params key whose value differs from the checkpoint's run, split into
+    those that take effect and those the restored state overrides (a checkpoint without params: nothing). A raised
+    ``max_epochs`` alone, the documented way to extend a run, is logged instead."""
+    if not saved:
+        return
+    now = plain_params(params)
+    changed = [key for key in now if key in saved and key not in _RESUME_KEYS and now[key] != saved[key]]
+    if not changed:
+        return
+    kept = [key for key in changed if key in KEPT_BY_CHECKPOINT or (key == "lr_mode" and (
+        isinstance(now[key], dict) or isinstance(saved[key], dict)))]  # a torch scheduler: its state is restored
+    applied = [key for key in changed if key not in kept]
+    parts = []
+    if applied:
+        parts.append("take effect: " + ", ".join(f"{key} {_short(saved[key])} -> {_short(now[key])}" for key in applied))
+    if kept:
+        why = "; ".join(sorted({KEPT_BY_CHECKPOINT.get(key, "the restored scheduler state keeps its settings")
+                                for key in kept}))
+        parts.append("do NOT take effect (" + why + "): " +
+                     ", ".join(f"{key} {_short(saved[key])} -> {_short(now[key])}" for key in kept))
+    message = f"resume: training_params differ from the run that wrote {path}; " + "; ".join(parts)
+    if all(key in _EXPECTED_CHANGES for key in changed):
+        logger.info("%s", message)
+    else:
+        warnings.warn(message, stacklevel=4)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
