@@ -20,6 +20,7 @@ from .lr import (
     StepLRSchedule,
     TorchSchedulerCallback,
 )
+from .mlflow_logger import MLflowLogger
 from .mmcv_adapter import MMCVHook, MMCVHookAdapter
 from .plateau import ReduceLROnPlateauCallback
 from .progress import ProgressBar
@@ -33,7 +34,7 @@ for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientCl
                   LinearBatchLRWarmup, StepLRSchedule, CosineLRSchedule, PolyLRSchedule, ExpLRSchedule,
                   FunctionLRSchedule, CancelTrainingCallback, ReduceLROnPlateauCallback, StopOnNonFiniteLoss,
                   GradientNormLogger, BatchVisualizationCallback, ModelConversionCheckCallback, MMCVHookAdapter,
-                  TrainingStageSwitchCallbackBase):
+                  TrainingStageSwitchCallbackBase, MLflowLogger):
     CALLBACKS.register(_callback)
 
 __all__ = [
@@ -44,5 +45,5 @@ __all__ = [
     "ExpLRSchedule", "FunctionLRSchedule", "TorchSchedulerCallback",
     "CancelTrainingCallback", "ReduceLROnPlateauCallback", "StopOnNonFiniteLoss", "GradientNormLogger",
     "BatchVisualizationCallback", "ModelConversionCheckCallback", "MMCVHookAdapter", "MMCVHook",
-    "TrainingStageSwitchCallbackBase",
+    "TrainingStageSwitchCallbackBase", "MLflowLogger",
 ]
