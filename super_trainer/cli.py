@@ -3,12 +3,12 @@
     super-trainer                                   # the default recipe, digits_mlp
     super-trainer --config-name=NAME key=value ...  # a recipe under recipes/, with overrides
     super-trainer --config-dir DIR --config-name=MY # your own recipes (they may use the shipped groups)
-    super-trainer -m training_hyperparams.initial_lr=0.1,0.01   # a sweep: one experiment dir per job
+    super-trainer -m training_hyperparams.initial_lr=0.1,0.01   # a sweep: one run dir per job, a summary at the end
     super-trainer --cfg job                         # print the composed recipe, train nothing
     super-trainer --nproc 4 ...                     # launch 4 processes with torchrun
 
 Exit codes: 0 when training ends (completed or stopped by a callback), 1 on bad input or another error (one
-line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback), 130 after Ctrl-C.
+line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback) or when any job of a sweep failed, 130 after Ctrl-C.
 """
 from __future__ import annotations
 
@@ -17,24 +17,25 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint import CheckpointError
 from .distributed import is_main_process
 from .recipes import recipe_names, recipes_dir, train_from_recipe
+from .sweep import JobOutcome, SweepSummary, new_sweep, sweep_run_name
 
 __all__ = ["main"]
 
 DEFAULT_RECIPE = "digits_mlp"
 HYDRA_DIR = ".hydra"
-_state = {"full_error": False, "config_dir": None}
+_state: Dict[str, Any] = {"full_error": False, "config_dir": None, "sweep": None}
 
 
 def _help() -> str:
@@ -52,17 +53,21 @@ recipe groups (group=option):
 options:
   --config-name=RECIPE   a recipe by name (shipped, or in --config-dir)
   --config-dir DIR       also search DIR for recipes; they may use the shipped groups and `base`
-  -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01 (one experiment dir per job)
+  -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01: every job runs, each in
+                         <ckpt_root_dir>/<experiment_name>/<job>_<its overrides>/ (e.g. 0_initial_lr=0.1);
+                         then one summary table (job, overrides, best metric, stop_reason, error), also
+                         written as sweep_<time>.csv beside the runs (with Hydra's config as sweep_<time>.yaml)
   --cfg job              print the composed recipe and train nothing
   --nproc N              launch N processes with torchrun (distributed data parallel)
   key=value              override any recipe key, e.g. training_hyperparams.max_epochs=10 experiment_name=longer
   --hydra-help           Hydra's own options
 
 exit codes:
-  0    training ended (completed, or stopped by a callback)
+  0    training ended (completed, or stopped by a callback); in a sweep: every job did
   1    bad input (an unknown recipe, key or name, a bad value, ...) or another error: one line on stderr;
        set HYDRA_FULL_ERROR=1 for the traceback. A failed run leaves an existing experiment dir unchanged.
-  130  interrupted by Ctrl-C (ckpt_latest.pth holds the last completed epoch)
+       In a sweep: any job failed (the others still ran)
+  130  interrupted by Ctrl-C (ckpt_latest.pth holds the last completed epoch); a sweep stops there
 """
 
 
@@ -116,17 +121,18 @@ def _config_dir(argv: List[str]) -> Optional[str]:
 
 
 def _experiment_dir(cfg: DictConfig) -> Path:
-    """Hydra's output dir when it lies in ckpt_root_dir (the shipped base recipe arranges that, so `.hydra/`
-    sits beside the checkpoints), else ``<ckpt_root_dir>/<experiment_name>`` (``_<job number>`` in a sweep)."""
+    """Hydra's output dir when it lies where the run belongs (the shipped base recipe arranges that, so `.hydra/`
+    sits beside the checkpoints), else ``<ckpt_root_dir>/<experiment_name>``; in a sweep
+    ``<ckpt_root_dir>/<experiment_name>/<run name>`` (the run-dir layout of SPEC §8, named by sweep.run_name)."""
     hydra_cfg = HydraConfig.get()
     output = Path(hydra_cfg.runtime.output_dir)
     root = Path(str(cfg.get("ckpt_root_dir", "checkpoints")))
-    if output.parent.resolve() == root.resolve():
+    parent = root / str(cfg.experiment_name) if hydra_cfg.mode == RunMode.MULTIRUN else root
+    if output.parent.resolve() == parent.resolve():
         return output
-    name = str(cfg.experiment_name)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        name = f"{name}_{hydra_cfg.job.num}"
-    return root / name
+        return parent / sweep_run_name(parent, list(hydra_cfg.overrides.task), hydra_cfg.job.num)
+    return root / str(cfg.experiment_name)
 
 
 def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
@@ -148,6 +154,9 @@ def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
 
 @hydra.main(config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE, version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        _run_sweep_job(cfg)
+        return
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = train_from_recipe(cfg, experiment_dir=_experiment_dir(cfg), on_validated=_hydra_dir_writer(cfg))
@@ -156,6 +165,61 @@ def _run(cfg: DictConfig) -> None:
             raise
         _remove_if_empty(output_dir)  # Hydra made it before the job started
         _fail(err)
+    _report(cfg, result)
+    if result.stop_reason == "interrupted":
+        sys.exit(130)
+
+
+def _run_sweep_job(cfg: DictConfig) -> None:
+    """One job of a sweep: its outcome goes to the summary; a failure is reported in one line and the sweep goes
+    on (Hydra runs the next job); Ctrl-C ends the sweep."""
+    hydra_cfg = HydraConfig.get()
+    experiment_dir = _experiment_dir(cfg)
+    if _state["sweep"] is None:
+        _state["sweep"] = SweepSummary(experiment_dir.parent)
+        if is_main_process():
+            _state["sweep"].keep_hydra_config(Path(hydra_cfg.sweep.dir))
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    outcome = JobOutcome(job=hydra_cfg.job.num, overrides=overrides, run_dir=str(experiment_dir), stop_reason="error")
+    try:
+        _sweep_logger_defaults(cfg)
+        result = train_from_recipe(cfg, experiment_dir=experiment_dir, on_validated=_hydra_dir_writer(cfg))
+    except Exception as err:
+        if _state["full_error"]:
+            raise
+        _remove_if_empty(Path(hydra_cfg.runtime.output_dir))
+        outcome.error = describe_error(err, _state["config_dir"])
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"super-trainer: error: job {outcome.job} ({' '.join(overrides)}): {outcome.error}\n")
+    else:
+        _report(cfg, result)
+        outcome.stop_reason, outcome.best_metric, outcome.best_epoch = \
+            result.stop_reason, result.best_metric, result.best_epoch
+        outcome.metric_to_watch = result.metric_to_watch
+    if is_main_process():
+        _state["sweep"].add(outcome)
+    if outcome.stop_reason == "interrupted":
+        raise KeyboardInterrupt  # past Hydra's launcher, which would go on with the next job
+
+
+def _sweep_logger_defaults(cfg: DictConfig) -> None:
+    """A sweep job trains with the job's run name as the trainer's experiment name (until the trainer has run
+    dirs of its own), so the MLflow logger is told the recipe's experiment and ckpt_root_dir's store here: every
+    job becomes a run of one MLflow experiment."""
+    params = cfg.get("training_hyperparams")
+    if params is None or params.get("sg_logger") != "mlflow":
+        return
+    from .callbacks.mlflow_logger import default_store_dir
+
+    given = OmegaConf.to_container(params.get("sg_logger_params") or OmegaConf.create({}))
+    given.setdefault("experiment_name", str(cfg.experiment_name))
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        given.setdefault("tracking_uri", str(default_store_dir(cfg.get("ckpt_root_dir", "checkpoints"))))
+    with open_dict(params):
+        params.sg_logger_params = given
+
+
+def _report(cfg: DictConfig, result: Any) -> None:
     if is_main_process():
         best = f"{result.best_metric:.4f}" if isinstance(result.best_metric, float) else result.best_metric
         watched = cfg.training_hyperparams.get("metric_to_watch", "Accuracy")
@@ -163,8 +227,6 @@ def _run(cfg: DictConfig) -> None:
             if result.best_epoch is not None else ""  # 1-based like the epoch lines above it
         print(f"{Path(result.ckpt_dir).name}: {result.stop_reason}; best {watched} {best}{where}")
         print(f"experiment dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
-    if result.stop_reason == "interrupted":
-        sys.exit(130)
 
 
 def _remove_if_empty(directory: Path) -> None:
@@ -250,19 +312,35 @@ def main() -> None:
     _state["config_dir"] = _config_dir(argv)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
+    new_sweep(argv)
+    _state["sweep"] = None
     try:
         _run()
     except KeyboardInterrupt:  # raised outside training (e.g. while building): same code as during it
+        _end_sweep()
         sys.exit(130)
     except Exception as err:  # ... and they are reported here in one line
         if _state["full_error"]:
             raise
+        _end_sweep()
         _fail(err)
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+    if _end_sweep():
+        sys.exit(1)
+
+
+def _end_sweep() -> bool:
+    """After a sweep: print its summary table (rank 0); True when any job failed."""
+    summary, _state["sweep"] = _state["sweep"], None
+    if summary is None or not summary.outcomes:
+        return False
+    if is_main_process():
+        print(summary.table(), flush=True)
+    return bool(summary.failed)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,11 @@ def test_python_module_entry_and_cfg_job(tmp_path):
 def test_cli_sweep_gives_each_job_its_dir(tmp_path):
     proc = cli(["-m", *QUICK, "training_hyperparams.initial_lr=0.1,0.01", f"ckpt_root_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for job, lr in ((0, 0.1), (1, 0.01)):
-        saved = OmegaConf.load(tmp_path / f"digits_mlp_{job}" / "recipe.yaml")
+    for job, lr in ((0, 0.1), (1, 0.01)):  # <ckpt_root_dir>/<experiment_name>/<job>_<swept overrides>
+        saved = OmegaConf.load(tmp_path / "digits_mlp" / f"{job}_initial_lr={lr}" / "recipe.yaml")
         assert saved.training_hyperparams.initial_lr == lr
-        assert (tmp_path / f"digits_mlp_{job}" / ".hydra" / "overrides.yaml").is_file()
+        assert (tmp_path / "digits_mlp" / f"{job}_initial_lr={lr}" / ".hydra" / "overrides.yaml").is_file()
+    assert "sweep: 2 job(s), 0 failed" in proc.stdout
 
 
 def test_cli_user_recipe_dir_custom_imports_and_ctrl_c_exit_code(tmp_path):
