@@ -105,6 +105,16 @@ def test_resume_continues_the_mlflow_run_and_a_new_run_starts_a_new_one(tmp_path
     experiment = client.get_experiment_by_name("shared")
     assert len(client.search_runs([experiment.experiment_id])) == 2
 
+    # a resume into a store without the checkpoint's run: a new run, given the checkpoint's earlier epochs too
+    train(2, resume=False)
+    logger_params["tracking_uri"] = str(tmp_path / "other_store")
+    with pytest.warns(UserWarning, match="is not an active run named 'resumed' in .*other_store.*; logging to a new run"):
+        result = train(3, resume=True)
+    other = MlflowClient(f"sqlite:///{tmp_path / 'other_store' / 'mlflow.db'}")
+    run = _only_run(other, "shared")
+    _assert_history_logged(other, run.info.run_id, result.history)  # epochs 0-2
+    assert len(result.history) == 3
+
 
 def test_a_failed_run_is_marked_failed_with_the_epochs_it_finished(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
