@@ -79,7 +79,8 @@ def test_a_sweep_with_a_bad_job_runs_the_others_and_ends_with_a_summary(tmp_path
     table = proc.stdout[proc.stdout.index("sweep: 2 job(s), 1 failed"):]
     assert "every job: training_hyperparams.max_epochs=1" in table
     lines = table.splitlines()
-    assert re.match(r"0\s+training_hyperparams.initial_lr=-1\s+-\s+error\s+training_params.initial_lr: must be", lines[2])
+    assert re.match(r"0\s+training_hyperparams.initial_lr=-1\s+-\s+error\s+training_params.initial_lr: must",
+                    lines[2])
     assert re.match(r"1\s+training_hyperparams.initial_lr=0.01\s+Accuracy=0\.\d{4}\s+completed$", lines[3])
     assert lines[4] == f"summary: {csv_files[0]}"
 

@@ -28,6 +28,7 @@ logger = logging.getLogger("super_trainer")
 STORE_DIR = "mlruns"  # the local store inside ckpt_root_dir: mlflow.db and artifacts/
 _BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics and 100 params per call
 _INVALID_KEY_CHARS = re.compile(r"[^\w/.\- :]")  # MLflow's allowed key characters, negated
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in default object reprs
 
 
 def default_store_dir(ckpt_root_dir: Any) -> Path:
@@ -237,7 +238,8 @@ def _flat_params(params: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
             flat.update(_flat_params(value, f"{name}."))
         else:
             plain = value is None or isinstance(value, (bool, int, float, str, list, tuple))
-            flat[name] = (str(value) if plain else repr(value))[:limit]
+            text = _ADDRESS.sub("", str(value) if plain else repr(value))  # the same on resume, in a new process
+            flat[name] = text[:limit]
     return flat
 
 
