@@ -1,13 +1,14 @@
 """Iterating loaders: counting batches, flagging the last one, splitting and moving batches to the device,
-and the gradient-accumulation window arithmetic."""
+and the gradient-accumulation window arithmetic (windows, optimizer steps per epoch)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["count_batches", "numbered", "window_size", "rescale_grads", "to_device"]
+__all__ = ["count_batches", "numbered", "window_size", "optimizer_steps_per_epoch", "rescale_grads", "to_device"]
 
 
 def count_batches(loader: Any, limit: Optional[int]) -> Optional[int]:
@@ -52,6 +53,25 @@ def window_size(batch_idx: int, n_batches: Optional[int], accumulate: int) -> in
         return accumulate  # unknown length: the last partial window is corrected by rescale_grads
     start = batch_idx - batch_idx % accumulate
     return min(accumulate, n_batches - start)
+
+
+def optimizer_steps_per_epoch(params: Any, train_batches: Optional[int]) -> Optional[int]:
+    """Optimizer steps per epoch (L), from len(train_loader) or max_train_batches; ValueError when a
+    schedule needs L and neither gives it."""
+    batches = train_batches if train_batches is not None else params.max_train_batches
+    if batches is not None:
+        return max(1, math.ceil(batches / params.batch_accumulate))
+    needs = []
+    if params.lr_mode in ("cosine", "poly", "exp", "function"):
+        needs.append(f"lr_mode {params.lr_mode!r}")
+    if params.lr_warmup_epochs and params.warmup_mode == "linear_batch_step" and not params.lr_warmup_steps:
+        needs.append("linear_batch_step warmup over lr_warmup_epochs")
+    if params.ema and params.ema_params["decay_type"] == "exp":
+        needs.append("ema decay_type 'exp'")
+    if needs:
+        raise ValueError(f"training_params.max_train_batches: {' and '.join(needs)} need the number of batches "
+                         "per epoch, but train_loader has no len(); set max_train_batches")
+    return None
 
 
 def rescale_grads(net: nn.Module, factor: float) -> None:

@@ -1,43 +1,56 @@
-"""Building a run from training_params: device, optimizer and its param groups, criterion, mixed
-precision, the built-in and user callbacks. The trainer calls these before any event fires, so every
-mistake surfaces as one ValueError naming the training_params key."""
+"""Building a run: :func:`build_run` turns what ``train()`` was given (:class:`RunInputs`) into the parts the loop
+runs with: the device, mixed precision, the built-in and user callbacks, the context, and the checks that need
+the built objects. The trainer calls it before any event fires and before any file is written, so every
+mistake surfaces as one ValueError naming the training_params key.
+
+The optimizer is built in ``optimizers.py``, the criterion in ``losses.py``, and the module wrappers in
+``modules.py``.
+"""
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
-import math
-import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+from .batches import count_batches, optimizer_steps_per_epoch
 
 from .callbacks.average_models import AverageBestModels
-from .callbacks.base import Callback
+from .callbacks.base import Callback, CallbackHandler
 from .callbacks.ema import EMAUpdate
 from .callbacks.epoch_summary import EpochSummary
 from .callbacks.grad_clip import GradientClipping
 from .callbacks.logging import BaseLogger, TensorBoardLogger
+from .callbacks.lr import (CosineLRSchedule, ExpLRSchedule, FunctionLRSchedule, LinearBatchLRWarmup,
+                           LinearEpochLRWarmup, PolyLRSchedule, StepLRSchedule, TorchSchedulerCallback)
 from .callbacks.mlflow_logger import MLflowLogger
-from .callbacks.lr import build_lr_callbacks
+from .callbacks.pre_prediction import PrePredictionCallback
 from .callbacks.progress import ProgressBar
-from .checkpoint import unwrap_model
-from .metrics import loss_names
-from .optimizers import sg_optimizer_defaults
-from .params import TrainingParams
-from . import sam as _sam  # noqa: F401  (registers the SAM optimizer)
-from .registry import CALLBACKS, LOSSES, OPTIMIZERS, close_matches, parse_spec
+from .context import PhaseContext
+from .ema import ModelEMA
+from .files import atomic_write_text
+from .losses import build_criterion, known_loss_names
+from .loop.parts import Meters, RunParts
+from .metrics import build_metrics
+from .modules import convert_sync_bn, forward_module, unwrap_model
+from .optimizers import build_optimizer, step_takes_closure
+from .params import TrainingParams, normalize_lr_mode, normalize_warmup_mode, resolve_training_params
+from .registry import CALLBACKS, close_matches, parse_spec
+from .rng import seed_everything
 
 __all__ = [
-    "resolve_device", "seed_everything", "build_optimizer", "param_groups", "build_criterion", "known_loss_names",
-    "check_metric_to_watch", "autocast_and_scaler", "builtin_callbacks", "user_callbacks", "optimizer_steps_per_epoch",
-    "write_params_yaml", "restart_callback_states", "step_takes_closure", "convert_sync_bn", "forward_module",
-    "is_compiled", "PrePredictionCallback", "model_param_groups",
+    "RunInputs", "build_run", "write_run_files", "resolve_device", "check_metric_to_watch", "autocast_and_scaler",
+    "builtin_callbacks", "build_lr_callbacks", "user_callbacks", "write_params_yaml", "restart_callback_states",
 ]
 
 logger = logging.getLogger("super_trainer")
@@ -53,210 +66,6 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'cpu'")
     return resolved
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
-    if isinstance(params.optimizer, Mapping):  # {Name: {kwargs}}, e.g. {SAM: {base: SGD, rho: 0.05}}
-        _optimizer_from_mapping(params)
-    spec = params.optimizer
-    if isinstance(spec, torch.optim.Optimizer):
-        optimizer = spec
-    else:
-        factory = spec if isinstance(spec, type) else _registry_get(OPTIMIZERS, spec, "optimizer")
-        # SG 3.7's per-optimizer defaults (SGD: momentum 0.9, weight_decay 1e-4, ...) under the given values;
-        # written back so training_params.yaml shows what the optimizer really got
-        params["optimizer_params"] = {**sg_optimizer_defaults(factory), **dict(params.optimizer_params)}
-        if callable(getattr(net, "initialize_param_groups", None)):
-            groups = model_param_groups(net, params)
-            default_lr = float(params.initial_lr)
-        else:
-            groups = param_groups(net, params.initial_lr, params.zero_weight_decay_on_bias_and_bn,
-                                  params.optimizer_params.get("weight_decay", 0.0))
-            default_lr = groups[-1]["lr"] if groups else 0.0
-        try:
-            optimizer = factory(groups, **{"lr": default_lr, **dict(params.optimizer_params)})
-        except TypeError as err:
-            raise ValueError(f"training_params.optimizer_params: {err}") from None
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]  # lr0 of every schedule
-    return optimizer
-
-
-def _optimizer_from_mapping(params: TrainingParams) -> None:
-    """Rewrite ``optimizer: {Name: {kwargs}}`` as ``optimizer: Name`` with the kwargs under optimizer_params
-    (optimizer_params wins on a key given in both), so training_params.yaml shows what was built."""
-    name, kwargs = parse_spec(params.optimizer, "optimizer")
-    if name == "_target_":
-        raise ValueError("training_params.optimizer: give {Name: {params}}, not a _target_ (the trainer passes "
-                         "the param groups itself)")
-    params["optimizer"], params["optimizer_params"] = name, {**kwargs, **dict(params.optimizer_params)}
-
-
-def model_param_groups(net: nn.Module, params: TrainingParams) -> List[Dict[str, Any]]:
-    """Param groups from the model's SuperGradients-style ``initialize_param_groups(lr, training_params)``: a
-    list of dicts with ``named_params`` (or ``params``) and per-group optimizer options. With
-    zero_weight_decay_on_bias_and_bn each group is split into a no-decay and a decay group, as SG does."""
-    lr = params.initial_lr
-    if isinstance(lr, Mapping):
-        raise ValueError("training_params.initial_lr: the model defines initialize_param_groups(lr, training_params), "
-                         "which takes one lr; give initial_lr as a number")
-    given = net.initialize_param_groups(float(lr), params)
-    if not isinstance(given, (list, tuple)) or not all(isinstance(g, Mapping) for g in given):
-        raise ValueError(f"{type(net).__name__}.initialize_param_groups must return a list of dicts with "
-                         f"'named_params' and optimizer options, got {type(given).__name__}")
-    no_decay = no_decay_names(net) if params.zero_weight_decay_on_bias_and_bn else set()
-    names = {id(p): n for n, p in net.named_parameters()}
-    weight_decay = params.optimizer_params.get("weight_decay", 0.0)
-    groups: List[Dict[str, Any]] = []
-    for group in given:
-        options = {k: v for k, v in group.items() if k not in ("named_params", "params")}
-        if "named_params" in group:
-            members = list(group["named_params"])
-        else:
-            members = [(names.get(id(p), ""), p) for p in group.get("params", [])]
-        if not params.zero_weight_decay_on_bias_and_bn:
-            groups.append({**options, "params": [p for _, p in members]})
-            continue
-        options.pop("weight_decay", None)
-        groups.append({**options, "params": [p for n, p in members if n in no_decay], "weight_decay": 0.0})
-        groups.append({**options, "params": [p for n, p in members if n not in no_decay], "weight_decay": weight_decay})
-    return [g for g in groups if g["params"]]
-
-
-def _registry_get(registry: Any, name: str, key: str) -> Any:
-    try:
-        return registry.get(name)
-    except ValueError as err:
-        raise ValueError(f"training_params.{key}: {err}") from None
-
-
-def param_groups(net: nn.Module, initial_lr: Any, split_no_decay: bool, weight_decay: float) -> List[Dict[str, Any]]:
-    """Param groups for ``initial_lr`` (a number, or {prefix: lr, "default": lr} matched by longest prefix)."""
-    lrs = dict(initial_lr) if isinstance(initial_lr, Mapping) else {"default": float(initial_lr)}
-    prefixes = sorted((p for p in lrs if p != "default"), key=len, reverse=True)
-    members: Dict[str, List[Tuple[str, nn.Parameter]]] = {name: [] for name in lrs}
-    unmatched = []
-    for pname, param in net.named_parameters():
-        prefix = next((p for p in prefixes if pname.startswith(p)), None)
-        if prefix is None and "default" not in lrs:
-            unmatched.append(pname)
-            continue
-        members[prefix or "default"].append((pname, param))
-    if unmatched:
-        raise ValueError(f"training_params.initial_lr: parameters {unmatched[:3]} match no prefix; add a 'default' lr")
-    for prefix in prefixes:
-        if not members[prefix]:
-            names = [n for n, _ in net.named_parameters()][:5]
-            raise ValueError(f"training_params.initial_lr: prefix {prefix!r} matches no parameter (names look like {names})")
-    no_decay = no_decay_names(net) if split_no_decay else set()
-    ordered = [p for p in lrs if p != "default"] + (["default"] if "default" in lrs else [])
-    groups: List[Dict[str, Any]] = []
-    for name in ordered:
-        lr = float(lrs[name])
-        if lr == 0.0:  # lr 0 freezes: no gradients are computed for these parameters
-            for _, param in members[name]:
-                param.requires_grad_(False)
-        decay = [p for n, p in members[name] if n not in no_decay]
-        plain = [p for n, p in members[name] if n in no_decay]
-        if decay or not plain:
-            groups.append({"params": decay, "lr": lr, "name": name})
-        if plain:
-            groups.append({"params": plain, "lr": lr, "name": f"{name}_no_decay", "weight_decay": 0.0})
-    return [g for g in groups if g["params"]] or groups[:1]
-
-
-def no_decay_names(net: nn.Module) -> set:
-    """Biases and the weights of normalization layers: weight decay only shrinks them needlessly."""
-    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    names = set()
-    for mname, module in net.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if pname == "bias" or isinstance(module, norm_types):
-                names.add(full)
-    return names
-
-
-def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
-    spec = _sg_loss_name(params["loss"])
-    name, _ = parse_spec(spec, "loss")
-    if name is None:
-        if not callable(spec):
-            raise ValueError(f"training_params.loss: {spec!r} is not a loss; give a name like 'CrossEntropyLoss', "
-                             "{Name: {params}}, an nn.Module or a callable")
-        criterion = spec
-    else:
-        try:
-            criterion = LOSSES.build(spec, **_sg_criterion_params(spec, dict(params.get("criterion_params") or {})))
-        except ValueError as err:
-            raise ValueError(f"training_params.loss: {err}") from None
-        except TypeError as err:
-            raise ValueError(f"training_params.criterion_params: {err}") from None
-    if isinstance(criterion, nn.Module):
-        criterion = criterion.to(device)
-    if params.get("torch_compile_loss"):
-        logger.info("torch_compile_loss: compiling the loss with %s", params.get("torch_compile_options") or {})
-        criterion = torch.compile(criterion, **_compile_kwargs(params))
-    return criterion
-
-
-#: SuperGradients' loss names (and its deprecated lower-case ones) for the torch losses they are.
-SG_LOSS_NAMES = {"cross_entropy": "CrossEntropyLoss", "MSE": "MSELoss", "mse": "MSELoss"}
-
-
-def _sg_loss_name(spec: Any) -> Any:
-    """``spec`` with a SuperGradients loss name replaced by the torch one (unless the user registered that name)."""
-    name, params = parse_spec(spec, "loss")
-    if name not in SG_LOSS_NAMES or name in LOSSES:
-        return spec
-    return SG_LOSS_NAMES[name] if isinstance(spec, str) else {SG_LOSS_NAMES[name]: params}
-
-#: SuperGradients' CrossEntropyLoss arguments that torch's lacks, with their "off" values.
-_SG_CE_OFF = {"smooth_dist": None, "from_logits": True}
-
-
-def _sg_criterion_params(spec: Any, given: Dict[str, Any]) -> Dict[str, Any]:
-    """SG's ``smooth_eps`` (label smoothing) for a CrossEntropyLoss: torch's ``label_smoothing``, which computes
-    the same loss, −((1−ε)·log p_y + ε·mean_c log p_c), for class-index targets."""
-    name, spec_params = parse_spec(spec, "loss")
-    if name is None or name == "_target_":
-        return given
-    try:
-        factory = LOSSES.get(name)
-    except ValueError:
-        return given  # LOSSES.build names the unknown loss
-    if not (isinstance(factory, type) and issubclass(factory, nn.CrossEntropyLoss)):
-        return given
-    merged = {**given, **spec_params}
-    params = dict(given)
-    if "smooth_eps" in merged:
-        eps = merged["smooth_eps"]
-        params.pop("smooth_eps", None)
-        if eps is not None:
-            if "label_smoothing" in merged:
-                raise ValueError("training_params.criterion_params: give smooth_eps or label_smoothing, not both")
-            params["label_smoothing"] = float(eps)
-    for key, off in _SG_CE_OFF.items():
-        if key in merged:
-            if merged[key] != off:
-                raise ValueError(f"training_params.criterion_params: SuperGradients' {key}={merged[key]!r} is not "
-                                 f"supported (only {off!r}); use label_smoothing / smooth_eps")
-            params.pop(key, None)
-    return params
-
-
-def known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List[str]]:
-    """Loss names known before the first batch; None when they depend on what the loss returns."""
-    declared = params.get("loss_logging_items_names") or getattr(criterion, "component_names", None)
-    if declared:
-        return loss_names(criterion, list(declared))
-    return None
 
 
 def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str],
@@ -345,66 +154,6 @@ def _logger_params(logger_cls: type, params: Mapping[str, Any], others: Tuple[ty
     return used
 
 
-class PrePredictionCallback(Callback):
-    """SG's ``pre_prediction_callback``: ``inputs, target = fn(inputs, target, batch_idx)`` on every train batch,
-    before any on_train_batch_start handler sees the batch."""
-
-    priority = 0  # before everything, as SG calls it before on_train_batch_start
-
-    def __init__(self, function: Any) -> None:
-        try:
-            function = CALLBACKS.build(function) if not callable(function) else function
-        except ValueError as err:
-            raise ValueError(f"training_params.pre_prediction_callback: {err}") from None
-        if not callable(function):
-            raise ValueError(f"training_params.pre_prediction_callback: {function!r} is not callable "
-                             "(fn(inputs, targets, batch_idx) -> (inputs, targets))")
-        self.function = function
-
-    def on_train_batch_start(self, context: Any) -> None:
-        context.inputs, context.target = self.function(context.inputs, context.target, context.batch_idx)
-
-
-def convert_sync_bn(net: nn.Module, params: Mapping[str, Any], is_distributed: bool, device: torch.device) -> nn.Module:
-    """``sync_bn``: BatchNorm layers become SyncBatchNorm under DDP (batch statistics over all ranks); on one
-    process a no-op with a log line. Returns the module to train (the same one unless it is itself a BatchNorm)."""
-    if not params.get("sync_bn"):
-        return net
-    if not is_distributed:
-        logger.info("sync_bn: a single process, so BatchNorm layers stay as they are")
-        return net
-    if device.type != "cuda":
-        raise ValueError("training_params.sync_bn: SyncBatchNorm needs CUDA devices; set sync_bn false on CPU")
-    logger.info("sync_bn: converting BatchNorm layers to SyncBatchNorm")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
-
-
-def _compile_kwargs(params: Mapping[str, Any]) -> Dict[str, Any]:
-    kwargs = dict(params.get("torch_compile_options") or {})
-    if params.get("torch_compile_mode") is not None:
-        kwargs["mode"] = params["torch_compile_mode"]
-    return kwargs
-
-
-def is_compiled(model: Any) -> bool:
-    """True for what torch.compile(module) returns."""
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
-
-
-def forward_module(given: nn.Module, net: nn.Module, wrapped: nn.Module, params: Mapping[str, Any]) -> nn.Module:
-    """What the training forward calls: ``torch_compile`` compiles ``wrapped`` (net or DDP(net)); a model the user
-    passed already compiled stays compiled. Checkpoints keep saving ``net``'s plain state_dict."""
-    if params.get("torch_compile"):
-        logger.info("torch_compile: compiling the model with %s (the first batches are slow)", _compile_kwargs(params))
-        return torch.compile(wrapped, **_compile_kwargs(params))
-    if is_compiled(given) and unwrap_model(given) is net:
-        if wrapped is net:
-            return given  # the user's own compiled wrapper, options and all
-        logger.info("the model was given compiled: compiling its DistributedDataParallel wrapper instead")
-        return torch.compile(wrapped)
-    return wrapped
-
-
 def user_callbacks(params: TrainingParams) -> List[Callback]:
     callbacks = []
     for spec in params.phase_callbacks:
@@ -423,29 +172,8 @@ def user_callbacks(params: TrainingParams) -> List[Callback]:
     return callbacks
 
 
-def optimizer_steps_per_epoch(params: TrainingParams, train_batches: Optional[int]) -> Optional[int]:
-    """Optimizer steps per epoch (L), from len(train_loader) or max_train_batches; ValueError when a
-    schedule needs L and neither gives it."""
-    batches = train_batches if train_batches is not None else params.max_train_batches
-    if batches is not None:
-        return max(1, math.ceil(batches / params.batch_accumulate))
-    needs = []
-    if params.lr_mode in ("cosine", "poly", "exp", "function"):
-        needs.append(f"lr_mode {params.lr_mode!r}")
-    if params.lr_warmup_epochs and params.warmup_mode == "linear_batch_step" and not params.lr_warmup_steps:
-        needs.append("linear_batch_step warmup over lr_warmup_epochs")
-    if params.ema and params.ema_params["decay_type"] == "exp":
-        needs.append("ema decay_type 'exp'")
-    if needs:
-        raise ValueError(f"training_params.max_train_batches: {' and '.join(needs)} need the number of batches "
-                         "per epoch, but train_loader has no len(); set max_train_batches")
-    return None
-
-
 def write_params_yaml(params: TrainingParams, path: Path) -> None:
     """The resolved training_params; objects that YAML cannot hold are written as their repr."""
-    from omegaconf import OmegaConf
-
     def plain(value: Any) -> Any:
         if isinstance(value, Mapping):
             return {str(k): plain(v) for k, v in value.items()}
@@ -455,9 +183,9 @@ def write_params_yaml(params: TrainingParams, path: Path) -> None:
             return value
         return repr(value)
 
-    tmp = path.with_suffix(".yaml.tmp")
-    OmegaConf.save(OmegaConf.create(plain(dict(params))), tmp)
-    tmp.replace(path)
+    # PyYAML's C dumper writes the same text as OmegaConf.to_yaml, 40x faster (about 1 ms, not 30)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    atomic_write_text(path, yaml.dump(plain(dict(params)), Dumper=dumper, sort_keys=False, allow_unicode=True))
 
 
 def restart_callback_states(callbacks: List[Callback]) -> None:
@@ -482,15 +210,178 @@ def restart_callback_states(callbacks: List[Callback]) -> None:
                              f"its initial state for a new run: load_state_dict failed ({err})") from err
 
 
-def step_takes_closure(optimizer: torch.optim.Optimizer) -> bool:
-    """True for optimizers whose step() uses a closure beyond evaluating it first (LBFGS, SAM, third-party
-    optimizers with a ``closure`` parameter). torch's other optimizers only evaluate it before changing the
-    weights, so they step without one and pay nothing."""
-    if isinstance(optimizer, torch.optim.LBFGS):
-        return True
-    if type(optimizer).__module__.startswith("torch.optim"):
-        return False
-    try:
-        return "closure" in inspect.signature(optimizer.step).parameters
-    except (TypeError, ValueError):
-        return False
+
+def build_lr_callbacks(params: Mapping[str, Any], steps_per_epoch: int) -> List[Callback]:
+    """The warmup and schedule callbacks that ``training_params`` asks for (empty for a constant lr)."""
+    callbacks: List[Callback] = []
+    W = int(params.get("lr_warmup_epochs") or 0)
+    S = int(params.get("lr_warmup_steps") or 0)
+    C = int(params.get("lr_cooldown_epochs") or 0)
+    M = int(params["max_epochs"])
+    warmup_mode = normalize_warmup_mode(params.get("warmup_mode"))
+    if warmup_mode is None and (W > 0 or S > 0):
+        warmup_mode = "linear_epoch_step" if W > 0 else "linear_batch_step"
+    if warmup_mode == "linear_epoch_step" and W > 0:
+        callbacks.append(LinearEpochLRWarmup(W, params.get("warmup_initial_lr")))
+    elif warmup_mode == "linear_batch_step" and (S > 0 or W > 0):
+        callbacks.append(LinearBatchLRWarmup(S if S > 0 else W * steps_per_epoch, params.get("warmup_initial_lr")))
+
+    mode = normalize_lr_mode(params.get("lr_mode"))
+    common = dict(max_epochs=M, steps_per_epoch=steps_per_epoch, warmup_epochs=W, warmup_steps=S,
+                  cooldown_epochs=C)
+    decay = float(params["lr_decay_factor"])
+    if mode is None:
+        pass
+    elif isinstance(mode, Mapping):
+        callbacks.append(_torch_scheduler(mode))
+    elif mode == "cosine":
+        callbacks.append(CosineLRSchedule(**common, final_lr_ratio=float(params["cosine_final_lr_ratio"])))
+    elif mode == "poly":
+        callbacks.append(PolyLRSchedule(**common))
+    elif mode == "exp":
+        callbacks.append(ExpLRSchedule(**common, decay_factor=decay))
+    elif mode == "function":
+        function = params.get("lr_schedule_function")
+        if not callable(function):
+            raise ValueError("training_params.lr_schedule_function must be a callable when lr_mode is 'function'")
+        callbacks.append(FunctionLRSchedule(**common, function=function))
+    elif mode == "step":
+        updates = params.get("lr_updates") or []
+        callbacks.append(StepLRSchedule(**common, lr_updates=list(updates), decay_factor=decay))
+    return callbacks
+
+
+def _torch_scheduler(mode: Mapping[str, Any]) -> TorchSchedulerCallback:
+    name, params = parse_spec(mode, "lr scheduler")
+    scheduler_cls = getattr(torch.optim.lr_scheduler, str(name), None)
+    if not (inspect.isclass(scheduler_cls) and name[0].isupper()):
+        names = [n for n, v in vars(torch.optim.lr_scheduler).items() if inspect.isclass(v) and n.endswith(("LR", "Plateau"))]
+        hint = close_matches(str(name), names)
+        raise ValueError(f"training_params.lr_mode: unknown torch scheduler {name!r}"
+                         + (f"; did you mean {' or '.join(map(repr, hint))}?" if hint else ""))
+    params = dict(params)
+    phase = params.pop("phase", None)
+    metric_name = params.pop("metric_name", None)
+    return TorchSchedulerCallback(scheduler_cls, params, phase=phase, metric_name=metric_name)
+
+
+
+# ---- a whole run ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunInputs:
+    """What one ``train()`` call was given, directly or built from a recipe."""
+
+    model: Any
+    training_params: Any
+    train_loader: Any
+    valid_loader: Any = None
+    test_loaders: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    context_extras: Dict[str, Any] = dataclasses.field(default_factory=dict)  # architecture, arch_params, ...
+    first_writes: List[Callable[[Path], None]] = dataclasses.field(default_factory=list)  # once all is valid
+
+
+def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experiment_name: str) -> Tuple[RunParts, Meters]:
+    """Everything the loop runs with, before any event fires and before any file is written: every mistake is a
+    ValueError naming its training_params key."""
+    if inputs.train_loader is None:
+        raise ValueError("train_loader is required")
+    if not isinstance(inputs.model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module or a recipe, got {type(inputs.model).__name__}")
+    params = resolve_training_params(inputs.training_params)
+    is_distributed, device = _join_process_group(device)
+    if params.seed is not None:
+        seed_everything(params.seed)
+    net = convert_sync_bn(unwrap_model(inputs.model).to(device), params, is_distributed, device)
+    optimizer = build_optimizer(net, params)
+    criterion = build_criterion(params, device)
+    steps_per_epoch = _check_loaders(params, inputs.train_loader, inputs.valid_loader)
+    test_loaders = dict(inputs.test_loaders or {})
+    metrics = _build_metrics(params, bool(test_loaders))
+    known = known_loss_names(criterion, params)
+    autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
+    _check_closure_optimizer(optimizer, params, scaler)
+    ema = ModelEMA(net, **params.ema_params) if params.ema else None
+    given_callbacks = user_callbacks(params)
+    callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, ckpt_dir) + given_callbacks)
+    restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
+    if inputs.valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
+        check_metric_to_watch(params.metric_to_watch, criterion, known, list(metrics["valid"]), callbacks.callbacks)
+    wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if is_distributed else net
+    model = forward_module(inputs.model, net, wrapped, params)  # torch_compile, or the user's compiled model
+    context = PhaseContext(
+        net=model, optimizer=optimizer, criterion=criterion, device=device, ckpt_dir=ckpt_dir,
+        experiment_name=experiment_name, sg_logger=_sg_logger(params, callbacks), train_loader=inputs.train_loader,
+        valid_loader=inputs.valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
+        train_metrics=metrics["train"], valid_metrics=metrics["valid"], test_metrics={}, ema_model=ema,
+        lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0, max_epochs=params.max_epochs,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * params.max_epochs if steps_per_epoch is not None else None,
+        batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), history=[],
+        **inputs.context_extras,
+    )
+    parts = RunParts(params=params, context=context, callbacks=callbacks, net=net, model=model, optimizer=optimizer,
+                     scaler=scaler, autocast=autocast, ema=ema, test_loaders=test_loaders, distributed=is_distributed)
+    return parts, Meters(params.get("loss_logging_items_names"), known, metrics, device)
+
+
+def _join_process_group(device: torch.device) -> Tuple[bool, torch.device]:
+    """Under torchrun: join the process group; on CUDA each process takes its local rank's GPU."""
+    is_distributed = distributed.init_from_env(device)
+    if is_distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
+        torch.cuda.set_device(device)
+    return is_distributed, device
+
+
+def _check_loaders(params: TrainingParams, train_loader: Any, valid_loader: Any) -> Optional[int]:
+    """Loud failures for loaders without batches; returns the optimizer steps per epoch (None: unknown)."""
+    train_batches = count_batches(train_loader, params.max_train_batches)
+    if train_batches == 0:
+        raise ValueError("train_loader has no batches (len(train_loader) == 0): nothing to train on; check the "
+                         "dataset's size, batch_size and drop_last")
+    if valid_loader is not None and count_batches(valid_loader, None) == 0:
+        raise ValueError("valid_loader has no batches (len(valid_loader) == 0): validation metrics and "
+                         "ckpt_best would be meaningless; pass valid_loader=None to train without validation")
+    return optimizer_steps_per_epoch(params, train_batches)
+
+
+def _build_metrics(params: TrainingParams, testing: bool) -> Dict[str, Dict[str, Any]]:
+    test_spec = params.test_metrics_list if params.test_metrics_list is not None else params.valid_metrics_list
+    return {
+        "train": build_metrics(params.train_metrics_list, "training_params.train_metrics_list"),
+        "valid": build_metrics(params.valid_metrics_list, "training_params.valid_metrics_list"),
+        "test": build_metrics(test_spec, "training_params.test_metrics_list") if testing else {},
+    }
+
+
+def _check_closure_optimizer(optimizer: torch.optim.Optimizer, params: TrainingParams, scaler: Any) -> None:
+    if not step_takes_closure(optimizer):
+        return
+    if params.batch_accumulate > 1:
+        raise ValueError(f"training_params.batch_accumulate: {type(optimizer).__name__}.step recomputes the loss "
+                         "of the current batch through a closure, so it cannot accumulate; use batch_accumulate 1")
+    if scaler is not None:
+        raise ValueError(f"training_params.mixed_precision: {type(optimizer).__name__}.step needs a closure, "
+                         "which fp16's GradScaler does not support; use 'bf16' or no mixed precision")
+
+
+def _sg_logger(params: TrainingParams, callbacks: CallbackHandler) -> Any:
+    """The logger other callbacks write to: the built-in one, or the logger object given as sg_logger."""
+    found = next((cb for cb in callbacks.callbacks if isinstance(cb, BaseLogger)), None)
+    if found is None and not isinstance(params.sg_logger, str):
+        return params.sg_logger
+    return found
+
+
+def write_run_files(inputs: RunInputs, params: TrainingParams, ckpt_dir: Path) -> None:
+    """The experiment dir's files that describe the run (rank 0): a recipe's own files, then the resolved params.
+    Called once everything is validated and the checkpoint (if resuming) was read, so a failed start leaves an
+    existing experiment dir as it was."""
+    if not distributed.is_main_process():
+        return
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for write in inputs.first_writes:
+        write(ckpt_dir)
+    write_params_yaml(params, ckpt_dir / "training_params.yaml")

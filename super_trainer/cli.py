@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,13 +28,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint import CheckpointError
 from .distributed import is_main_process
-from .recipes import recipe_names, recipes_dir, train_from_recipe
+from .recipes import recipe_names, recipes_dir
 from .sweep import JobOutcome, SweepSummary, new_sweep, sweep_run_name
+from .trainer import Trainer
 
 __all__ = ["main"]
 
 DEFAULT_RECIPE = "digits_mlp"
-HYDRA_DIR = ".hydra"
 _state: Dict[str, Any] = {"full_error": False, "config_dir": None, "sweep": None}
 
 
@@ -135,23 +135,6 @@ def _experiment_dir(cfg: DictConfig) -> Path:
     return root / str(cfg.experiment_name)
 
 
-def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
-    """What Hydra would have written into ``<output dir>/.hydra`` at job start, written instead once the run
-    is validated (the shipped ``base`` sets ``hydra.output_subdir: null``, so Hydra writes nothing early)."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.output_subdir is not None:  # a recipe without base: Hydra has written it already
-        return None
-    target = Path(hydra_cfg.runtime.output_dir) / HYDRA_DIR
-    files = {"config.yaml": cfg, "hydra.yaml": HydraConfig.instance().cfg, "overrides.yaml": hydra_cfg.overrides.task}
-
-    def write(_experiment_dir: Path) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        for name, node in files.items():
-            (target / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
-
-    return write
-
-
 @hydra.main(config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE, version_base="1.3")
 def _run(cfg: DictConfig) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -159,7 +142,9 @@ def _run(cfg: DictConfig) -> None:
         return
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = train_from_recipe(cfg, experiment_dir=_experiment_dir(cfg), on_validated=_hydra_dir_writer(cfg))
+        experiment_dir = _experiment_dir(cfg)
+        result = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
+                         device=cfg.get("device")).train(cfg)
     except Exception as err:
         if _state["full_error"]:
             raise
@@ -183,7 +168,8 @@ def _run_sweep_job(cfg: DictConfig) -> None:
     outcome = JobOutcome(job=hydra_cfg.job.num, overrides=overrides, run_dir=str(experiment_dir), stop_reason="error")
     try:
         _sweep_logger_defaults(cfg)
-        result = train_from_recipe(cfg, experiment_dir=experiment_dir, on_validated=_hydra_dir_writer(cfg))
+        result = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
+                         device=cfg.get("device")).train(cfg)
     except Exception as err:
         if _state["full_error"]:
             raise

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "local_rank", "init_from_env",
-           "any_rank_true", "barrier"]
+           "any_rank_true"]
 
 
 def is_distributed() -> bool:
@@ -72,7 +72,3 @@ def any_rank_true(flag: bool, device: Optional[torch.device] = None) -> bool:
 
 _flag_buffers: Dict[str, torch.Tensor] = {}
 
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping
 import torch
 import torch.nn as nn
 
-from .checkpoint import unwrap_model
+from .modules import unwrap_model
 
 __all__ = ["ModelEMA", "DECAY_TYPES"]
 

@@ -13,6 +13,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 __all__ = ["make_grid", "to_hwc_uint8", "write_png", "read_png"]
 
 
@@ -74,10 +76,7 @@ def write_png(path: Union[str, Path], image: np.ndarray) -> None:
     rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, width * channels)], axis=1)
     png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) \
         + _chunk(b"IEND", b"")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
+    atomic_write(path, lambda file: file.write(png))
 
 
 def read_png(path: Union[str, Path]) -> np.ndarray:

@@ -1,17 +1,24 @@
-"""Optimizers that torch.optim lacks, registered by name: ``RMSpropTF`` (SuperGradients' / TensorFlow's RMSprop).
+"""Optimizers: building one from training_params (its param groups, SuperGradients' defaults), telling whether
+its step needs a closure, and the optimizers torch.optim lacks, registered by name: ``RMSpropTF``
+(SuperGradients' / TensorFlow's RMSprop).
 
-Also the per-optimizer ``optimizer_params`` defaults SuperGradients 3.7 applies when a recipe omits them
-(SPEC §7); ``building.build_optimizer`` merges them under the recipe's own values.
+``build_optimizer`` merges the per-optimizer ``optimizer_params`` defaults SuperGradients 3.7 applies when a
+recipe omits them (SPEC §7) under the recipe's own values.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+import inspect
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 
-from .registry import OPTIMIZERS
+from . import sam as _sam  # noqa: F401  (registers the SAM optimizer)
+from .params import TrainingParams
+from .registry import OPTIMIZERS, parse_spec
 
-__all__ = ["RMSpropTF", "SG_OPTIMIZER_DEFAULTS", "sg_optimizer_defaults"]
+__all__ = ["RMSpropTF", "SG_OPTIMIZER_DEFAULTS", "sg_optimizer_defaults", "build_optimizer", "param_groups",
+           "model_param_groups", "no_decay_names", "step_takes_closure"]
 
 
 @OPTIMIZERS.register
@@ -100,3 +107,140 @@ SG_OPTIMIZER_DEFAULTS: Dict[type, Dict[str, Any]] = {
 def sg_optimizer_defaults(optimizer_cls: Any) -> Dict[str, Any]:
     """The defaults SG gives ``optimizer_cls`` (exact class, as SG matches it), or {}."""
     return dict(SG_OPTIMIZER_DEFAULTS.get(optimizer_cls, {}))
+
+
+def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
+    if isinstance(params.optimizer, Mapping):  # {Name: {kwargs}}, e.g. {SAM: {base: SGD, rho: 0.05}}
+        _optimizer_from_mapping(params)
+    spec = params.optimizer
+    if isinstance(spec, torch.optim.Optimizer):
+        optimizer = spec
+    else:
+        factory = spec if isinstance(spec, type) else _registry_get(OPTIMIZERS, spec, "optimizer")
+        # SG 3.7's per-optimizer defaults (SGD: momentum 0.9, weight_decay 1e-4, ...) under the given values;
+        # written back so training_params.yaml shows what the optimizer really got
+        params["optimizer_params"] = {**sg_optimizer_defaults(factory), **dict(params.optimizer_params)}
+        if callable(getattr(net, "initialize_param_groups", None)):
+            groups = model_param_groups(net, params)
+            default_lr = float(params.initial_lr)
+        else:
+            groups = param_groups(net, params.initial_lr, params.zero_weight_decay_on_bias_and_bn,
+                                  params.optimizer_params.get("weight_decay", 0.0))
+            default_lr = groups[-1]["lr"] if groups else 0.0
+        try:
+            optimizer = factory(groups, **{"lr": default_lr, **dict(params.optimizer_params)})
+        except TypeError as err:
+            raise ValueError(f"training_params.optimizer_params: {err}") from None
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]  # lr0 of every schedule
+    return optimizer
+
+
+def _optimizer_from_mapping(params: TrainingParams) -> None:
+    """Rewrite ``optimizer: {Name: {kwargs}}`` as ``optimizer: Name`` with the kwargs under optimizer_params
+    (optimizer_params wins on a key given in both), so training_params.yaml shows what was built."""
+    name, kwargs = parse_spec(params.optimizer, "optimizer")
+    if name == "_target_":
+        raise ValueError("training_params.optimizer: give {Name: {params}}, not a _target_ (the trainer passes "
+                         "the param groups itself)")
+    params["optimizer"], params["optimizer_params"] = name, {**kwargs, **dict(params.optimizer_params)}
+
+
+def model_param_groups(net: nn.Module, params: TrainingParams) -> List[Dict[str, Any]]:
+    """Param groups from the model's SuperGradients-style ``initialize_param_groups(lr, training_params)``: a
+    list of dicts with ``named_params`` (or ``params``) and per-group optimizer options. With
+    zero_weight_decay_on_bias_and_bn each group is split into a no-decay and a decay group, as SG does."""
+    lr = params.initial_lr
+    if isinstance(lr, Mapping):
+        raise ValueError("training_params.initial_lr: the model defines initialize_param_groups(lr, training_params), "
+                         "which takes one lr; give initial_lr as a number")
+    given = net.initialize_param_groups(float(lr), params)
+    if not isinstance(given, (list, tuple)) or not all(isinstance(g, Mapping) for g in given):
+        raise ValueError(f"{type(net).__name__}.initialize_param_groups must return a list of dicts with "
+                         f"'named_params' and optimizer options, got {type(given).__name__}")
+    no_decay = no_decay_names(net) if params.zero_weight_decay_on_bias_and_bn else set()
+    names = {id(p): n for n, p in net.named_parameters()}
+    weight_decay = params.optimizer_params.get("weight_decay", 0.0)
+    groups: List[Dict[str, Any]] = []
+    for group in given:
+        options = {k: v for k, v in group.items() if k not in ("named_params", "params")}
+        if "named_params" in group:
+            members = list(group["named_params"])
+        else:
+            members = [(names.get(id(p), ""), p) for p in group.get("params", [])]
+        if not params.zero_weight_decay_on_bias_and_bn:
+            groups.append({**options, "params": [p for _, p in members]})
+            continue
+        options.pop("weight_decay", None)
+        groups.append({**options, "params": [p for n, p in members if n in no_decay], "weight_decay": 0.0})
+        groups.append({**options, "params": [p for n, p in members if n not in no_decay], "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+def _registry_get(registry: Any, name: str, key: str) -> Any:
+    try:
+        return registry.get(name)
+    except ValueError as err:
+        raise ValueError(f"training_params.{key}: {err}") from None
+
+
+def param_groups(net: nn.Module, initial_lr: Any, split_no_decay: bool, weight_decay: float) -> List[Dict[str, Any]]:
+    """Param groups for ``initial_lr`` (a number, or {prefix: lr, "default": lr} matched by longest prefix)."""
+    lrs = dict(initial_lr) if isinstance(initial_lr, Mapping) else {"default": float(initial_lr)}
+    prefixes = sorted((p for p in lrs if p != "default"), key=len, reverse=True)
+    members: Dict[str, List[Tuple[str, nn.Parameter]]] = {name: [] for name in lrs}
+    unmatched = []
+    for pname, param in net.named_parameters():
+        prefix = next((p for p in prefixes if pname.startswith(p)), None)
+        if prefix is None and "default" not in lrs:
+            unmatched.append(pname)
+            continue
+        members[prefix or "default"].append((pname, param))
+    if unmatched:
+        raise ValueError(f"training_params.initial_lr: parameters {unmatched[:3]} match no prefix; add a 'default' lr")
+    for prefix in prefixes:
+        if not members[prefix]:
+            names = [n for n, _ in net.named_parameters()][:5]
+            raise ValueError(f"training_params.initial_lr: prefix {prefix!r} matches no parameter (names look like {names})")
+    no_decay = no_decay_names(net) if split_no_decay else set()
+    ordered = [p for p in lrs if p != "default"] + (["default"] if "default" in lrs else [])
+    groups: List[Dict[str, Any]] = []
+    for name in ordered:
+        lr = float(lrs[name])
+        if lr == 0.0:  # lr 0 freezes: no gradients are computed for these parameters
+            for _, param in members[name]:
+                param.requires_grad_(False)
+        decay = [p for n, p in members[name] if n not in no_decay]
+        plain = [p for n, p in members[name] if n in no_decay]
+        if decay or not plain:
+            groups.append({"params": decay, "lr": lr, "name": name})
+        if plain:
+            groups.append({"params": plain, "lr": lr, "name": f"{name}_no_decay", "weight_decay": 0.0})
+    return [g for g in groups if g["params"]] or groups[:1]
+
+
+def no_decay_names(net: nn.Module) -> set:
+    """Biases and the weights of normalization layers: weight decay only shrinks them needlessly."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    names = set()
+    for mname, module in net.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if pname == "bias" or isinstance(module, norm_types):
+                names.add(full)
+    return names
+
+
+def step_takes_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose step() uses a closure beyond evaluating it first (LBFGS, SAM, third-party
+    optimizers with a ``closure`` parameter). torch's other optimizers only evaluate it before changing the
+    weights, so they step without one and pay nothing."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    if type(optimizer).__module__.startswith("torch.optim"):
+        return False
+    try:
+        return "closure" in inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):
+        return False
+

@@ -15,11 +15,49 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .callbacks.lr import normalize_lr_mode, normalize_warmup_mode
 from .registry import close_matches, to_plain
 
-__all__ = ["DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
+__all__ = ["LR_MODES", "WARMUP_MODES", "normalize_lr_mode", "normalize_warmup_mode", "DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
            "resolve_training_params"]
+
+
+LR_MODES: Dict[str, str] = {
+    "step": "step", "steplrscheduler": "step", "step_lr": "step",
+    "cosine": "cosine", "cosinelrscheduler": "cosine",
+    "poly": "poly", "polylrscheduler": "poly",
+    "exp": "exp", "exponentiallrscheduler": "exp", "explrscheduler": "exp",
+    "function": "function", "functionlrscheduler": "function",
+}
+
+
+WARMUP_MODES: Dict[str, str] = {
+    "linear_epoch_step": "linear_epoch_step", "linearepochlrwarmup": "linear_epoch_step",
+    "warmup_linear_epoch": "linear_epoch_step", "linear_epoch": "linear_epoch_step",
+    "linear_batch_step": "linear_batch_step", "linearbatchlrwarmup": "linear_batch_step",
+    "warmup_linear_step": "linear_batch_step", "linear_step": "linear_batch_step",
+}
+
+
+def normalize_lr_mode(value: Any) -> Any:
+    """Canonical lr_mode name, a torch scheduler mapping unchanged, or ValueError listing valid modes."""
+    if value is None or isinstance(value, Mapping):
+        return value
+    key = str(value).lower()
+    if key in LR_MODES:
+        return LR_MODES[key]
+    valid = "None, 'step', 'poly', 'cosine', 'exp', 'function' or {TorchScheduler: {params}}"
+    raise ValueError(f"training_params.lr_mode: unknown value {value!r}; valid: {valid}")
+
+
+def normalize_warmup_mode(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    key = str(value).lower()
+    if key in WARMUP_MODES:
+        return WARMUP_MODES[key]
+    raise ValueError(
+        f"training_params.warmup_mode: unknown value {value!r}; valid: 'linear_epoch_step', 'linear_batch_step'"
+    )
 
 
 class _Required:
@@ -273,6 +311,13 @@ def _compile_options(params: TrainingParams) -> None:
 
 
 def _validate(params: TrainingParams) -> None:
+    _validate_optimizer(params)
+    _validate_numbers(params)
+    _validate_logging_and_files(params)
+    _validate_schedule_and_flags(params)
+
+
+def _validate_optimizer(params: TrainingParams) -> None:
     _int(params, "max_epochs", 1)
     optimizer = params["optimizer"]
     is_instance = isinstance(optimizer, torch.optim.Optimizer)
@@ -296,6 +341,9 @@ def _validate(params: TrainingParams) -> None:
             or (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer))):
         raise _error("optimizer", f"must be a torch.optim name ('SGD', 'AdamW', ...), {{Name: {{params}}}}, class or "
                                   f"instance, got {optimizer!r}")
+
+
+def _validate_numbers(params: TrainingParams) -> None:
     for key in ("optimizer_params", "criterion_params", "ema_params"):
         if params[key] is None:
             params[key] = {}
@@ -324,6 +372,9 @@ def _validate(params: TrainingParams) -> None:
     _number(params, "warmup_initial_lr", positive=False, optional=True)
     _number(params, "lr_decay_factor", positive=False)
     _number(params, "cosine_final_lr_ratio", positive=False)
+
+
+def _validate_logging_and_files(params: TrainingParams) -> None:
     if params["mixed_precision"] not in MIXED_PRECISION_VALUES:
         raise _error("mixed_precision", f"must be one of {list(MIXED_PRECISION_VALUES)}, got {params['mixed_precision']!r}")
     sg_logger = params["sg_logger"]
@@ -347,6 +398,9 @@ def _validate(params: TrainingParams) -> None:
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in epochs):
         raise _error("save_ckpt_epoch_list", f"must be a list of epoch counts >= 1, got {epochs!r}")
     params["save_ckpt_epoch_list"] = list(epochs)
+
+
+def _validate_schedule_and_flags(params: TrainingParams) -> None:
     params["lr_mode"] = normalize_lr_mode(params["lr_mode"])
     params["warmup_mode"] = normalize_warmup_mode(params["warmup_mode"])
     _lr_updates(params)

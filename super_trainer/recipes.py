@@ -10,12 +10,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -24,17 +22,21 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from . import distributed
 from .batches import to_device
-from .building import build_criterion, resolve_device, seed_everything
+from .building import RunInputs, resolve_device
+from .losses import build_criterion
+from .files import atomic_write_text
+from .rng import preserved_rng, seed_everything
 from .callbacks.base import Callback, PhaseContext, Priority
 from .checkpoint import load_checkpoint_to_model
 from .metrics import build_metrics
 from .params import resolve_training_params
 from .registry import DATASETS, MODELS, close_matches, parse_spec, to_plain
 
-__all__ = ["recipes_dir", "recipe_names", "load_recipe", "build_from_recipe", "check_model_fits_data",
-           "train_from_recipe", "resume_from_recipe", "RECIPE_FILE"]
+__all__ = ["recipes_dir", "recipe_names", "load_recipe", "build_from_recipe", "check_model_fits_data", "run_inputs",
+           "recipe_experiment_dir", "RECIPE_FILE", "HYDRA_DIR"]
 
 RECIPE_FILE = "recipe.yaml"
+HYDRA_DIR = ".hydra"
 RecipeLike = Union[str, Path, DictConfig, Mapping[str, Any]]
 
 
@@ -222,8 +224,7 @@ def check_model_fits_data(model: nn.Module, loader: Any, training_params: Mappin
         return
     if len(dataset) == 0:
         raise ValueError("recipe dataset_params: the data set is empty")
-    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    try:
+    with preserved_rng():
         batch = loader.collate_fn([dataset[i] for i in range(min(2, len(dataset)))])
         inputs, target, _ = to_device(batch, device)
         model.to(device)
@@ -239,10 +240,6 @@ def check_model_fits_data(model: nn.Module, loader: Any, training_params: Mappin
         finally:
             model.train(was_training)
         _check_output(preds, target, training_params, device)
-    finally:
-        torch.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
 
 
 def _check_output(preds: Any, target: Any, training_params: Mapping[str, Any], device: torch.device) -> None:
@@ -275,43 +272,50 @@ def _recipe_device(cfg: DictConfig) -> torch.device:
     return device
 
 
-def train_from_recipe(cfg: DictConfig, experiment_dir: Optional[Path] = None, trainer: Any = None,
-                      on_validated: Optional[Callable[[Path], None]] = None) -> Any:
-    """Build and train what ``cfg`` describes. The experiment dir is ``experiment_dir`` when given (the CLI
-    passes Hydra's output dir, so `.hydra/` and the checkpoints share it), else the ``trainer``'s, else
-    ``<ckpt_root_dir>/<experiment_name>`` from the recipe.
-
-    Nothing is written before the recipe, the params, the model and the data are validated: then
-    ``recipe.yaml`` is written and ``on_validated(experiment_dir)`` runs (the CLI writes `.hydra/` there), so a
-    failed run leaves an existing experiment's files as they were."""
-    from .trainer import Trainer  # the trainer does not import recipes at module level
-
-    _join_process_group(cfg)
-    if trainer is None:
-        if experiment_dir is None:
-            experiment_dir = Path(str(cfg.get("ckpt_root_dir", "checkpoints"))) / str(cfg.experiment_name)
-        trainer = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
-                          device=cfg.get("device"))
+def run_inputs(cfg: DictConfig) -> RunInputs:
+    """What ``Trainer.train`` needs to train ``cfg``: the model, loaders and training params built from it, the
+    recipe's own context fields, and its files (``recipe.yaml``, and Hydra's ``.hydra/`` when a Hydra app is
+    running), written once everything is validated."""
+    join_process_group(cfg)
     built = build_from_recipe(cfg)
-    trainer._recipe_context = {
-        "architecture": to_plain(cfg.get("architecture")), "arch_params": to_plain(cfg.get("arch_params")),
-        "checkpoint_params": to_plain(cfg.get("checkpoint_params")),
-    }
-
-    def write_recipe(directory: Path) -> None:
-        _save_recipe(cfg, directory / RECIPE_FILE)
-        if on_validated is not None:
-            on_validated(directory)
-
-    trainer._on_validated = [write_recipe]  # the trainer calls it once training_params are validated too
-    try:
-        return trainer.train(**built)
-    finally:
-        trainer._recipe_context = {}
-        trainer._on_validated = []
+    extras = {"architecture": to_plain(cfg.get("architecture")), "arch_params": to_plain(cfg.get("arch_params")),
+              "checkpoint_params": to_plain(cfg.get("checkpoint_params"))}
+    writes: List[Callable[[Path], None]] = [lambda directory: _save_recipe(cfg, directory / RECIPE_FILE)]
+    hydra_files = _hydra_dir_writer(cfg)
+    if hydra_files is not None:
+        writes.append(hydra_files)
+    return RunInputs(model=built["model"], training_params=built["training_params"],
+                     train_loader=built["train_loader"], valid_loader=built["valid_loader"],
+                     test_loaders=built["test_loaders"], context_extras=extras, first_writes=writes)
 
 
-def _join_process_group(cfg: DictConfig) -> None:
+def recipe_experiment_dir(cfg: DictConfig) -> Path:
+    """``<ckpt_root_dir>/<experiment_name>`` of a recipe."""
+    return Path(str(cfg.get("ckpt_root_dir", "checkpoints"))) / str(cfg.experiment_name)
+
+
+def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
+    """Inside a Hydra app: what Hydra would have written into ``<output dir>/.hydra`` at job start, written
+    instead once the run is validated (the shipped ``base`` sets ``hydra.output_subdir: null``, so Hydra writes
+    nothing early). None outside a Hydra app, or when Hydra has written it already."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:  # a recipe without base: Hydra has written it already
+        return None
+    target = Path(hydra_cfg.runtime.output_dir) / HYDRA_DIR
+    files = {"config.yaml": cfg, "hydra.yaml": HydraConfig.instance().cfg, "overrides.yaml": hydra_cfg.overrides.task}
+
+    def write(_experiment_dir: Path) -> None:
+        for name, node in files.items():
+            atomic_write_text(target / name, OmegaConf.to_yaml(node))
+
+    return write
+
+
+def join_process_group(cfg: DictConfig) -> None:
     """Under torchrun, join before the loaders are built, so they can be sharded."""
     device = cfg.get("device")
     target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -327,17 +331,4 @@ def _save_recipe(cfg: DictConfig, path: Path) -> None:
         container = OmegaConf.to_container(cfg, resolve=False)
     if isinstance(container, dict):
         container.pop("hydra", None)
-    tmp = path.with_suffix(".yaml.tmp")
-    OmegaConf.save(OmegaConf.create(container), tmp, resolve=False)
-    tmp.replace(path)
-
-
-def resume_from_recipe(recipe_path: Path, device: Any = None) -> Any:
-    """Continue the experiment whose saved ``recipe.yaml`` is at ``recipe_path`` from its ckpt_latest."""
-    recipe_path = Path(recipe_path)
-    cfg = OmegaConf.load(recipe_path)
-    cfg.training_hyperparams.resume = True
-    if device is not None:
-        cfg.device = str(device)
-    return train_from_recipe(cfg, experiment_dir=recipe_path.parent)
-
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(container), resolve=False))

@@ -389,7 +389,7 @@ def test_sam_shares_param_groups_and_state_with_its_base():
 
 
 def test_sam_is_built_from_training_params():
-    from super_trainer.building import build_optimizer
+    from super_trainer.optimizers import build_optimizer
     from super_trainer.params import resolve_training_params
 
     params = resolve_training_params({"max_epochs": 1, "initial_lr": 0.2,

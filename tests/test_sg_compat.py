@@ -14,11 +14,13 @@ import yaml
 
 from conftest import make_loader, make_model, quiet_params
 from super_trainer import Callback, Phase, PhaseCallback, Trainer
-from super_trainer.building import build_criterion, build_optimizer, builtin_callbacks
+from super_trainer.building import build_lr_callbacks, builtin_callbacks
+from super_trainer.losses import build_criterion
+from super_trainer.optimizers import build_optimizer
 from super_trainer.callbacks import EarlyStop, TensorBoardLogger
 from super_trainer.callbacks.base import PhaseContext, parse_phase
 from super_trainer.callbacks.early_stop import MissingMonitorError
-from super_trainer.callbacks.lr import LinearBatchLRWarmup, LinearEpochLRWarmup, build_lr_callbacks
+from super_trainer.callbacks.lr import LinearBatchLRWarmup, LinearEpochLRWarmup
 from super_trainer.checkpoint import read_checkpoint
 from super_trainer.optimizers import RMSpropTF
 from super_trainer.params import TrainingParams, resolve_training_params

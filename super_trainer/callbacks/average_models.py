@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..checkpoint import read_checkpoint, save_checkpoint, unwrap_model
+from ..checkpoint import read_checkpoint, save_checkpoint
+from ..modules import unwrap_model
 from ..distributed import is_main_process
 from ..metrics import lookup_metric
 from .base import Callback, PhaseContext, Priority

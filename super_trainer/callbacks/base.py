@@ -32,6 +32,8 @@ import enum
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
+from ..context import PhaseContext
+
 __all__ = [
     "EVENTS",
     "Callback",
@@ -92,80 +94,6 @@ def resolve_priority(value: Any, owner: object = None) -> int:
     names = ", ".join(Priority.__members__)
     who = f" of {type(owner).__name__}" if owner is not None else ""
     raise ValueError(f"priority{who} must be an int or one of {names}; got {value!r}")
-
-
-class _TrainerOwned:
-    """A context field the trainer owns while training (``net``, ``optimizer``): it can be read, and its
-    contents changed, but replacing the object raises, because the trainer, its wrappers (DDP, compile),
-    the EMA and the LR schedules keep using the object they were built around."""
-
-    def __init__(self, advice: str) -> None:
-        self.advice = advice
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name, self.slot = name, "_" + name
-
-    def __get__(self, context: Any, owner: type) -> Any:
-        if context is None:
-            return self
-        return context.__dict__.get(self.slot)
-
-    def __set__(self, context: Any, value: Any) -> None:
-        current = context.__dict__.get(self.slot)
-        if context.__dict__.get("_trainer_owned_locked") and value is not current:
-            raise AttributeError(f"context.{self.name} cannot be replaced during training (the trainer keeps "
-                                 f"using the {self.name} it was given); {self.advice}")
-        context.__dict__[self.slot] = value
-
-
-class PhaseContext:
-    """The one mutable object every event receives.
-
-    Created once per ``Trainer.train()`` call. All fields are None until set (``stop_training`` is False);
-    ``epoch`` and ``batch_idx`` are 0-based, ``global_step`` counts optimizer steps taken. A callback may
-    write any field; later callbacks and the trainer see the write (replacing ``inputs`` at
-    on_train_batch_start changes what the model sees; ``stop_training = True`` stops training; a new
-    ``criterion`` serves from the next batch, a new ``train_loader`` / ``valid_loader`` from the next pass).
-    ``net`` and ``optimizer`` cannot be replaced while training (an AttributeError says so): change their
-    contents instead.
-    """
-
-    net = _TrainerOwned("change its contents instead (net.load_state_dict(...), or edit its modules in place)")
-    optimizer = _TrainerOwned("change its contents instead (optimizer.load_state_dict(...), edit "
-                              "optimizer.param_groups, or optimizer.add_param_group(...))")
-
-    FIELDS: Tuple[str, ...] = (
-        "epoch", "batch_idx", "optimizer", "metrics_dict", "inputs", "preds", "target", "loss",
-        "loss_log_items", "criterion", "device", "stop_training", "experiment_name", "ckpt_dir", "net",
-        "sg_logger", "train_loader", "valid_loader", "test_loader", "training_params", "checkpoint_params",
-        "architecture", "arch_params", "metric_to_watch", "valid_metrics", "train_metrics", "ema_model",
-        "lr_warmup_epochs", "additional_batch_items", "global_step", "best_metric", "exception",
-        # SPEC §7 counters
-        "max_epochs", "steps_per_epoch", "total_steps", "batches_seen", "best_epoch", "rank", "world_size",
-    )
-
-    def __init__(self, **kwargs: Any) -> None:
-        for name in self.FIELDS:
-            setattr(self, name, None)
-        self.stop_training = False
-        self.stop_reason: Optional[str] = None
-        self.skip_step = False  # set at on_train_batch_gradient_step_start to skip that optimizer step
-        self.epoch_start_step = 0  # global_step when the running epoch began (step-based schedules count from it)
-        self.update_context(**kwargs)
-
-    def update_context(self, **kwargs: Any) -> None:
-        """Set any attributes, known fields or new ones."""
-        for name, value in kwargs.items():
-            setattr(self, name, value)
-
-    def lock_trainer_owned(self, locked: bool = True) -> None:
-        """From now on (the trainer calls this before on_training_start) ``net`` and ``optimizer`` cannot be
-        replaced."""
-        self.__dict__["_trainer_owned_locked"] = locked
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("epoch", "batch_idx", "global_step", "loss"))
-        return f"PhaseContext({shown})"
 
 
 class Callback:
@@ -405,16 +333,6 @@ def warn_unknown_hooks(callback: object) -> None:
                       f"the closest event is {closest} (events: docs/events.md)", stacklevel=4)
 
 
-def _forward(event: str) -> Callable[["CallbackHandler", PhaseContext], None]:
-    def forward(self: "CallbackHandler", context: PhaseContext) -> None:
-        for receive in self._dispatch[event]:
-            receive(context)
-
-    forward.__name__ = event
-    forward.__doc__ = f"Send {event} to the callbacks that override it, in priority order."
-    return forward
-
-
 class CallbackHandler(Callback):
     """Forwards each event to the callbacks that override it, lowest priority value first.
 
@@ -494,27 +412,6 @@ class CallbackHandler(Callback):
 
     def __repr__(self) -> str:
         return f"CallbackHandler({[_display_name(cb) for cb in self.callbacks]})"
-
-    on_training_start = _forward("on_training_start")
-    on_train_loader_start = _forward("on_train_loader_start")
-    on_train_batch_start = _forward("on_train_batch_start")
-    on_train_batch_loss_end = _forward("on_train_batch_loss_end")
-    on_train_batch_backward_end = _forward("on_train_batch_backward_end")
-    on_train_batch_gradient_step_start = _forward("on_train_batch_gradient_step_start")
-    on_train_batch_gradient_step_end = _forward("on_train_batch_gradient_step_end")
-    on_train_batch_end = _forward("on_train_batch_end")
-    on_train_loader_end = _forward("on_train_loader_end")
-    on_validation_loader_start = _forward("on_validation_loader_start")
-    on_validation_batch_start = _forward("on_validation_batch_start")
-    on_validation_batch_end = _forward("on_validation_batch_end")
-    on_validation_loader_end = _forward("on_validation_loader_end")
-    on_validation_end_best_epoch = _forward("on_validation_end_best_epoch")
-    on_test_loader_start = _forward("on_test_loader_start")
-    on_test_batch_start = _forward("on_test_batch_start")
-    on_test_batch_end = _forward("on_test_batch_end")
-    on_test_loader_end = _forward("on_test_loader_end")
-    on_epoch_end = _forward("on_epoch_end")
-    on_training_end = _forward("on_training_end")
 
 
 def _display_name(callback: object) -> str:

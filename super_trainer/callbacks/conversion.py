@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import get_rng_state, set_rng_state, unwrap_model
+from ..modules import unwrap_model
+from ..rng import preserved_rng
 from .base import Callback, PhaseContext, Priority
 
 __all__ = ["ModelConversionCheckCallback"]
@@ -73,11 +74,8 @@ class ModelConversionCheckCallback(Callback):
         if dataset is None:
             raise ValueError("ModelConversionCheckCallback: train_loader has no dataset to take the input shape "
                              "from; pass input_dimensions=(C, H, W)")
-        state = get_rng_state()
-        try:
+        with preserved_rng():  # a dataset's random augmentation must not shift the run's numbers
             sample = dataset[0]
-        finally:
-            set_rng_state(state)
         first = sample[0] if isinstance(sample, (tuple, list)) else sample
         return tuple(torch.as_tensor(first).shape)
 

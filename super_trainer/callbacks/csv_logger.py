@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..distributed import is_main_process
+from ..files import atomic_write_text
 from .base import Callback, PhaseContext, Priority
 
 __all__ = ["CSVLogger"]
@@ -44,14 +45,10 @@ class CSVLogger(Callback):
         columns: List[str] = []
         for row in history:
             columns.extend(k for k in row if k not in columns)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            for row in history:
-                writer.writerow({k: v for k, v in row.items() if not isinstance(v, list)})
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: v for k, v in row.items() if not isinstance(v, list)})
+        atomic_write_text(self.path, text.getvalue())
         self._written = len(history)

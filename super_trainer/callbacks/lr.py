@@ -7,19 +7,17 @@ All built-in LR callbacks run at Priority.VERY_HIGH so user callbacks see the lr
 """
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional
+import weakref
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..checkpoint import unwrap_model
+from ..modules import unwrap_model
 from ..metrics import lookup_metric
 from .base import PHASE_EVENTS, Callback, Phase, PhaseContext, Priority, parse_phase
 
 __all__ = [
-    "LR_MODES",
-    "WARMUP_MODES",
     "LinearEpochLRWarmup",
     "LinearBatchLRWarmup",
     "StepLRSchedule",
@@ -28,42 +26,47 @@ __all__ = [
     "ExpLRSchedule",
     "FunctionLRSchedule",
     "TorchSchedulerCallback",
-    "build_lr_callbacks",
-    "normalize_lr_mode",
-    "normalize_warmup_mode",
+    "set_group_lrs",
+    "model_lr_hook",
 ]
 
 
-def _set_lrs(context: PhaseContext, scale: Callable[[float], float]) -> None:
-    """Every param group's lr = scale(its lr0). A model with SuperGradients' ``update_param_groups(param_groups,
-    lr, epoch, iter, training_params, total_batch)`` sets them itself from the base lr instead."""
+def set_group_lrs(context: PhaseContext, lr_of: Callable[[float], float], from_current: bool = False) -> None:
+    """Every param group's lr = lr_of(its lr0) (``from_current``: lr_of(its current lr)). A param group added
+    after the optimizer was built (``optimizer.add_param_group``) takes its lr at that moment as its lr0.
+
+    A model with SuperGradients' ``update_param_groups(param_groups, lr, epoch, iter, training_params,
+    total_batch)`` sets the groups itself from lr_of(base lr) instead (base lr: ``initial_lr`` when it is a
+    number, else the first group's lr0)."""
     optimizer = context.optimizer
-    hook = _update_param_groups_hook(context)
+    hook = model_lr_hook(context.net)
     if hook is None:
         for group in optimizer.param_groups:
-            group["lr"] = scale(group["initial_lr"])
+            group["lr"] = lr_of(group["lr"] if from_current else group.setdefault("initial_lr", group["lr"]))
         return
     base = (context.training_params or {}).get("initial_lr")
     if not isinstance(base, (int, float)) or isinstance(base, bool):
-        base = optimizer.param_groups[0]["initial_lr"]
-    groups = hook(optimizer.param_groups, scale(float(base)), context.epoch, context.batch_idx,
+        base = optimizer.param_groups[0].setdefault("initial_lr", optimizer.param_groups[0]["lr"])
+    groups = hook(optimizer.param_groups, lr_of(float(base)), context.epoch, context.batch_idx,
                   context.training_params, context.steps_per_epoch)
     if groups is not None and groups is not optimizer.param_groups:
         optimizer.param_groups[:] = list(groups)
 
 
-def _update_param_groups_hook(context: PhaseContext) -> Optional[Callable[..., Any]]:
-    """The model's ``update_param_groups``, looked up once per run (cached on the context)."""
-    cached = context.__dict__.get("_update_param_groups_hook", _UNSET)
-    if cached is _UNSET:
-        net = unwrap_model(context.net) if context.net is not None else None
-        cached = getattr(net, "update_param_groups", None) if net is not None else None
-        cached = cached if callable(cached) else None
-        context.__dict__["_update_param_groups_hook"] = cached
-    return cached
+#: net -> its update_param_groups (or None), looked up once per model: schedules call this every step.
+_LR_HOOKS: "weakref.WeakKeyDictionary[Any, Optional[Callable[..., Any]]]" = weakref.WeakKeyDictionary()
 
 
-_UNSET = object()
+def model_lr_hook(net: Any) -> Optional[Callable[..., Any]]:
+    """The model's SuperGradients-style ``update_param_groups`` (through DDP/compile wrappers), or None."""
+    if net is None:
+        return None
+    try:
+        return _LR_HOOKS[net]
+    except KeyError:
+        hook = getattr(unwrap_model(net), "update_param_groups", None)
+        _LR_HOOKS[net] = hook = hook if callable(hook) else None
+        return hook
 
 
 class _Schedule(Callback):
@@ -91,7 +94,7 @@ class _StepwiseSchedule(_Schedule):
             return
         step_in_epoch = context.global_step - 1 - context.epoch_start_step  # b: index of the step just taken
         factor = self.factor(context.epoch - self.warmup_epochs, step_in_epoch)
-        _set_lrs(context, lambda lr0: lr0 * factor)
+        set_group_lrs(context, lambda lr0: lr0 * factor)
 
     def factor(self, epoch: int, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -147,7 +150,7 @@ class FunctionLRSchedule(_StepwiseSchedule):
         step_in_epoch = context.global_step - 1 - context.epoch_start_step
         max_epoch = self.max_epochs - self.warmup_epochs - self.cooldown_epochs
         epoch = context.epoch - self.warmup_epochs
-        _set_lrs(context, lambda lr0: float(self.function(
+        set_group_lrs(context, lambda lr0: float(self.function(
             initial_lr=lr0, epoch=epoch, iter=step_in_epoch, max_epoch=max_epoch,
             iters_per_epoch=self.steps_per_epoch)))
 
@@ -164,7 +167,7 @@ class StepLRSchedule(_Schedule):
         if context.epoch < self.warmup_epochs:
             return
         passed = sum(1 for u in self.lr_updates if u <= context.epoch)
-        _set_lrs(context, lambda lr0: lr0 * self.decay_factor ** passed)
+        set_group_lrs(context, lambda lr0: lr0 * self.decay_factor ** passed)
 
 
 class LinearEpochLRWarmup(Callback):
@@ -185,7 +188,7 @@ class LinearEpochLRWarmup(Callback):
             w0 = lr0 / (W + 1) if self.warmup_initial_lr is None else self.warmup_initial_lr
             return w0 + epoch * (lr0 - w0) / W
 
-        _set_lrs(context, lr)
+        set_group_lrs(context, lr)
 
 
 class LinearBatchLRWarmup(Callback):
@@ -206,7 +209,7 @@ class LinearBatchLRWarmup(Callback):
             w0 = lr0 / (S + 1) if self.warmup_initial_lr is None else self.warmup_initial_lr
             return w0 if S == 1 else w0 + g * (lr0 - w0) / (S - 1)
 
-        _set_lrs(context, lr)
+        set_group_lrs(context, lr)
 
 
 class TorchSchedulerCallback(Callback):
@@ -239,12 +242,16 @@ class TorchSchedulerCallback(Callback):
     def state_key(self) -> str:
         return f"TorchSchedulerCallback[{self.scheduler_cls.__name__}]"
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Create the scheduler over ``optimizer`` (before training starts)."""
-        self.scheduler = self.scheduler_cls(optimizer, **self.params)
+    def on_training_start(self, context: PhaseContext) -> None:
+        """Create the scheduler over ``context.optimizer``. On a resume the optimizer already holds the
+        checkpoint's lrs: the scheduler's constructor (which sets its own first lr) must not change them."""
+        lrs = [group["lr"] for group in context.optimizer.param_groups]
+        self.scheduler = self.scheduler_cls(context.optimizer, **self.params)
         if self._pending_state is not None:
             self.scheduler.load_state_dict(self._pending_state)
             self._pending_state = None
+            for group, lr in zip(context.optimizer.param_groups, lrs):
+                group["lr"] = lr
 
     def _step(self, context: PhaseContext) -> None:
         if self.metric_name is not None:
@@ -264,99 +271,3 @@ class TorchSchedulerCallback(Callback):
             self._pending_state = state
         else:
             self.scheduler.load_state_dict(state)
-
-
-LR_MODES: Dict[str, str] = {
-    "step": "step", "steplrscheduler": "step", "step_lr": "step",
-    "cosine": "cosine", "cosinelrscheduler": "cosine",
-    "poly": "poly", "polylrscheduler": "poly",
-    "exp": "exp", "exponentiallrscheduler": "exp", "explrscheduler": "exp",
-    "function": "function", "functionlrscheduler": "function",
-}
-
-WARMUP_MODES: Dict[str, str] = {
-    "linear_epoch_step": "linear_epoch_step", "linearepochlrwarmup": "linear_epoch_step",
-    "warmup_linear_epoch": "linear_epoch_step", "linear_epoch": "linear_epoch_step",
-    "linear_batch_step": "linear_batch_step", "linearbatchlrwarmup": "linear_batch_step",
-    "warmup_linear_step": "linear_batch_step", "linear_step": "linear_batch_step",
-}
-
-
-def normalize_lr_mode(value: Any) -> Any:
-    """Canonical lr_mode name, a torch scheduler mapping unchanged, or ValueError listing valid modes."""
-    if value is None or isinstance(value, Mapping):
-        return value
-    key = str(value).lower()
-    if key in LR_MODES:
-        return LR_MODES[key]
-    valid = "None, 'step', 'poly', 'cosine', 'exp', 'function' or {TorchScheduler: {params}}"
-    raise ValueError(f"training_params.lr_mode: unknown value {value!r}; valid: {valid}")
-
-
-def normalize_warmup_mode(value: Any) -> Optional[str]:
-    if value is None:
-        return None
-    key = str(value).lower()
-    if key in WARMUP_MODES:
-        return WARMUP_MODES[key]
-    raise ValueError(
-        f"training_params.warmup_mode: unknown value {value!r}; valid: 'linear_epoch_step', 'linear_batch_step'"
-    )
-
-
-def build_lr_callbacks(params: Mapping[str, Any], steps_per_epoch: int) -> List[Callback]:
-    """The warmup and schedule callbacks that ``training_params`` asks for (empty for a constant lr)."""
-    callbacks: List[Callback] = []
-    W = int(params.get("lr_warmup_epochs") or 0)
-    S = int(params.get("lr_warmup_steps") or 0)
-    C = int(params.get("lr_cooldown_epochs") or 0)
-    M = int(params["max_epochs"])
-    warmup_mode = normalize_warmup_mode(params.get("warmup_mode"))
-    if warmup_mode is None and (W > 0 or S > 0):
-        warmup_mode = "linear_epoch_step" if W > 0 else "linear_batch_step"
-    if warmup_mode == "linear_epoch_step" and W > 0:
-        callbacks.append(LinearEpochLRWarmup(W, params.get("warmup_initial_lr")))
-    elif warmup_mode == "linear_batch_step" and (S > 0 or W > 0):
-        callbacks.append(LinearBatchLRWarmup(S if S > 0 else W * steps_per_epoch, params.get("warmup_initial_lr")))
-
-    mode = normalize_lr_mode(params.get("lr_mode"))
-    common = dict(max_epochs=M, steps_per_epoch=steps_per_epoch, warmup_epochs=W, warmup_steps=S,
-                  cooldown_epochs=C)
-    decay = float(params["lr_decay_factor"])
-    if mode is None:
-        pass
-    elif isinstance(mode, Mapping):
-        callbacks.append(_torch_scheduler(mode))
-    elif mode == "cosine":
-        callbacks.append(CosineLRSchedule(**common, final_lr_ratio=float(params["cosine_final_lr_ratio"])))
-    elif mode == "poly":
-        callbacks.append(PolyLRSchedule(**common))
-    elif mode == "exp":
-        callbacks.append(ExpLRSchedule(**common, decay_factor=decay))
-    elif mode == "function":
-        function = params.get("lr_schedule_function")
-        if not callable(function):
-            raise ValueError("training_params.lr_schedule_function must be a callable when lr_mode is 'function'")
-        callbacks.append(FunctionLRSchedule(**common, function=function))
-    elif mode == "step":
-        updates = params.get("lr_updates") or []
-        callbacks.append(StepLRSchedule(**common, lr_updates=list(updates), decay_factor=decay))
-    return callbacks
-
-
-def _torch_scheduler(mode: Mapping[str, Any]) -> TorchSchedulerCallback:
-    from ..registry import parse_spec
-
-    name, params = parse_spec(mode, "lr scheduler")
-    scheduler_cls = getattr(torch.optim.lr_scheduler, str(name), None)
-    if not (inspect.isclass(scheduler_cls) and name[0].isupper()):
-        from ..registry import close_matches
-
-        names = [n for n, v in vars(torch.optim.lr_scheduler).items() if inspect.isclass(v) and n.endswith(("LR", "Plateau"))]
-        hint = close_matches(str(name), names)
-        raise ValueError(f"training_params.lr_mode: unknown torch scheduler {name!r}"
-                         + (f"; did you mean {' or '.join(map(repr, hint))}?" if hint else ""))
-    params = dict(params)
-    phase = params.pop("phase", None)
-    metric_name = params.pop("metric_name", None)
-    return TorchSchedulerCallback(scheduler_cls, params, phase=phase, metric_name=metric_name)

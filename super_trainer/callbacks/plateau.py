@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 
 from ..metrics import lookup_metric
 from .base import Callback, PhaseContext, Priority
-from .lr import _update_param_groups_hook
+from .lr import model_lr_hook, set_group_lrs
 
 __all__ = ["ReduceLROnPlateauCallback"]
 
@@ -115,21 +115,10 @@ class ReduceLROnPlateauCallback(Callback):
                     [g["lr"] for g in context.optimizer.param_groups])
 
     def _reduce(self, context: PhaseContext) -> None:
-        optimizer = context.optimizer
-        hook = _update_param_groups_hook(context)
-        if hook is None:
-            for group in optimizer.param_groups:
-                group["lr"] = max(group["lr"] * self.factor, self.min_lr)
-            return
-        # a model with SuperGradients' update_param_groups sets the groups' lrs from one base lr
-        base = (context.training_params or {}).get("initial_lr")
-        if not isinstance(base, (int, float)) or isinstance(base, bool):
-            base = optimizer.param_groups[0]["initial_lr"]
-        lr = max(float(base) * self.factor ** self.reductions, self.min_lr)
-        groups = hook(optimizer.param_groups, lr, context.epoch, context.batch_idx, context.training_params,
-                      context.steps_per_epoch)
-        if groups is not None and groups is not optimizer.param_groups:
-            optimizer.param_groups[:] = list(groups)
+        if model_lr_hook(context.net) is None:
+            set_group_lrs(context, lambda lr: max(lr * self.factor, self.min_lr), from_current=True)
+        else:  # a model with SuperGradients' update_param_groups sets the groups' lrs from one base lr
+            set_group_lrs(context, lambda lr0: max(lr0 * self.factor ** self.reductions, self.min_lr))
 
     def state_dict(self) -> Dict[str, Any]:
         return {"best": self.best, "bad_validations": self.bad_validations, "cooldown_left": self.cooldown_left,

@@ -1,0 +1,62 @@
+"""The no-grad passes: the batch loop shared by validation and test, and one whole test pass (used by the training
+loop after its epochs and by ``Trainer.test``)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from ..batches import count_batches, numbered, to_device
+from ..context import PhaseContext
+from .parts import Meters, RunParts
+
+__all__ = ["evaluate", "test_pass"]
+
+Event = Callable[[PhaseContext], None]
+
+
+def evaluate(parts: RunParts, meters: Meters, kind: str, loader: Any, limit: Optional[int],
+             on_batch_start: Event, on_batch_end: Event, interrupted: Callable[[], bool] = lambda: False) -> None:
+    """Forward, loss and metric update over ``loader`` (at most ``limit`` batches) with the EMA weights when EMA
+    is on, in eval mode and without gradients; ``kind`` ("valid" or "test") picks the metrics."""
+    context = parts.context
+    model = parts.ema.ema if parts.ema is not None else parts.net
+    was_training = model.training
+    model.eval()
+    collection = meters.start_eval(kind)
+    criterion, owned, device = context.criterion, context.owned_fields(), context.device
+    try:
+        with torch.no_grad():
+            for batch_idx, batch, _ in numbered(loader, count_batches(loader, limit), limit):
+                if interrupted():  # Ctrl-C during evaluation: no need to wait for the pass to end
+                    raise KeyboardInterrupt
+                owned["batch_idx"] = batch_idx
+                context.inputs, context.target, context.additional_batch_items = to_device(batch, device)
+                on_batch_start(context)
+                with parts.autocast:
+                    context.preds = model(context.inputs)
+                    if criterion is not None:
+                        context.loss, context.loss_log_items = meters.compute_loss(criterion, context.preds,
+                                                                                   context.target)
+                if criterion is not None:
+                    meters.eval_loss.add(context.loss_log_items)
+                if collection is not None:
+                    collection.update(context.preds, context.target)
+                on_batch_end(context)
+    finally:
+        model.train(was_training)
+
+
+def test_pass(parts: RunParts, meters: Meters, name: str, loader: Any,
+              interrupted: Callable[[], bool] = lambda: False) -> Dict[str, Any]:
+    """One pass over a test loader, firing the test events; returns its metrics_dict."""
+    context, fire = parts.context, parts.callbacks
+    context.trainer_update(test_loader=loader, test_loader_name=name)
+    fire.on_test_loader_start(context)
+    evaluate(parts, meters, "test", loader, None, fire.on_test_batch_start, fire.on_test_batch_end, interrupted)
+    context.metrics_dict = meters.eval_results("test")
+    fire.on_test_loader_end(context)
+    results = dict(context.metrics_dict)
+    meters.test_results[name] = results
+    context.trainer_update(test_metrics=dict(meters.test_results))
+    return results
