@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import enum
 import inspect
 import logging
 import warnings
@@ -38,10 +39,11 @@ from .callbacks.pre_prediction import PrePredictionCallback
 from .callbacks.progress import ProgressBar
 from .context import PhaseContext
 from .ema import ModelEMA
+from .checks import check_loader, sample_target, warn_if_unbounded
 from .files import atomic_write_text
-from .losses import build_criterion, known_loss_names
+from .losses import build_criterion, known_loss_names, resolve_metric_direction
 from .loop.parts import Meters, RunParts
-from .metrics import build_metrics
+from .metrics import build_metrics, check_default_metrics
 from .modules import convert_sync_bn, forward_module, unwrap_model
 from .optimizers import build_optimizer, step_takes_closure
 from .params import TrainingParams, normalize_lr_mode, normalize_warmup_mode, resolve_training_params
@@ -71,7 +73,9 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 def check_metric_to_watch(metric: str, criterion: Any, names: Optional[List[str]], titles: List[str],
                           callbacks: Sequence[Any] = ()) -> None:
     """ValueError unless ``metric`` is a metrics_dict key: a loss name, a metric title, or a name in a
-    callback's ``metric_names`` (metrics it adds at on_validation_loader_end)."""
+    callback's ``metric_names`` (metrics it adds at on_validation_loader_end). Whether greater is better was
+    settled before, where the loss names became known (:func:`~super_trainer.losses.resolve_metric_direction`,
+    called by ``known_loss_names``)."""
     base = getattr(criterion, "__name__", None) or type(criterion).__name__
     declared = [str(n) for cb in callbacks for n in (getattr(cb, "metric_names", ()) or ())]
     keys = list(names or [base]) + titles + declared
@@ -179,8 +183,13 @@ def write_params_yaml(params: TrainingParams, path: Path) -> None:
             return {str(k): plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
-        if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, enum.Enum):  # e.g. a Phase (a str enum): its name, as OmegaConf writes it
+            return value.name
+        if value is None or type(value) in (bool, int, float, str):
             return value
+        for kind in (bool, int, float, str):  # subclasses (numpy's bool_ is not one) as their plain value
+            if isinstance(value, kind):
+                return kind(value)
         return repr(value)
 
     # PyYAML's C dumper writes the same text as OmegaConf.to_yaml, 40x faster (about 1 ms, not 30)
@@ -288,6 +297,9 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         raise ValueError("train_loader is required")
     if not isinstance(inputs.model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module or a recipe, got {type(inputs.model).__name__}")
+    check_loader("train_loader", inputs.train_loader)
+    if inputs.valid_loader is not None:
+        check_loader("valid_loader", inputs.valid_loader)
     params = resolve_training_params(inputs.training_params)
     is_distributed, device = _join_process_group(device)
     if params.seed is not None:
@@ -299,6 +311,9 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     test_loaders = dict(inputs.test_loaders or {})
     metrics = _build_metrics(params, bool(test_loaders))
     known = known_loss_names(criterion, params)
+    resolve_metric_direction(params, criterion, known)  # before the callbacks: AverageBestModels reads it
+    if inputs.valid_loader is not None:
+        check_default_metrics(params, sample_target(inputs.valid_loader))
     autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
     _check_closure_optimizer(optimizer, params, scaler)
     ema = ModelEMA(net, **params.ema_params) if params.ema else None
@@ -338,6 +353,7 @@ def _join_process_group(device: torch.device) -> Tuple[bool, torch.device]:
 def _check_loaders(params: TrainingParams, train_loader: Any, valid_loader: Any) -> Optional[int]:
     """Loud failures for loaders without batches; returns the optimizer steps per epoch (None: unknown)."""
     train_batches = count_batches(train_loader, params.max_train_batches)
+    warn_if_unbounded(train_batches, params)
     if train_batches == 0:
         raise ValueError("train_loader has no batches (len(train_loader) == 0): nothing to train on; check the "
                          "dataset's size, batch_size and drop_last")

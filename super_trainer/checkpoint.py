@@ -13,12 +13,14 @@ The writer, the RNG helpers and ``unwrap_model`` live in their own modules and a
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from .checksum import ChecksumError, save_with_checksum, verify_checksum
 from .checkpoint_writer import WRITER_THREAD_NAME, CheckpointWriter, copy_to_host, wait_for_writes
 from .files import PathLike, atomic_write
 from .modules import unwrap_model
@@ -28,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "REQUIRED_KEYS",
     "FORMAT",
+    "KNOWN_FORMATS",
     "atomic_write",
     "save_checkpoint",
     "CheckpointWriter",
@@ -54,14 +57,22 @@ REQUIRED_KEYS: Tuple[str, ...] = (
 
 FORMAT = "super_trainer/1"
 
+#: ``format`` values this version reads (training checkpoints, AverageBestModels' average_model.pth); another
+#: ``"super_trainer/..."`` value is a CheckpointError (another version wrote it). A dict without one (a bare
+#: state_dict, a file of your own) is read as is.
+KNOWN_FORMATS: Tuple[str, ...] = (FORMAT, "super_trainer/average")
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, or not a super_trainer checkpoint. The message names the path."""
+    """A checkpoint file is missing, truncated, corrupted, or not a super_trainer checkpoint. The message names
+    the path."""
 
 
-def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + rename). Returns the path."""
-    return atomic_write(path, lambda file: torch.save(dict(state), file))
+def save_checkpoint(state: Mapping[str, Any], path: PathLike, make_dirs: bool = False) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename), with the SHA-256 of its bytes stored in
+    the file (verified by :func:`read_checkpoint`). Returns the path. ``make_dirs``: create a missing directory
+    (by default a missing directory is a FileNotFoundError naming it)."""
+    return atomic_write(path, lambda file: save_with_checksum(dict(state), file), make_dirs=make_dirs)
 
 
 def read_checkpoint(
@@ -70,30 +81,111 @@ def read_checkpoint(
     map_location: Any = "cpu",
     required_keys: Iterable[str] = REQUIRED_KEYS,
 ) -> Dict[str, Any]:
-    """Load a checkpoint dict; CheckpointError naming the path when missing, unreadable or foreign.
+    """Load a checkpoint dict; CheckpointError naming the path when it is missing, a directory, empty,
+    truncated, corrupted (its content does not match the checksum written with it), not a torch file, of an
+    unknown ``format`` version, or foreign (not a dict, or missing ``required_keys``).
 
-    ``weights_only=True`` (the default) refuses pickled code; pass False only for files you trust.
+    ``weights_only=True`` (the default) refuses pickled code; pass False only for files you trust. The checksum
+    costs one extra read of the file (see docs/checkpoints.md); files without one (super_trainer 0.2, plain
+    ``torch.save`` files) load unverified.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _check_regular_file(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except Exception as err:  # truncated zip, wrong format, refused global, ...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {first_line} (truncated, not written by torch.save, or "
-            "holding objects weights_only=True refuses)"
-        ) from err
+        with open(path, "rb") as file:
+            try:
+                verified = verify_checksum(file)
+            except ChecksumError as err:
+                raise CheckpointError(f"checkpoint {path} is corrupted: {err}; it was changed after it was written "
+                                      "(disk or transfer error): use another copy (e.g. ckpt_epoch_N.pth)") from None
+            if verified is None:
+                _check_intact(file, path)
+            file.seek(0)
+            state = _load(file, path, weights_only, map_location)
+    except PermissionError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from err
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{path} is not a super_trainer checkpoint: expected a dict with keys {list(REQUIRED_KEYS)}, "
             f"got {type(state).__name__}"
         )
+    found = state.get("format")
+    if isinstance(found, str) and found.startswith("super_trainer/") and found not in KNOWN_FORMATS:
+        raise CheckpointError(f"checkpoint {path} has format {found!r}, which this super_trainer does not know (it "
+                              f"reads {list(KNOWN_FORMATS)}): it was written by another version; upgrade super_trainer")
     missing = [k for k in required_keys if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a super_trainer checkpoint: missing keys {missing}")
     return state
+
+
+def _check_regular_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+
+
+_ZIP_START = b"PK\x03\x04"
+_ZIP_END = b"PK\x05\x06"
+
+
+def _check_intact(file: IO[bytes], path: Path) -> None:
+    """For a file without a checksum: empty, truncated or not a torch file, named before torch.load's own
+    messages ("[Errno 22] Invalid argument", a bare EOFError) can hide why."""
+    size = file.seek(0, 2)
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated, e.g. by a full disk or a copy "
+                              "that did not finish")
+    file.seek(0)
+    head = file.read(4)
+    if head != _ZIP_START:
+        if head[:1] == b"\x80":  # a pickle: torch.save's legacy format, read by torch.load as is
+            return
+        raise CheckpointError(f"{path} is not a checkpoint written by torch.save: it is neither a zip archive nor a "
+                              f"pickle (it starts with {head!r})")
+    window = min(size, 65536 + 22)  # the end record sits in the last 22 bytes plus its comment (< 64 KiB)
+    file.seek(size - window)
+    tail = file.read(window)
+    end = tail.rfind(_ZIP_END)
+    if end < 0 or end + 22 > len(tail):
+        raise CheckpointError(f"checkpoint {path} is truncated ({size} bytes): the end of its zip archive is missing")
+    comment = int.from_bytes(tail[end + 20:end + 22], "little")
+    if end + 22 + comment > len(tail):
+        raise CheckpointError(f"checkpoint {path} is truncated ({size} bytes): its zip archive ends early")
+
+
+#: torch's note on a refused global, with the rest of its paragraph-long message.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _load(file: IO[bytes], path: Path, weights_only: bool, map_location: Any) -> Any:
+    try:
+        return torch.load(file, map_location=map_location, weights_only=weights_only)
+    except Exception as err:
+        raise CheckpointError(_load_error(path, err)) from err
+
+
+def _load_error(path: Path, err: BaseException) -> str:
+    """One line, without ANSI codes, saying why torch.load failed and what would help."""
+    text = _ANSI.sub("", str(err))
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:
+        return (f"checkpoint {path} holds an object that weights_only loading refuses ({refused.group(1)}); if you "
+                "trust the file, load it with weights_only=False (resume_weights_only: false in training_params, "
+                "weights_only=False for load_checkpoint_to_model/read_checkpoint), or allow the class with "
+                "torch.serialization.add_safe_globals")
+    if "Weights only load failed" in text:  # a pickle weights_only cannot parse: not a refused class
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        reason = " ".join(detail.group(1).split()) if detail else "unreadable pickle"
+        return f"cannot read checkpoint {path}: its pickle is damaged or not written by torch.save ({reason})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    first = first.split(". This is an internal miniz error")[0]
+    return f"cannot read checkpoint {path}: {first} (damaged, or not written by torch.save)"
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any], model_keys: Iterable[str]) -> Dict[str, Any]:

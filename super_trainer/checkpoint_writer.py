@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .checksum import save_with_checksum
 from .files import PathLike, atomic_copy, atomic_write
 
 __all__ = ["CheckpointWriter", "copy_to_host", "wait_for_writes", "WRITER_THREAD_NAME"]
@@ -112,13 +113,17 @@ class CheckpointWriter:
 
     ``save(state, *paths)`` copies every tensor of ``state`` to host memory on the calling thread (CUDA tensors
     into pinned buffers, non_blocking, one synchronize), then the writer's thread writes the copy to the
-    first path with :func:`~super_trainer.files.atomic_write` and ``torch.save`` (temp file + fsync + rename) and copies that file to the other paths,
-    each atomically. Training may change the live tensors as soon as ``save`` returns.
+    first path with :func:`~super_trainer.files.atomic_write` and ``torch.save`` (temp file + fsync + rename),
+    hashing the bytes as they are written (the SHA-256 that :func:`~super_trainer.checkpoint.read_checkpoint`
+    verifies), and copies that file to the other paths, each atomically. Training may change the live tensors as
+    soon as ``save`` returns. The directory must exist unless ``make_dirs=True``: by default a run dir deleted
+    while training is an error, never recreated.
 
     At most one write is in flight: ``save`` first waits for the previous one. An exception of a background
-    write is logged when it happens and raised (once) by the next ``save``, ``flush`` or ``close``. A write in
-    flight completes before the interpreter exits (an atexit hook waits for it), also after Ctrl-C; only a hard
-    kill loses it, leaving the previous file. Files are replaced atomically, so a reader sees the previous
+    write is logged when it happens and raised (once) by the next ``save``, ``flush`` or ``close``. The thread is
+    a daemon, so an idle writer never holds up the interpreter's exit; a write in flight still completes before
+    the interpreter exits (an atexit hook waits for it), also after Ctrl-C; only a hard kill loses it, leaving
+    the previous file. Files are replaced atomically, so a reader sees the previous
     complete file until the new one lands; call ``flush()`` (or :func:`wait_for_writes`) before reading a file
     that must hold the latest save. Use from one thread; ``close()`` it (or use ``with``) to end its thread.
 
@@ -127,8 +132,9 @@ class CheckpointWriter:
     faster than allocating it, at the cost of holding one host copy of the state until ``close()``.
     """
 
-    def __init__(self, reuse_buffers: bool = True) -> None:
+    def __init__(self, reuse_buffers: bool = True, make_dirs: bool = False) -> None:
         self.reuse_buffers = reuse_buffers
+        self.make_dirs = make_dirs
         self._thread: Optional[threading.Thread] = None  # started at the first save, ended by close()
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._idle = threading.Event()  # set while no write is in flight
@@ -189,9 +195,9 @@ class CheckpointWriter:
         try:
             for state, paths in jobs:
                 path = paths[0]
-                atomic_write(path, lambda file: torch.save(state, file))
+                atomic_write(path, lambda file: save_with_checksum(state, file), make_dirs=self.make_dirs)
                 for path in paths[1:]:
-                    atomic_copy(paths[0], path)
+                    atomic_copy(paths[0], path, make_dirs=self.make_dirs)
             for path in remove:
                 path.unlink(missing_ok=True)
         except BaseException as err:  # handed to the training thread by flush()

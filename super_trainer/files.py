@@ -1,54 +1,217 @@
 """Atomic file writes: every file the package writes (checkpoints, recipe and params YAML, CSV, PNG) goes through
-:func:`atomic_write`, so a crash leaves the previous file or the new one, never a truncated one."""
+:func:`atomic_write`, so a crash leaves the previous file or the new one, never a truncated one.
+
+Besides atomicity, a write:
+
+- gets the permission bits a plain ``open(path, "w")`` would give: an existing file keeps its mode, a new one
+  gets ``0o666 & ~umask`` (``mkstemp`` alone would leave ``0o600``, unreadable for teammates on a shared cluster);
+- never creates its directory unless the caller says so (``make_dirs=True``, for the first write of a run): a run
+  dir deleted mid-run is an error, not silently recreated;
+- names its temp file after the writing process (host and pid), so the first write into a directory removes the
+  temp files that dead writers left there (a SIGKILL during a write leaves a checkpoint-sized one);
+- reports a full disk as one line: "no space left", the path, and that the previous file was kept.
+"""
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import IO, Callable, Union
+from typing import IO, Callable, Optional, Set, Union
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_copy"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_copy", "remove_stale_temp_files", "STALE_FOREIGN_SECONDS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: A temp file of another host (whose process we cannot look up) is removed once unmodified for this long: a
+#: live write rewrites its temp file continuously and renames it within seconds to minutes.
+STALE_FOREIGN_SECONDS = 24 * 3600
 
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
+# ".<target name>.w<pid>@<host>.<mkstemp's random part>.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.w(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.[A-Za-z0-9_]+\.tmp$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+_lock = threading.Lock()
+_in_flight: Set[str] = set()  # file names of this process's temp files being written now (any thread)
+_swept: Set[str] = set()  # directories already cleared of dead writers' temp files by this process
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], make_dirs: bool = False) -> Path:
     """``write(file)`` into a temp file beside ``path``, fsync it, rename it over ``path``, fsync the directory:
-    a crash leaves the old file or the new one, never a truncated one; a failed write removes its temp file."""
+    a crash leaves the old file or the new one, never a truncated one; a failed write removes its temp file.
+
+    ``make_dirs``: create missing parent directories (the first write of a run). By default a missing directory
+    is a FileNotFoundError naming it, so a run dir deleted while training is not silently recreated.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    directory = path.parent
+    if make_dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not directory.is_dir():
+        raise _missing_dir(path)
+    _sweep_once(directory)
+    mode = _mode_for(path)
     try:
+        with _lock:  # created and registered at once: a sweep by another thread never sees it unregistered
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.w{os.getpid()}@{_HOST}.", suffix=".tmp",
+                                            dir=directory)
+            _in_flight.add(os.path.basename(tmp_name))
+    except FileNotFoundError:
+        raise _missing_dir(path) from None
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise _disk_full(path, err) from err
+        raise
+    try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as tmp:
             write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+    except BaseException as err:
+        _unlink(tmp_name)
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            raise _disk_full(path, err) from err
+        if isinstance(err, FileNotFoundError) and not directory.is_dir():
+            raise _missing_dir(path) from err
         raise
-    _fsync_dir(path.parent)
+    finally:
+        with _lock:
+            _in_flight.discard(os.path.basename(tmp_name))
+    _fsync_dir(directory)
     return path
 
 
-def atomic_write_text(path: PathLike, text: str) -> Path:
+def atomic_write_text(path: PathLike, text: str, make_dirs: bool = False) -> Path:
     """:func:`atomic_write` of ``text`` encoded as UTF-8."""
     data = text.encode("utf-8")
-    return atomic_write(path, lambda file: file.write(data))
+    return atomic_write(path, lambda file: file.write(data), make_dirs=make_dirs)
 
 
-def atomic_copy(source: PathLike, path: PathLike) -> Path:
+def atomic_copy(source: PathLike, path: PathLike, make_dirs: bool = False) -> Path:
     """Copy a finished file to ``path`` with the same temp + fsync + rename as :func:`atomic_write`."""
 
     def copy(file: IO[bytes]) -> None:
         with open(source, "rb") as src:
             shutil.copyfileobj(src, file, 16 * 1024 * 1024)
 
-    return atomic_write(path, copy)
+    return atomic_write(path, copy, make_dirs=make_dirs)
+
+
+def remove_stale_temp_files(directory: PathLike) -> list:
+    """Remove the temp files of :func:`atomic_write` calls whose process is dead; returns the removed paths.
+
+    A temp file names its writer's host and pid. On this host it is stale when no process has that pid, when the
+    process with that pid started after the file was last written (the pid was reused: a restarted container),
+    or when the pid is this process's and no write of this process uses the file. A temp file of another host
+    is stale once unmodified for :data:`STALE_FOREIGN_SECONDS`. Files named otherwise are never touched.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None:
+            continue
+        try:
+            modified = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue  # gone already
+        if _writer_is_dead(entry.path, int(match["pid"]), match["host"], modified) and _unlink(entry.path):
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _sweep_once(directory: Path) -> None:
+    """The first write of this process into ``directory`` removes dead writers' temp files there."""
+    key = os.path.abspath(directory)
+    with _lock:
+        if key in _swept:
+            return
+        _swept.add(key)
+    remove_stale_temp_files(directory)
+
+
+def _writer_is_dead(path: str, pid: int, host: str, modified: float) -> bool:
+    if host != _HOST:
+        return time.time() - modified > STALE_FOREIGN_SECONDS
+    if pid == os.getpid():
+        with _lock:
+            return os.path.basename(path) not in _in_flight
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    except OSError:
+        return False
+    started = _process_start_time(pid)
+    return started is not None and started > modified + 1.0  # 1 s: /proc's boot time is whole seconds
+
+
+def _process_start_time(pid: int) -> Optional[float]:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None where /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as system:
+            boot = next(float(line.split()[1]) for line in system if line.startswith(b"btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat, counted after "(comm)"
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: the existing file's, else 0o666 minus the umask."""
+    try:
+        existing = os.stat(path)
+    except OSError:
+        return 0o666 & ~_umask()
+    return existing.st_mode & 0o7777
+
+
+def _umask() -> int:
+    # /proc gives it without changing it; os.umask() can only be read by setting it (racy with other threads).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _missing_dir(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(errno.ENOENT, f"cannot write {path}: its directory {path.parent} does not exist (was it "
+                                           "deleted during the run?); nothing was written")
+
+
+def _disk_full(path: Path, err: OSError) -> OSError:
+    kept = f"the previous {path.name} was kept unchanged" if path.exists() else f"no {path.name} was written"
+    reason = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded (no space left)"
+    return OSError(err.errno, f"{reason} while writing {path}; {kept} and the partial temp file was removed")
+
+
+def _unlink(name: str) -> bool:
+    try:
+        os.unlink(name)
+        return True
+    except OSError:  # gone already, or another user's file in a shared dir
+        return False
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -4,6 +4,8 @@ become metrics_dict keys."""
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import MutableMapping
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
@@ -13,7 +15,8 @@ from .metrics import loss_names
 from .modules import compile_kwargs
 from .registry import LOSSES, parse_spec
 
-__all__ = ["build_criterion", "known_loss_names", "SG_LOSS_NAMES"]
+__all__ = ["build_criterion", "known_loss_names", "SG_LOSS_NAMES", "is_loss_key", "resolve_metric_direction",
+           "check_loss_value"]
 
 logger = logging.getLogger("super_trainer")
 
@@ -90,7 +93,50 @@ def _sg_criterion_params(spec: Any, given: Dict[str, Any]) -> Dict[str, Any]:
 def known_loss_names(criterion: Any, params: Mapping[str, Any]) -> Optional[List[str]]:
     """Loss names known before the first batch; None when they depend on what the loss returns."""
     declared = params.get("loss_logging_items_names") or getattr(criterion, "component_names", None)
-    if declared:
-        return loss_names(criterion, list(declared))
-    return None
+    return loss_names(criterion, list(declared)) if declared else None
+
+
+def is_loss_key(metric: str, criterion: Any, names: Optional[List[str]]) -> bool:
+    """Whether ``metric`` names one of the criterion's metrics_dict keys (case-insensitive, as lookups are):
+    ``names`` when known, else the loss's name or one of its ``Name/<component>`` keys."""
+    base = getattr(criterion, "__name__", None) or type(criterion).__name__
+    lowered = str(metric).lower()
+    if names:
+        return any(lowered == n.lower() for n in names)
+    return lowered == base.lower() or lowered.startswith(base.lower() + "/")
+
+
+def resolve_metric_direction(params: MutableMapping, criterion: Any, names: Optional[List[str]]) -> bool:
+    """Settle ``greater_metric_to_watch_is_better`` in ``params`` and return it: unset (None) means False when
+    ``metric_to_watch`` is a loss key and True otherwise; an explicit True on a loss key warns (the best epoch
+    would be the one with the highest loss)."""
+    metric = params["metric_to_watch"]
+    given = params.get("greater_metric_to_watch_is_better")
+    watching_loss = is_loss_key(metric, criterion, names)
+    if given is None:
+        params["greater_metric_to_watch_is_better"] = not watching_loss
+    elif given is True and watching_loss:
+        warnings.warn(f"training_params.greater_metric_to_watch_is_better is true but metric_to_watch {metric!r} is "
+                      "a loss: ckpt_best.pth and the best epoch will be the ones with the HIGHEST loss; set it to "
+                      "false (or leave it unset: a loss key defaults to false)", UserWarning, stacklevel=3)
+    return bool(params["greater_metric_to_watch_is_better"])
+
+
+def check_loss_value(loss: Any, criterion: Any) -> None:
+    """ValueError unless ``loss`` (what the criterion returned, or the first item of its ``(loss, components)``
+    tuple) is a 0-d floating tensor that backward can start from. For the loop: once, on the first batch."""
+    name = getattr(criterion, "__name__", None) or type(criterion).__name__
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError(f"training_params.loss: {name} returned a {type(loss).__name__} ({loss!r:.40}), not a tensor; "
+                         "return a 0-d torch tensor computed from the predictions (a Python number has no gradient)")
+    if loss.dim() != 0:
+        raise ValueError(f"training_params.loss: {name} returned a tensor of shape {tuple(loss.shape)}, not a "
+                         "scalar; reduce it to one number (e.g. reduction='mean', or return (loss, components) with a "
+                         "0-d loss)")
+    if not loss.is_floating_point():
+        raise ValueError(f"training_params.loss: {name} returned a {loss.dtype} tensor; a loss must be floating point")
+    if not loss.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"training_params.loss: {name} returned a loss that does not depend on any trainable "
+                         "parameter (computed from detached predictions or with .item()?); backward would have "
+                         "nothing to train")
 

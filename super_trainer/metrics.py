@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -18,7 +20,8 @@ from torchmetrics import Metric, MetricCollection
 
 from .registry import METRICS, parse_spec
 
-__all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values", "lookup_metric"]
+__all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values", "lookup_metric",
+           "check_default_metrics", "warn_non_finite_metrics"]
 
 
 @METRICS.register("Accuracy")
@@ -99,6 +102,52 @@ def build_metrics(spec: Any, key: str) -> Dict[str, Metric]:
             title = name if name != "_target_" else type(metric).__name__
         _add_metric(metrics, title, metric, key)
     return metrics
+
+
+def check_default_metrics(params: Any, target: Any) -> None:
+    """ValueError when ``valid_metrics_list`` was not given (so the default ``["Accuracy"]`` scores validation)
+    and ``target`` (a validation target, or a batch of them) is not class indices: float targets that are not
+    one-hot or probability rows (regression) would be scored 0 every epoch and the best epoch stuck at the first.
+    ``params``: the resolved TrainingParams (it records which keys took their default)."""
+    if "valid_metrics_list" not in getattr(params, "defaulted", ()):
+        return
+    if not isinstance(target, torch.Tensor) or not target.is_floating_point() or _class_rows(target):
+        return
+    shape = tuple(target.shape)
+    raise ValueError(f"training_params.valid_metrics_list: not given, so the default ['Accuracy'] would score "
+                     f"validation, but the targets are {target.dtype} {shape} (regression?) and Accuracy needs class "
+                     "indices: give metrics for the task (e.g. valid_metrics_list: [] and metric_to_watch: your loss's "
+                     "name, or a torchmetrics regression metric such as MeanSquaredError)")
+
+
+def _class_rows(target: torch.Tensor) -> bool:
+    """One-hot or probability rows over classes (dim 1): non-negative, each summing to 1."""
+    if target.dim() < 2 or target.numel() == 0:
+        return False
+    rows = target.detach().float()
+    return bool((rows >= 0).all()) and bool(torch.allclose(rows.sum(dim=1), torch.ones(()), atol=1e-3))
+
+
+def warn_non_finite_metrics(metrics: Mapping[str, Any], metric_to_watch: Optional[str] = None,
+                            where: str = "validation") -> List[str]:
+    """Warn, naming them, about the NaN or infinite values of ``metrics`` (a metrics_dict); returns their keys.
+    A NaN ``metric_to_watch`` never counts as an improvement, so ckpt_best stays at the last finite epoch."""
+    bad = [key for key, value in metrics.items() if not _finite(value)]
+    if bad:
+        shown = ", ".join(f"{key}={metrics[key]!r}" for key in bad)
+        watched = metric_to_watch is not None and any(k.lower() == metric_to_watch.lower() for k in bad)
+        warnings.warn(f"{where} metrics are not finite: {shown}"
+                      + ("; it is metric_to_watch, so this epoch cannot become the best (ckpt_best is not updated)"
+                         if watched else ""), UserWarning, stacklevel=2)
+    return bad
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all())
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _add_metric(metrics: Dict[str, Metric], title: str, metric: Metric, key: str) -> None:

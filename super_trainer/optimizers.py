@@ -18,7 +18,7 @@ from .params import TrainingParams
 from .registry import OPTIMIZERS, parse_spec
 
 __all__ = ["RMSpropTF", "SG_OPTIMIZER_DEFAULTS", "sg_optimizer_defaults", "build_optimizer", "param_groups",
-           "model_param_groups", "no_decay_names", "step_takes_closure"]
+           "model_param_groups", "no_decay_names", "step_takes_closure", "check_trainable", "check_owned_parameters"]
 
 
 @OPTIMIZERS.register
@@ -110,10 +110,14 @@ def sg_optimizer_defaults(optimizer_cls: Any) -> Dict[str, Any]:
 
 
 def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optimizer:
+    """The optimizer ``params`` asks for, over ``net``'s parameters; ValueError when the model has no trainable
+    parameter, or when an optimizer instance holds parameters ``net`` does not own (it would train nothing)."""
+    check_trainable(net)
     if isinstance(params.optimizer, Mapping):  # {Name: {kwargs}}, e.g. {SAM: {base: SGD, rho: 0.05}}
         _optimizer_from_mapping(params)
     spec = params.optimizer
     if isinstance(spec, torch.optim.Optimizer):
+        check_owned_parameters(spec, net)
         optimizer = spec
     else:
         factory = spec if isinstance(spec, type) else _registry_get(OPTIMIZERS, spec, "optimizer")
@@ -134,6 +138,29 @@ def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optim
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]  # lr0 of every schedule
     return optimizer
+
+
+def check_trainable(net: nn.Module) -> None:
+    """ValueError when ``net`` has no parameter with requires_grad: training would change nothing."""
+    if not any(p.requires_grad for p in net.parameters()):
+        what = "has no parameters" if next(net.parameters(), None) is None else "has only frozen parameters " \
+            "(requires_grad=False)"
+        raise ValueError(f"model: {type(net).__name__} {what}: there is nothing to train; unfreeze some (e.g. "
+                         "p.requires_grad_(True)), or evaluate it with Trainer.test")
+
+
+def check_owned_parameters(optimizer: torch.optim.Optimizer, net: nn.Module) -> None:
+    """ValueError when ``optimizer`` holds parameters that are not ``net``'s (an optimizer built for another
+    model, or for a copy of this one): its steps would never change the model being trained."""
+    owned = {id(p) for p in net.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = [p for p in held if id(p) not in owned]
+    if foreign:
+        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"training_params.optimizer: {len(foreign)} of the {len(held)} parameters of the "
+                         f"{type(optimizer).__name__} instance are not the model's (shapes {shapes}): it was built for "
+                         "another model or a copy; build it from this model, e.g. torch.optim.SGD(model.parameters(), "
+                         "lr=...), or give the optimizer by name")
 
 
 def _optimizer_from_mapping(params: TrainingParams) -> None:

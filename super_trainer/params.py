@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "valid_metrics_list": ["Accuracy"],
     "test_metrics_list": None,
     "metric_to_watch": "Accuracy",
-    "greater_metric_to_watch_is_better": True,
+    "greater_metric_to_watch_is_better": None,  # unset: False for a loss key, else True (resolve_metric_direction)
     "lr_mode": None,
     "lr_warmup_epochs": 0,
     "lr_warmup_steps": 0,
@@ -170,7 +170,12 @@ TORCH_COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options", "
 
 
 class TrainingParams(dict):
-    """The resolved training_params: a dict that also allows attribute access (``params.max_epochs``)."""
+    """The resolved training_params: a dict that also allows attribute access (``params.max_epochs``).
+
+    ``defaulted``: the keys that took their default because they were not given (set by
+    :func:`resolve_training_params`; empty for a TrainingParams built by hand). Not a key, so not in the YAML."""
+
+    defaulted: FrozenSet[str] = frozenset()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -216,6 +221,7 @@ def resolve_training_params(given: Any) -> TrainingParams:
         if value is REQUIRED:
             raise _error(key, "is required")
     _validate(params)
+    params.defaulted = frozenset(key for key in DEFAULT_TRAINING_PARAMS if key not in given)
     return params
 
 
@@ -417,7 +423,11 @@ def _validate_schedule_and_flags(params: TrainingParams) -> None:
         params["phase_callbacks"] = []
     elif not isinstance(phase_callbacks, (list, tuple)):
         raise _error("phase_callbacks", f"must be a list of callbacks, got {type(phase_callbacks).__name__}")
-    for key in ("zero_weight_decay_on_bias_and_bn", "greater_metric_to_watch_is_better", "ema",
+    greater = params["greater_metric_to_watch_is_better"]
+    if not (greater is None or isinstance(greater, bool)):
+        raise _error("greater_metric_to_watch_is_better", "must be true, false, or unset (None: false when "
+                     f"metric_to_watch is a loss, else true), got {greater!r}")
+    for key in ("zero_weight_decay_on_bias_and_bn", "ema",
                 "average_best_models", "resume", "resume_weights_only", "silent_mode", "progress_bar",
                 "stop_on_non_finite_loss", "save_model", "sync_bn", "torch_compile", "torch_compile_loss"):
         if not isinstance(params[key], bool):

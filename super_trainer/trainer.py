@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .building import RunInputs, autocast_and_scaler, build_run, resolve_device, write_run_files
 from .callbacks.base import Callback, CallbackHandler
+from .checks import check_experiment_name, check_test_loaders
 from .context import PhaseContext
 from .losses import build_criterion, known_loss_names
 from .loop.checkpoints import LATEST, CheckpointManager
@@ -49,7 +50,7 @@ class Trainer:
 
     def __init__(self, experiment_name: str = "experiment", ckpt_root_dir: Union[str, Path] = "checkpoints",
                  device: Union[str, torch.device, None] = None) -> None:
-        self.experiment_name = experiment_name
+        self.experiment_name = check_experiment_name(experiment_name)
         self.ckpt_root_dir = Path(ckpt_root_dir)
         self.device = resolve_device(device)
 
@@ -87,7 +88,7 @@ class Trainer:
             raise ValueError("overrides apply to a recipe; with a model, change training_params instead")
         if self is None:
             raise TypeError("Trainer.train on the class takes a recipe; to train a model, make a Trainer first")
-        return self._run(RunInputs(model, training_params, train_loader, valid_loader, dict(test_loaders or {})))
+        return self._run(RunInputs(model, training_params, train_loader, valid_loader, check_test_loaders(test_loaders)))
 
     def _run(self, inputs: RunInputs) -> TrainingResult:
         """Build (ValueError before any event), read the checkpoint to resume from (CheckpointError before any

@@ -59,7 +59,7 @@ def test_several_paths_serialize_once_and_hold_the_same_bytes(tmp_path, monkeypa
     held = HeldWrites(monkeypatch)
     held.release()
     paths = [tmp_path / "ckpt_latest.pth", tmp_path / "ckpt_epoch_3.pth", tmp_path / "sub" / "ckpt_best.pth"]
-    with CheckpointWriter() as writer:
+    with CheckpointWriter(make_dirs=True) as writer:  # "sub" does not exist yet
         writer.save({"net": {"w": torch.arange(5.0)}, "epoch": 3}, *paths)
     assert held.saves == 1
     assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()

@@ -76,7 +76,7 @@ def test_truncated_foreign_and_missing_checkpoints_name_the_path(tmp_path):
     foreign = tmp_path / "foreign.pth"
     torch.save({"state_dict": make_model().state_dict()}, foreign)
     missing = tmp_path / "nope.pth"
-    for path, words in ((truncated, "cannot read"), (foreign, "not a super_trainer checkpoint"), (missing, "not found")):
+    for path, words in ((truncated, "is truncated"), (foreign, "not a super_trainer checkpoint"), (missing, "not found")):
         with pytest.raises(CheckpointError, match=words) as info:
             Trainer("other", tmp_path).train(model=make_model(), training_params=quiet_params(resume_path=str(path)),
                                              train_loader=make_loader(), valid_loader=make_loader(16))

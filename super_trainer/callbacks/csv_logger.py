@@ -31,6 +31,8 @@ class CSVLogger(Callback):
     def on_training_start(self, context: PhaseContext) -> None:
         if self.path is None:
             self.path = Path(context.ckpt_dir) / "results.csv"
+        elif is_main_process():  # a path of your own: its folder is made once; later writes never recreate it
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._written = -1
 
     def on_train_loader_start(self, context: PhaseContext) -> None:

@@ -12,7 +12,7 @@ import warnings
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..batches import count_batches, optimizer_steps_per_epoch, to_device
-from ..metrics import lookup_metric
+from ..metrics import check_default_metrics, lookup_metric, warn_non_finite_metrics
 from .checkpoints import CheckpointManager
 from .evaluate import evaluate, test_pass
 from .parts import Meters, RunParts
@@ -152,7 +152,10 @@ class TrainingLoop:
         fire.on_validation_loader_start(ctx)
         evaluate(self.parts, self.meters, "valid", ctx.valid_loader, limit, fire.on_validation_batch_start,
                  fire.on_validation_batch_end, self.stops.interrupted)
+        if ctx.epoch == 0:  # targets a sample could not show before training (an iterable dataset)
+            check_default_metrics(self.params, ctx.target)
         ctx.metrics_dict = self.meters.eval_results("valid")
+        warn_non_finite_metrics(ctx.metrics_dict, self.params.metric_to_watch)
         fire.on_validation_loader_end(ctx)
         self.epoch_results["valid"] = self.meters.last_valid = dict(ctx.metrics_dict)
         return self.track_best()

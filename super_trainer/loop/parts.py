@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..callbacks.base import CallbackHandler
 from ..context import PhaseContext
 from ..ema import ModelEMA
+from ..losses import check_loss_value
 from ..metrics import LossAverager, loss_names, make_collection, metric_values
 from ..params import TrainingParams
 
@@ -46,6 +47,7 @@ class Meters:
         self.eval_loss = LossAverager()
         self.collections = {kind: make_collection(dict(metrics.get(kind) or {}), device)
                             for kind in ("train", "valid", "test")}
+        self.checked_criterion: Any = None  # the criterion whose output passed check_loss_value
         self.last_valid: Dict[str, Any] = {}  # the last validation's metrics_dict
         self.test_results: Dict[str, Dict[str, Any]] = {}  # loader name -> its last metrics_dict
 
@@ -54,6 +56,9 @@ class Meters:
         """The criterion's value and its detached log items (the 0-d loss itself, or the ``(K,)`` components
         of a loss that returns ``(loss, components)``); names the components on first use."""
         out = criterion(preds, target)
+        if criterion is not self.checked_criterion:  # a new criterion's first output: a 0-d float tensor?
+            check_loss_value(out[0] if type(out) is tuple else out, criterion)
+            self.checked_criterion = criterion
         if type(out) is tuple:
             loss, components = out
             items = components.detach().reshape(-1)
