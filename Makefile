@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# SuperGradients' wheel, only read by the tests (its recipe YAML files, byte for byte); never installed, never committed.
+SG_WHEEL := .cache/super_gradients-3.7.1-py3-none-any.whl
 
 .PHONY: setup dev train test bench clean
 
@@ -22,7 +24,10 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
-dev: $(VENV)/.dev-installed
+dev: $(VENV)/.dev-installed $(SG_WHEEL)
+
+$(SG_WHEEL): | $(BIN)/python
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --dest .cache super-gradients==3.7.1
 
 train: setup
 	$(BIN)/super-trainer
@@ -35,4 +40,4 @@ bench: setup
 	$(BIN)/python benchmarks/checkpoint_stall.py
 
 clean:
-	rm -rf $(VENV) checkpoints .pytest_cache
+	rm -rf $(VENV) checkpoints .pytest_cache .cache

@@ -6,6 +6,7 @@ from .checkpoint import CheckpointError, load_checkpoint_to_model, transfer_weig
 from .result import TrainingResult
 from .trainer import Trainer
 from . import models as _models  # noqa: F401  (registers the built-in models)
+from . import sg_compat as _sg_compat  # noqa: F401  (SuperGradients _target_ paths resolve to their equivalents)
 from . import data as _data  # noqa: F401  (registers the built-in datasets)
 
 __version__ = "0.2.0"

@@ -37,16 +37,18 @@ from .callbacks.lr import (CosineLRSchedule, ExpLRSchedule, FunctionLRSchedule, 
 from .callbacks.mlflow_logger import MLflowLogger
 from .callbacks.pre_prediction import PrePredictionCallback
 from .callbacks.progress import ProgressBar
+from .callbacks.yolo_warmup import YoloV5LRWarmup
 from .context import PhaseContext
 from .ema import ModelEMA
 from .checks import check_loader, sample_target, warn_if_unbounded
 from .files import atomic_write_text
 from .losses import build_criterion, known_loss_names, resolve_metric_direction
 from .loop.parts import Meters, RunParts
-from .metrics import build_metrics, check_default_metrics
+from .metrics import build_metrics, check_default_metrics, metric_titles
 from .modules import convert_sync_bn, forward_module, unwrap_model
 from .optimizers import build_optimizer, step_takes_closure
-from .params import TrainingParams, normalize_lr_mode, normalize_warmup_mode, resolve_training_params
+from .lr_modes import normalize_lr_mode, normalize_warmup_mode
+from .params import TrainingParams, resolve_training_params
 from .registry import CALLBACKS, close_matches, parse_spec
 from .rng import seed_everything
 
@@ -234,6 +236,11 @@ def build_lr_callbacks(params: Mapping[str, Any], steps_per_epoch: int) -> List[
         callbacks.append(LinearEpochLRWarmup(W, params.get("warmup_initial_lr")))
     elif warmup_mode == "linear_batch_step" and (S > 0 or W > 0):
         callbacks.append(LinearBatchLRWarmup(S if S > 0 else W * steps_per_epoch, params.get("warmup_initial_lr")))
+    elif warmup_mode == "yolov5_warmup" and W > 0:
+        callbacks.append(YoloV5LRWarmup(W, params.get("warmup_momentum"), params.get("warmup_bias_lr")))
+    if S > steps_per_epoch * M:
+        warnings.warn(f"training_params.lr_warmup_steps={S} exceed the run's {steps_per_epoch * M} optimizer steps: this "
+                      "run ends before the lr schedule starts (fine for a smoke run of a longer recipe)", stacklevel=3)
 
     mode = normalize_lr_mode(params.get("lr_mode"))
     common = dict(max_epochs=M, steps_per_epoch=steps_per_epoch, warmup_epochs=W, warmup_steps=S,
@@ -321,7 +328,8 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, ckpt_dir) + given_callbacks)
     restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
     if inputs.valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
-        check_metric_to_watch(params.metric_to_watch, criterion, known, list(metrics["valid"]), callbacks.callbacks)
+        check_metric_to_watch(params.metric_to_watch, criterion, known, metric_titles(metrics["valid"]),
+                              callbacks.callbacks)
     wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if is_distributed else net
     model = forward_module(inputs.model, net, wrapped, params)  # torch_compile, or the user's compiled model
@@ -334,11 +342,12 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * params.max_epochs if steps_per_epoch is not None else None,
         batches_seen=0, rank=distributed.rank(), world_size=distributed.world_size(), history=[],
+        loss_logging_items_names=known, ddp_silent_mode=not distributed.is_main_process(),
         **inputs.context_extras,
     )
     parts = RunParts(params=params, context=context, callbacks=callbacks, net=net, model=model, optimizer=optimizer,
                      scaler=scaler, autocast=autocast, ema=ema, test_loaders=test_loaders, distributed=is_distributed)
-    return parts, Meters(params.get("loss_logging_items_names"), known, metrics, device)
+    return parts, Meters(context, params.get("loss_logging_items_names"), known, metrics, device)
 
 
 def _join_process_group(device: torch.device) -> Tuple[bool, torch.device]:

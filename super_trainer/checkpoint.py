@@ -275,7 +275,8 @@ def check_optimizer_fits(optimizer: torch.optim.Optimizer, state: Mapping[str, A
     this_type = type(optimizer).__name__
     if saved_type is not None and saved_type != this_type:
         raise CheckpointError(f"checkpoint {path} holds {saved_type} state but this run's optimizer is {this_type}; "
-                              "resume with the same optimizer, or load only the weights (load_checkpoint_to_model)")
+                              "resume with the same optimizer, or load only the weights (load_opt_params: false, or "
+                              "load_checkpoint_to_model)")
     groups = (state.get("optimizer_state_dict") or {}).get("param_groups") or []
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(f"checkpoint {path} has {len(groups)} optimizer param groups, this run has "

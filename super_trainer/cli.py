@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,9 +26,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from . import sg_compat
 from .checkpoint import CheckpointError
 from .distributed import is_main_process
-from .recipes import recipe_names, recipes_dir
+from .recipes import _compose, recipe_names, recipes_dir
 from .sweep import JobOutcome, SweepSummary, new_sweep, sweep_run_name
 from .trainer import Trainer
 
@@ -52,7 +53,7 @@ recipe groups (group=option):
 
 options:
   --config-name=RECIPE   a recipe by name (shipped, or in --config-dir)
-  --config-dir DIR       also search DIR for recipes; they may use the shipped groups and `base`
+  --config-dir DIR       search DIR for recipes first (then the shipped ones: they may use its groups and `base`)
   -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01: every job runs, each in
                          <ckpt_root_dir>/<experiment_name>/<job>_<its overrides>/ (e.g. 0_initial_lr=0.1);
                          then one summary table (job, overrides, best metric, stop_reason, error), also
@@ -111,13 +112,59 @@ def _launch(nproc: int, argv: List[str]) -> int:
     return 0
 
 
-def _config_dir(argv: List[str]) -> Optional[str]:
+def _option(argv: List[str], long: str, short: str) -> Optional[str]:
+    """The value of ``--long VALUE``, ``--long=VALUE`` or ``-short VALUE`` in ``argv``."""
     for i, arg in enumerate(argv):
-        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+        if arg in (long, short) and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--config-dir="):
+        if arg.startswith(long + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _config_dir(argv: List[str]) -> Optional[str]:
+    return _option(argv, "--config-dir", "-cd")
+
+
+# Hydra's options that take a value (argparse splits the overrides around them).
+_VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+           "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _user_dir_first(argv: List[str], extra_overrides: List[str]) -> List[str]:
+    """argv with the shipped recipes as Hydra's ``--config-dir`` (searched after the primary dir), for an app whose
+    primary dir is the user's: so the user's files win over shipped files of the same name (SG's
+    ``default_train_params.yaml`` over ours), while the shipped groups and ``base`` stay available.
+    ``extra_overrides`` join the user's overrides (argparse takes the overrides as one run of arguments)."""
+    out: List[str] = []
+    first_override: Optional[int] = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        takes_value = arg in _VALUED or (arg in ("--info", "-i") and argv[i + 1:i + 2] and argv[i + 1] in _INFO_CHOICES)
+        if arg in ("--config-dir", "-cd") or arg.startswith("--config-dir="):
+            i += 2 if takes_value else 1  # the user's dir is the app's primary dir now
+            continue
+        if not arg.startswith("-") and first_override is None:
+            first_override = len(out)
+        out.extend(argv[i:i + 2] if takes_value else [arg])
+        i += 2 if takes_value else 1
+    at = len(out) if first_override is None else first_override
+    return ["--config-dir", str(recipes_dir()), *out[:at], *extra_overrides, *out[at:]]
+
+
+def _sg_callback_overrides(config_dir: str, argv: List[str]) -> List[str]:
+    """Overrides pointing the recipe's Hydra callbacks into super_gradients (SG's variable_setup) at their equivalents."""
+    name = _option(argv, "--config-name", "-cn") or DEFAULT_RECIPE
+
+    def compose() -> Optional[DictConfig]:
+        try:
+            return _compose(Path(config_dir).resolve(), name, [], hydra_node=True)
+        except Exception:  # Hydra reports what is wrong when it composes the run itself
+            return None
+
+    return sg_compat.hydra_callback_overrides(compose)
 
 
 def _experiment_dir(cfg: DictConfig) -> Path:
@@ -126,7 +173,7 @@ def _experiment_dir(cfg: DictConfig) -> Path:
     ``<ckpt_root_dir>/<experiment_name>/<run name>`` (the run-dir layout of SPEC §8, named by sweep.run_name)."""
     hydra_cfg = HydraConfig.get()
     output = Path(hydra_cfg.runtime.output_dir)
-    root = Path(str(cfg.get("ckpt_root_dir", "checkpoints")))
+    root = Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir")))  # SG's variable_setup leaves it null
     parent = root / str(cfg.experiment_name) if hydra_cfg.mode == RunMode.MULTIRUN else root
     if output.parent.resolve() == parent.resolve():
         return output
@@ -135,8 +182,10 @@ def _experiment_dir(cfg: DictConfig) -> Path:
     return root / str(cfg.experiment_name)
 
 
-@hydra.main(config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE, version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    """The Hydra task: train the composed recipe (``_app`` makes the Hydra app around it); in a sweep, one job."""
+    if sg_compat.uses_shortcuts(sg_compat.hydra_callbacks_in(HydraConfig.get())):
+        sg_compat.apply_recipe_shortcuts(cfg)  # again for each job of a sweep (SG applies them at run start only)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         _run_sweep_job(cfg)
         return
@@ -200,7 +249,7 @@ def _sweep_logger_defaults(cfg: DictConfig) -> None:
     given = OmegaConf.to_container(params.get("sg_logger_params") or OmegaConf.create({}))
     given.setdefault("experiment_name", str(cfg.experiment_name))
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        given.setdefault("tracking_uri", str(default_store_dir(cfg.get("ckpt_root_dir", "checkpoints"))))
+        given.setdefault("tracking_uri", str(default_store_dir(sg_compat.ckpt_root(cfg.get("ckpt_root_dir")))))
     with open_dict(params):
         params.sg_logger_params = given
 
@@ -213,6 +262,12 @@ def _report(cfg: DictConfig, result: Any) -> None:
             if result.best_epoch is not None else ""  # 1-based like the epoch lines above it
         print(f"{Path(result.ckpt_dir).name}: {result.stop_reason}; best {watched} {best}{where}")
         print(f"experiment dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
+
+
+def _app(config_dir: Optional[str]) -> Callable[[], None]:
+    """The Hydra app; its primary config dir is the user's ``--config-dir`` when given, else the shipped recipes."""
+    primary = str(Path(config_dir).resolve()) if config_dir else str(recipes_dir())
+    return hydra.main(config_path=primary, config_name=DEFAULT_RECIPE, version_base="1.3")(_run)
 
 
 def _remove_if_empty(directory: Path) -> None:
@@ -292,16 +347,21 @@ def main() -> None:
     nproc = _pop_nproc(argv)
     if nproc and nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         sys.exit(_launch(nproc, argv))
-    sys.argv = [sys.argv[0], *argv]
     warnings.formatwarning = _format_warning
     _state["full_error"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    _state["config_dir"] = _config_dir(argv)
+    config_dir = _state["config_dir"] = _config_dir(argv)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
     new_sweep(argv)
     _state["sweep"] = None
     try:
-        _run()
+        sg_compat.register_resolvers()
+        if config_dir and Path(config_dir).is_dir():
+            argv = _user_dir_first(argv, _sg_callback_overrides(config_dir, argv))
+        else:
+            config_dir = None  # Hydra names a missing --config-dir itself
+        sys.argv = [sys.argv[0], *argv]
+        _app(config_dir)()
     except KeyboardInterrupt:  # raised outside training (e.g. while building): same code as during it
         _end_sweep()
         sys.exit(130)

@@ -72,6 +72,11 @@ LOCKED: Dict[str, str] = {
     "epoch_lrs": "each param group's lr during the epoch's training pass (read before epoch-end schedules)",
     "test_loader": "the test loader of the running test pass",
     "test_loader_name": "the name of the running test pass's loader",
+    # SuperGradients' names, read by SG's own callbacks (SPEC §8)
+    "loss_logging_items_names": "the loss's metrics_dict names (SG), once the loss has named them",
+    "metrics_compute_fn": "the running pass's MetricCollection (SG): train, validation or test metrics",
+    "loss_avg_meter": "the running pass's loss average (SG's LossAverageMeter API: .average, .update)",
+    "ddp_silent_mode": "True on ranks other than 0, which neither log nor write (SG)",
 }
 
 #: Values the trainer sets for the callbacks of one event to read.

@@ -14,6 +14,7 @@ import torch.nn as nn
 from .metrics import loss_names
 from .modules import compile_kwargs
 from .registry import LOSSES, parse_spec
+from .sg_compat import as_named_spec
 
 __all__ = ["build_criterion", "known_loss_names", "SG_LOSS_NAMES", "is_loss_key", "resolve_metric_direction",
            "check_loss_value"]
@@ -22,8 +23,11 @@ logger = logging.getLogger("super_trainer")
 
 
 def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable[..., Any]:
-    spec = _sg_loss_name(params["loss"])
-    name, _ = parse_spec(spec, "loss")
+    spec = _sg_loss_name(as_named_spec(params["loss"], LOSSES))  # an SG _target_ loss as {Name: params}
+    name, spec_params = parse_spec(spec, "loss")
+    given = dict(params.get("criterion_params") or {})
+    if name not in (None, "_target_") and spec_params:  # {Name: params} as Name + criterion_params (its own win),
+        spec, given = name, {**given, **spec_params}  # so SG's smooth_eps is translated wherever it is given
     if name is None:
         if not callable(spec):
             raise ValueError(f"training_params.loss: {spec!r} is not a loss; give a name like 'CrossEntropyLoss', "
@@ -31,7 +35,7 @@ def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable
         criterion = spec
     else:
         try:
-            criterion = LOSSES.build(spec, **_sg_criterion_params(spec, dict(params.get("criterion_params") or {})))
+            criterion = LOSSES.build(spec, **_sg_criterion_params(spec, given))
         except ValueError as err:
             raise ValueError(f"training_params.loss: {err}") from None
         except TypeError as err:

@@ -6,7 +6,8 @@
   the loss returns ``(loss, components)``; component names come from ``loss_logging_items_names``, else the
   loss's ``component_names`` attribute, else ``loss_0``, ``loss_1``, …
 - metrics: the registry name for metrics built by name, the mapping key for ``{title: Metric}``, else the
-  metric's class name.
+  metric's class name. A compound metric (SuperGradients' kind, e.g. DetectionMetrics: a ``component_names`` list and
+  a ``compute()`` that returns a dict) gives one key per component instead, named as the component (SG's keys).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torchmetrics import Metric, MetricCollection
 from .registry import METRICS, parse_spec
 
 __all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values", "lookup_metric",
-           "check_default_metrics", "warn_non_finite_metrics"]
+           "check_default_metrics", "warn_non_finite_metrics", "metric_titles", "LossAverageMeter"]
 
 
 @METRICS.register("Accuracy")
@@ -77,7 +78,7 @@ def build_metrics(spec: Any, key: str) -> Dict[str, Metric]:
     if spec is None:
         return {}
     if isinstance(spec, Mapping) and spec and all(isinstance(v, Metric) for v in spec.values()):
-        return dict(spec)
+        return _checked(dict(spec), key)
     if isinstance(spec, (str, Mapping, Metric)):
         spec = [spec]
     metrics: Dict[str, Metric] = {}
@@ -101,6 +102,14 @@ def build_metrics(spec: Any, key: str) -> Dict[str, Metric]:
                 raise ValueError(f"{key}: {err}") from None
             title = name if name != "_target_" else type(metric).__name__
         _add_metric(metrics, title, metric, key)
+    return _checked(metrics, key)
+
+
+def _checked(metrics: Dict[str, Metric], key: str) -> Dict[str, Metric]:
+    try:
+        metric_titles(metrics)  # component names of compound metrics must not collide either
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
     return metrics
 
 
@@ -175,16 +184,43 @@ def lookup_metric(metrics: Mapping[str, Any], name: str) -> Optional[Any]:
     return next((v for k, v in metrics.items() if k.lower() == lowered), None)
 
 
+def metric_titles(metrics: Mapping[str, Metric]) -> List[str]:
+    """The metrics_dict keys ``metrics`` ({title: Metric}) produce, in order: a compound metric's component names in
+    place of its title. ValueError when two keys collide."""
+    keys: List[str] = []
+    for title, metric in metrics.items():
+        components = getattr(metric, "component_names", None)
+        for key in ([str(c) for c in components] if components else [title]):
+            if key in keys:
+                raise ValueError(f"metrics: two metrics produce the key {key!r} (the component names of compound metrics "
+                                 "are metrics_dict keys); give distinct titles or component names")
+            keys.append(key)
+    return keys
+
+
 def metric_values(collection: MetricCollection) -> Dict[str, Any]:
-    """The collection's results as plain Python numbers (lists for non-scalar results), in title order."""
-    computed = collection.compute()
+    """The collection's results as plain Python numbers (lists for non-scalar results), in title order; a compound
+    metric's dict result gives one entry per component (SG skips its "additional_items" entry, and so do we)."""
     values: Dict[str, Any] = {}
     for title in collection.titles:
-        value = computed[title]
-        if isinstance(value, torch.Tensor):
-            value = value.item() if value.numel() == 1 else value.tolist()
-        values[title] = value
+        metric = collection[title]
+        value = metric.compute()
+        if isinstance(value, Mapping):
+            names = getattr(metric, "component_names", None) or [k for k in value if k != "additional_items"]
+            missing = [n for n in names if n not in value]
+            if missing:
+                raise ValueError(f"metric {title}: compute() returned keys {list(value)} but component_names lists "
+                                 f"{missing} too")
+            values.update((str(name), _plain(value[name])) for name in names)
+        else:
+            values[title] = _plain(value)
     return values
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
 
 
 def make_collection(metrics: Dict[str, Metric], device: torch.device) -> Optional[MetricCollection]:
@@ -249,3 +285,26 @@ class LossAverager:
             dist.all_reduce(packed)
             total, count = packed[:-1], packed[-1:]
         return (total / count).tolist()
+
+
+class LossAverageMeter:
+    """``context.loss_avg_meter`` (SuperGradients' meaning): the running average of the running pass's loss items,
+    read as ``.average`` (a float for one item, a tuple for components). The trainer adds every batch's
+    ``loss_log_items`` itself, so ``update()`` is refused rather than counted twice."""
+
+    def __init__(self, averager: LossAverager) -> None:
+        self._averager = averager
+
+    @property
+    def average(self) -> Any:
+        """0 before the first batch, as SG's AverageMeter; this process's batches only, as SG's (one host sync per
+        read, no collective, so any rank may read it any time)."""
+        stacked = self._averager.stacked()
+        if stacked is None:
+            return 0
+        values = stacked.to(torch.float64).mean(dim=0).tolist()
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def update(self, value: Any, batch_size: int = 1) -> None:
+        raise RuntimeError("context.loss_avg_meter is kept by the trainer (every batch's loss_log_items are added to "
+                           "it); read .average instead of updating it")

@@ -1,6 +1,6 @@
 """Optimizers: building one from training_params (its param groups, SuperGradients' defaults), telling whether
 its step needs a closure, and the optimizers torch.optim lacks, registered by name: ``RMSpropTF``
-(SuperGradients' / TensorFlow's RMSprop).
+(SuperGradients' / TensorFlow's RMSprop) and ``Lamb`` (SuperGradients' Lamb, the NVIDIA FusedLAMB variant).
 
 ``build_optimizer`` merges the per-optimizer ``optimizer_params`` defaults SuperGradients 3.7 applies when a
 recipe omits them (SPEC §7) under the recipe's own values.
@@ -8,6 +8,7 @@ recipe omits them (SPEC §7) under the recipe's own values.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -16,8 +17,9 @@ import torch.nn as nn
 from . import sam as _sam  # noqa: F401  (registers the SAM optimizer)
 from .params import TrainingParams
 from .registry import OPTIMIZERS, parse_spec
+from .sg_compat import warn_unread_sg_keys
 
-__all__ = ["RMSpropTF", "SG_OPTIMIZER_DEFAULTS", "sg_optimizer_defaults", "build_optimizer", "param_groups",
+__all__ = ["RMSpropTF", "Lamb", "SG_OPTIMIZER_DEFAULTS", "sg_optimizer_defaults", "build_optimizer", "param_groups",
            "model_param_groups", "no_decay_names", "step_takes_closure", "check_trainable", "check_owned_parameters"]
 
 
@@ -31,6 +33,8 @@ class RMSpropTF(torch.optim.Optimizer):
     - momentum > 0: b ← momentum·b + lr·g/d, p ← p − b (lr inside the buffer, ``lr_in_momentum=True``), or
       b ← momentum·b + g/d, p ← p − lr·b; without momentum p ← p − lr·g/d.
     """
+
+    closure_evaluated_first = True  # step() only evaluates a closure before changing the weights, as torch's do
 
     def __init__(self, params: Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]], lr: float = 1e-2,
                  alpha: float = 0.9, eps: float = 1e-10, weight_decay: float = 0.0, momentum: float = 0.0,
@@ -94,6 +98,85 @@ class RMSpropTF(torch.optim.Optimizer):
         return loss
 
 
+@OPTIMIZERS.register
+class Lamb(torch.optim.Optimizer):
+    """LAMB as SuperGradients 3.7's ``Lamb`` computes it (the NVIDIA FusedLAMB variant). Each step:
+
+    - the gradients of all groups are divided in place by c = max(1, ‖g‖/max_grad_norm), ‖g‖ their global L2 norm
+      (``max_grad_norm`` of the constructor: one value for every group);
+    - per group, t counts its steps; per parameter, with β3 = 1 − β1 (``grad_averaging``) else 1:
+      m ← β1·m + β3·g, v ← β2·v + (1 − β2)·g², u = (m / (1 − β1^t)) / (sqrt(v) / sqrt(1 − β2^t) + eps)
+      (no bias correction: both divisors 1);
+    - weight_decay w ≠ 0: u ← u + w·p; then (w ≠ 0 or ``always_adapt``) u ← u·r, the trust ratio r = ‖p‖/‖u‖
+      (1 when either norm is 0; at most 1 with ``trust_clip``);
+    - p ← p − lr·u.
+    """
+
+    closure_evaluated_first = True  # step() only evaluates a closure before changing the weights, as torch's do
+
+    def __init__(self, params: Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]], lr: float = 1e-3,
+                 bias_correction: bool = True, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, grad_averaging: bool = True, max_grad_norm: float = 1.0,
+                 trust_clip: bool = False, always_adapt: bool = False) -> None:
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("max_grad_norm", max_grad_norm)):
+            if value < 0.0:
+                raise ValueError(f"Lamb: {name} must be >= 0, got {value!r}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: betas must be in [0, 1), got {betas!r}")
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
+                        always_adapt=always_adapt)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("Lamb does not support sparse gradients")
+        device = self.param_groups[0]["params"][0].device
+        global_norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt() if grads else torch.zeros((), device=device)
+        max_norm = float(self.defaults["max_grad_norm"])  # SG reads the constructor's value for every group
+        clip = torch.where(global_norm > max_norm, global_norm / max_norm, torch.ones_like(global_norm))
+        for group in self.param_groups:
+            self._update_group(group, clip)
+        return loss
+
+    def _update_group(self, group: Dict[str, Any], clip: torch.Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
+        group["step"] = group.get("step", 0) + 1  # one count per group, kept in the group as SG keeps it
+        step = group["step"]
+        correction1 = 1.0 - beta1 ** step if group["bias_correction"] else 1.0
+        correction2 = 1.0 - beta2 ** step if group["bias_correction"] else 1.0
+        decay = group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad.div_(clip)  # in place, as SG's Lamb does
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.mul_(beta1).add_(grad, alpha=beta3)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            update = (exp_avg / correction1).div_((exp_avg_sq.sqrt() / math.sqrt(correction2)).add_(group["eps"]))
+            if decay != 0:
+                update.add_(p, alpha=decay)
+            if decay != 0 or group["always_adapt"]:
+                weight_norm, update_norm = p.norm(2.0), update.norm(2.0)
+                one = torch.ones_like(weight_norm)
+                ratio = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, one)
+                if group["trust_clip"]:
+                    ratio = torch.minimum(ratio, one)
+                update.mul_(ratio)
+            p.add_(update, alpha=-group["lr"])
+
+
 #: SuperGradients 3.7's optimizer_params defaults by optimizer class (training/params.py there): used for the
 #: keys a recipe does not give. Other optimizers (AdamW, ...) get no defaults, as in SG.
 SG_OPTIMIZER_DEFAULTS: Dict[type, Dict[str, Any]] = {
@@ -124,6 +207,7 @@ def build_optimizer(net: nn.Module, params: TrainingParams) -> torch.optim.Optim
         # SG 3.7's per-optimizer defaults (SGD: momentum 0.9, weight_decay 1e-4, ...) under the given values;
         # written back so training_params.yaml shows what the optimizer really got
         params["optimizer_params"] = {**sg_optimizer_defaults(factory), **dict(params.optimizer_params)}
+        warn_unread_sg_keys(net, params)  # multiply_head_lr needs the model's initialize_param_groups
         if callable(getattr(net, "initialize_param_groups", None)):
             groups = model_param_groups(net, params)
             default_lr = float(params.initial_lr)
@@ -234,7 +318,7 @@ def param_groups(net: nn.Module, initial_lr: Any, split_no_decay: bool, weight_d
     groups: List[Dict[str, Any]] = []
     for name in ordered:
         lr = float(lrs[name])
-        if lr == 0.0:  # lr 0 freezes: no gradients are computed for these parameters
+        if lr == 0.0 and isinstance(initial_lr, Mapping):  # a prefix at lr 0 freezes: no gradients for it
             for _, param in members[name]:
                 param.requires_grad_(False)
         decay = [p for n, p in members[name] if n not in no_decay]
@@ -261,10 +345,11 @@ def no_decay_names(net: nn.Module) -> set:
 def step_takes_closure(optimizer: torch.optim.Optimizer) -> bool:
     """True for optimizers whose step() uses a closure beyond evaluating it first (LBFGS, SAM, third-party
     optimizers with a ``closure`` parameter). torch's other optimizers only evaluate it before changing the
-    weights, so they step without one and pay nothing."""
+    weights, so they step without one and pay nothing; so do optimizers that say so with a class attribute
+    ``closure_evaluated_first = True`` (RMSpropTF, Lamb: with fp16 they step through the GradScaler)."""
     if isinstance(optimizer, torch.optim.LBFGS):
         return True
-    if type(optimizer).__module__.startswith("torch.optim"):
+    if type(optimizer).__module__.startswith("torch.optim") or getattr(optimizer, "closure_evaluated_first", False):
         return False
     try:
         return "closure" in inspect.signature(optimizer.step).parameters

@@ -12,52 +12,17 @@ from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
 
+import warnings
+
 import numpy as np
 import torch
 
+from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .registry import close_matches, to_plain
 
-__all__ = ["LR_MODES", "WARMUP_MODES", "normalize_lr_mode", "normalize_warmup_mode", "DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "REQUIRED", "TrainingParams",
+__all__ = ["DEFAULT_TRAINING_PARAMS",
+           "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "SG_RECIPE_KEYS", "REQUIRED", "TrainingParams",
            "resolve_training_params"]
-
-
-LR_MODES: Dict[str, str] = {
-    "step": "step", "steplrscheduler": "step", "step_lr": "step",
-    "cosine": "cosine", "cosinelrscheduler": "cosine",
-    "poly": "poly", "polylrscheduler": "poly",
-    "exp": "exp", "exponentiallrscheduler": "exp", "explrscheduler": "exp",
-    "function": "function", "functionlrscheduler": "function",
-}
-
-
-WARMUP_MODES: Dict[str, str] = {
-    "linear_epoch_step": "linear_epoch_step", "linearepochlrwarmup": "linear_epoch_step",
-    "warmup_linear_epoch": "linear_epoch_step", "linear_epoch": "linear_epoch_step",
-    "linear_batch_step": "linear_batch_step", "linearbatchlrwarmup": "linear_batch_step",
-    "warmup_linear_step": "linear_batch_step", "linear_step": "linear_batch_step",
-}
-
-
-def normalize_lr_mode(value: Any) -> Any:
-    """Canonical lr_mode name, a torch scheduler mapping unchanged, or ValueError listing valid modes."""
-    if value is None or isinstance(value, Mapping):
-        return value
-    key = str(value).lower()
-    if key in LR_MODES:
-        return LR_MODES[key]
-    valid = "None, 'step', 'poly', 'cosine', 'exp', 'function' or {TorchScheduler: {params}}"
-    raise ValueError(f"training_params.lr_mode: unknown value {value!r}; valid: {valid}")
-
-
-def normalize_warmup_mode(value: Any) -> Optional[str]:
-    if value is None:
-        return None
-    key = str(value).lower()
-    if key in WARMUP_MODES:
-        return WARMUP_MODES[key]
-    raise ValueError(
-        f"training_params.warmup_mode: unknown value {value!r}; valid: 'linear_epoch_step', 'linear_batch_step'"
-    )
 
 
 class _Required:
@@ -94,7 +59,7 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "lr_cooldown_epochs": 0,
     "warmup_initial_lr": None,
     "warmup_mode": None,
-    "lr_updates": [],
+    "lr_updates": None,  # [] once resolved; None in recipes, so a list and a _target_ node both merge over it
     "lr_decay_factor": 0.1,
     "cosine_final_lr_ratio": 0.01,
     "lr_schedule_function": None,
@@ -133,7 +98,16 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
     "step_lr_update_freq": None,
     "sg_logger_params": {},
     "pre_prediction_callback": None,
+    "load_opt_params": True,  # False: a resume restores the weights but not the optimizer's state (SG's meaning)
+    "warmup_momentum": None,  # warmup_mode yolov5_warmup: the momentum the warmup starts from (SG 2.x's YoloV5 warmup)
+    "warmup_bias_lr": None,  # warmup_mode yolov5_warmup: the lr the "bias" param group starts from
 }
+
+#: Keys SuperGradients' own recipes set that SG's trainer never reads itself: its models' initialize_param_groups /
+#: update_param_groups read ``multiply_head_lr`` from training_params, and recipes interpolate
+#: ``static_assigner_end_epoch`` into a callback. Accepted and kept in training_params (absent when not given) so a
+#: model or callback reads them as in SG; ``building`` warns when nothing here will read multiply_head_lr.
+SG_RECIPE_KEYS: Dict[str, Any] = {"multiply_head_lr": 1, "static_assigner_end_epoch": None}
 
 #: SuperGradients 3.7 training_params keys for features super_trainer does not have, each with the value that
 #: means "off" in SG (its default). That value is accepted silently; any other raises one ValueError that
@@ -141,7 +115,6 @@ DEFAULT_TRAINING_PARAMS: Dict[str, Any] = {
 SG_UNSUPPORTED_DEFAULTS: Dict[str, Any] = {
     "run_id": None,
     "resume_from_remote_sg_logger": False,
-    "load_opt_params": True,
     "launch_tensorboard": False,
     "tensorboard_port": None,
     "tb_files_user_prompt": False,
@@ -227,7 +200,7 @@ def resolve_training_params(given: Any) -> TrainingParams:
 
 def _close_key(key: str) -> Optional[str]:
     """A known key that ``key`` is plausibly a typo of, or None (a hint to an unrelated key misleads)."""
-    known = list(DEFAULT_TRAINING_PARAMS) + list(SG_UNSUPPORTED_DEFAULTS) + list(SG_NO_OP_VALUES)
+    known = list(DEFAULT_TRAINING_PARAMS) + list(SG_UNSUPPORTED_DEFAULTS) + list(SG_NO_OP_VALUES) + list(SG_RECIPE_KEYS)
     found = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.8)
     return found[0] if found and abs(len(found[0]) - len(key)) <= 3 else None
 
@@ -235,7 +208,7 @@ def _close_key(key: str) -> Optional[str]:
 def _check_keys(given: Mapping[str, Any]) -> None:
     """Unknown keys, and SuperGradients keys set to a feature super_trainer lacks: one ValueError for all."""
     unknown = [str(k) for k in given if k not in DEFAULT_TRAINING_PARAMS and k not in SG_UNSUPPORTED_DEFAULTS
-               and k not in SG_NO_OP_VALUES]
+               and k not in SG_NO_OP_VALUES and k not in SG_RECIPE_KEYS]
     if len(unknown) == 1:
         hint = _close_key(unknown[0])
         raise ValueError(f"training_params: unknown key {unknown[0]!r}" + (f"; did you mean {hint!r}?" if hint else
@@ -263,26 +236,27 @@ def _same(value: Any, default: Any) -> bool:
 
 
 def _lr_updates(params: TrainingParams) -> None:
-    """lr_updates: any sequence of integral numbers (list, tuple, numpy array, numpy ints) → a list of ints;
-    or computed from step_lr_update_freq the way SuperGradients does."""
+    """lr_updates: any sequence of epoch numbers (list, tuple, numpy array, numpy numbers) → a list of ints (floats for
+    non-integral epochs, which a decay passes once the epoch is ≥ them); or computed from step_lr_update_freq the way
+    SuperGradients does."""
     updates = params["lr_updates"]
     if updates is None:
         updates = []
     if isinstance(updates, MappingABC) and "_target_" in updates:  # SG recipes: {_target_: numpy.arange, ...}
-        from hydra.utils import instantiate
+        from .sg_compat import instantiate  # SG's own {_target_: ...empty_list} resolves without SG installed
 
         try:
             updates = instantiate(dict(updates))
         except Exception as err:  # hydra wraps the target's own error
-            raise _error("lr_updates", f"cannot build {dict(updates)!r}: {err}") from None
+            raise _error("lr_updates", f"cannot build {dict(updates)!r}: {str(err).splitlines()[0]}") from None
     if isinstance(updates, (str, bytes, MappingABC)) or not isinstance(updates, (SequenceABC, np.ndarray)):
         raise _error("lr_updates", f"must be a sequence of epoch numbers (ints), got {updates!r}")
     values = np.asarray(updates).reshape(-1).tolist() if isinstance(updates, np.ndarray) else list(updates)
     for u in values:
-        integral = isinstance(u, numbers.Integral) or (isinstance(u, float) and u.is_integer())
-        if isinstance(u, (bool, np.bool_)) or not integral:
-            raise _error("lr_updates", f"must be a sequence of epoch numbers (ints), got {u!r} in {updates!r}")
-    params["lr_updates"] = [int(u) for u in values]
+        if isinstance(u, (bool, np.bool_)) or not isinstance(u, numbers.Real) or not math.isfinite(u) or u < 0:
+            raise _error("lr_updates", f"must be a sequence of epoch numbers >= 0, got {u!r} in {updates!r}")
+    # whole numbers as ints; others kept, as SG compares them (SG's mobilenetv2 recipe: numpy.arange(2.4, 450, 2.4))
+    params["lr_updates"] = [int(u) if float(u).is_integer() else float(u) for u in values]
     freq = params["step_lr_update_freq"]
     if freq is None:
         return
@@ -341,8 +315,9 @@ def _validate_optimizer(params: TrainingParams) -> None:
         for prefix, lr in initial_lr.items():
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
                 raise _error("initial_lr", f"the lr for {prefix!r} must be a number >= 0, got {lr!r}")
-    else:
-        _number(params, "initial_lr")
+    elif isinstance(initial_lr, bool) or not isinstance(initial_lr, (int, float)) or initial_lr < 0:
+        # 0 is valid, as torch and SG take it (e.g. a warmup from warmup_initial_lr, or a schedule that sets the lr)
+        raise _error("initial_lr", f"must be a number >= 0 or {{param-name prefix: lr, 'default': lr}}, got {initial_lr!r}")
     if not (is_instance or isinstance(optimizer, str) or (isinstance(optimizer, MappingABC) and len(optimizer) == 1)
             or (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer))):
         raise _error("optimizer", f"must be a torch.optim name ('SGD', 'AdamW', ...), {{Name: {{params}}}}, class or "
@@ -376,6 +351,12 @@ def _validate_numbers(params: TrainingParams) -> None:
     _int(params, "seed", 0, optional=True)
     _number(params, "clip_grad_norm", optional=True)
     _number(params, "warmup_initial_lr", positive=False, optional=True)
+    _number(params, "warmup_momentum", positive=False, optional=True)
+    _number(params, "warmup_bias_lr", positive=False, optional=True)
+    if "multiply_head_lr" in params:
+        _number(params, "multiply_head_lr", positive=False)
+    if "static_assigner_end_epoch" in params:
+        _int(params, "static_assigner_end_epoch", 0, optional=True)
     _number(params, "lr_decay_factor", positive=False)
     _number(params, "cosine_final_lr_ratio", positive=False)
 
@@ -412,12 +393,7 @@ def _validate_schedule_and_flags(params: TrainingParams) -> None:
     _lr_updates(params)
     if params["lr_mode"] == "function" and not callable(params["lr_schedule_function"]):
         raise _error("lr_schedule_function", "must be a callable when lr_mode is 'function'")
-    # A warmup_mode with no warmup epochs and no warmup steps means no warmup (SG's default recipe does this).
-    if params["warmup_mode"] == "linear_epoch_step" and params["lr_warmup_epochs"] == 0 and params["lr_warmup_steps"]:
-        raise _error("warmup_mode", "'linear_epoch_step' needs lr_warmup_epochs > 0; for lr_warmup_steps use "
-                                    "warmup_mode 'linear_batch_step' (LinearBatchLRWarmup)")
-    if params["lr_warmup_epochs"] + params["lr_cooldown_epochs"] > params["max_epochs"]:
-        raise _error("lr_warmup_epochs", "plus lr_cooldown_epochs must not exceed max_epochs")
+    _warn_about_warmup(params)
     phase_callbacks = params["phase_callbacks"]
     if phase_callbacks is None:
         params["phase_callbacks"] = []
@@ -427,7 +403,9 @@ def _validate_schedule_and_flags(params: TrainingParams) -> None:
     if not (greater is None or isinstance(greater, bool)):
         raise _error("greater_metric_to_watch_is_better", "must be true, false, or unset (None: false when "
                      f"metric_to_watch is a loss, else true), got {greater!r}")
-    for key in ("zero_weight_decay_on_bias_and_bn", "ema",
+    if params["resume"] is None:  # SG's variable_setup leaves `resume:` empty, which SG reads as False
+        params["resume"] = False
+    for key in ("zero_weight_decay_on_bias_and_bn", "ema", "load_opt_params",
                 "average_best_models", "resume", "resume_weights_only", "silent_mode", "progress_bar",
                 "stop_on_non_finite_loss", "save_model", "sync_bn", "torch_compile", "torch_compile_loss"):
         if not isinstance(params[key], bool):
@@ -436,3 +414,23 @@ def _validate_schedule_and_flags(params: TrainingParams) -> None:
         raise _error("metric_to_watch", f"must be a metrics_dict key (a string), got {params['metric_to_watch']!r}")
     if params["resume_path"] is not None:
         params["resume"] = True
+
+
+def _warn_about_warmup(params: TrainingParams) -> None:
+    """Warmup settings SuperGradients 3.7 runs although they do less than they seem to: each gives one warning, and
+    the run does what SG does (a short smoke run of a long recipe stays possible)."""
+    W, S, C, M = (params[k] for k in ("lr_warmup_epochs", "lr_warmup_steps", "lr_cooldown_epochs", "max_epochs"))
+    mode = params["warmup_mode"]
+    if mode in ("linear_epoch_step", "yolov5_warmup") and W == 0 and S:
+        # SG's default warmup_mode with only lr_warmup_steps (e.g. its DEKR recipe): no warmup, the schedule waits S steps
+        warnings.warn(f"training_params.warmup_mode {mode!r} (an epoch warmup; LinearEpochLRWarmup is SG's default) with "
+                      f"lr_warmup_steps={S} and no lr_warmup_epochs runs no warmup, as in SuperGradients: the lr stays at "
+                      "initial_lr until the schedule starts after those steps; for a warmup over steps use warmup_mode "
+                      "'linear_batch_step'", stacklevel=4)
+    if W + C > M:
+        warnings.warn(f"training_params.lr_warmup_epochs={W} + lr_cooldown_epochs={C} exceed max_epochs={M}: this run ends "
+                      "before the lr schedule starts (fine for a smoke run of a longer recipe)", stacklevel=4)
+    given = [k for k in ("warmup_momentum", "warmup_bias_lr") if params[k] is not None]
+    if given and mode != "yolov5_warmup":
+        warnings.warn(f"training_params.{' and '.join(given)} take effect only with warmup_mode 'yolov5_warmup'; with "
+                      f"warmup_mode {mode!r} they are ignored, as SuperGradients 3.7 ignores them", stacklevel=4)

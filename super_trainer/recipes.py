@@ -11,16 +11,17 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from . import distributed
+from . import distributed, sg_compat
 from .batches import to_device
 from .building import RunInputs, resolve_device
 from .losses import build_criterion
@@ -78,10 +79,14 @@ def load_recipe(recipe: RecipeLike, overrides: Sequence[str] = ()) -> DictConfig
     return _compose(recipes_dir(), name, overrides)
 
 
-def _compose(directory: Path, name: str, overrides: Sequence[str]) -> DictConfig:
+def _compose(directory: Path, name: str, overrides: Sequence[str], hydra_node: bool = False) -> DictConfig:
+    """Compose ``name`` from ``directory`` (searched first) and the shipped recipes. SG's resolvers are registered, and
+    SG's ``variable_setup`` shortcuts (``lr=...``, ``epochs=...``) applied, as its Hydra callback would in a Hydra app.
+    ``hydra_node`` keeps the ``hydra`` node (the CLI reads the recipe's Hydra callbacks from it)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    sg_compat.register_resolvers()
     extra = []
     if directory.resolve() != recipes_dir().resolve():
         # let a user's recipe use the shipped groups and base (e.g. `- base`, `training_hyperparams: ...`)
@@ -92,10 +97,18 @@ def _compose(directory: Path, name: str, overrides: Sequence[str]) -> DictConfig
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=list(overrides) + extra)
+            cfg = compose(config_name=name, overrides=list(overrides) + extra, return_hydra_config=True)
     finally:
         if was_initialized:
             GlobalHydra.instance().initialize(saved)
+    if hydra_node:
+        return cfg
+    callbacks = sg_compat.hydra_callbacks_in(cfg.get("hydra"))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if sg_compat.uses_shortcuts(callbacks):
+        sg_compat.apply_recipe_shortcuts(cfg)
+    sg_compat.warn_python_path_callbacks(callbacks)
     return cfg
 
 
@@ -202,7 +215,9 @@ def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
         params = OmegaConf.to_container(cfg.training_hyperparams, resolve=True)
     except OmegaConfBaseException as err:  # e.g. max_epochs: ??? left unset
         raise ValueError(f"recipe training_hyperparams: {str(err).splitlines()[0]}") from None
-    resolved = resolve_training_params(params)
+    with warnings.catch_warnings():  # sg-recipes: the trainer resolves them again and warns once, there
+        warnings.simplefilter("ignore")
+        resolved = resolve_training_params(params)
     if resolved.seed is not None:
         seed_everything(resolved.seed)
     model = build_model(cfg)
@@ -291,7 +306,7 @@ def run_inputs(cfg: DictConfig) -> RunInputs:
 
 def recipe_experiment_dir(cfg: DictConfig) -> Path:
     """``<ckpt_root_dir>/<experiment_name>`` of a recipe."""
-    return Path(str(cfg.get("ckpt_root_dir", "checkpoints"))) / str(cfg.experiment_name)
+    return Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir"))) / str(cfg.experiment_name)  # SG's null: the default
 
 
 def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
@@ -310,7 +325,7 @@ def _hydra_dir_writer(cfg: DictConfig) -> Optional[Callable[[Path], None]]:
 
     def write(_experiment_dir: Path) -> None:
         for name, node in files.items():
-            atomic_write_text(target / name, OmegaConf.to_yaml(node))
+            atomic_write_text(target / name, OmegaConf.to_yaml(node), make_dirs=True)  # .hydra/ is made here
 
     return write
 

@@ -7,11 +7,14 @@ raises ``ValueError`` naming the close matches.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-__all__ = ["to_plain", "Registry", "MODELS", "LOSSES", "METRICS", "OPTIMIZERS", "CALLBACKS", "DATASETS", "close_matches"]
+__all__ = ["to_plain", "Registry", "MODELS", "LOSSES", "METRICS", "OPTIMIZERS", "CALLBACKS", "DATASETS", "close_matches",
+           "register_model", "register_loss", "register_metric", "register_callback", "register_optimizer",
+           "register_dataset", "instantiate", "instantiate_nested", "add_target_resolver"]
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> List[str]:
@@ -47,6 +50,36 @@ class Registry:
             return decorator
         self._entries[name_or_obj.__name__] = name_or_obj
         return name_or_obj
+
+    def register_sg(self, name: Any = None, deprecated_name: Optional[str] = None) -> Any:
+        """SuperGradients' registration: ``@register_x()``, ``@register_x("Name")``, ``@register_x(name="Name",
+        deprecated_name="old")`` (and ``@register_x`` without parentheses). As in SG, a name already registered to a
+        different object raises; registering the same class again (a re-run notebook cell redefines it) replaces it."""
+        if name is not None and not isinstance(name, str):  # used without parentheses
+            return self.register_sg()(name)
+
+        def decorator(obj: Any) -> Any:
+            for key in [name or obj.__name__] + ([deprecated_name] if deprecated_name else []):
+                current = self._entries.get(key)
+                if current is not None and current is not obj and _qualified(current) != _qualified(obj):
+                    raise ValueError(f"{self.kind} {key!r} is already registered to {_qualified(current)}; "
+                                     f"cannot register {_qualified(obj)} under that name")
+                self._entries[key] = obj
+            return obj
+
+        return decorator
+
+    def lookup_exact(self, name: str, fallbacks: bool = True) -> Optional[Any]:
+        """The object registered under exactly ``name`` (no case folding, no close matches), else None; with
+        ``fallbacks`` also the fallback namespaces (torch losses, optimizers, torchmetrics)."""
+        if name in self._entries:
+            return self._entries[name]
+        if fallbacks:
+            for module, accept in self._fallbacks:
+                obj = getattr(module, name, None)
+                if obj is not None and accept(obj):
+                    return obj
+        return None
 
     def names(self) -> List[str]:
         """All names this registry resolves, registered ones first."""
@@ -89,11 +122,9 @@ class Registry:
         if name is None:
             return spec
         if name == "_target_":
-            from hydra.utils import instantiate
-
             return instantiate(params)
         factory = self.get(name)
-        return factory(**{**defaults, **params})
+        return factory(**instantiate_nested({**defaults, **params}))
 
 
 def parse_spec(spec: Any, kind: str) -> Tuple[Optional[str], Dict[str, Any]]:
@@ -116,6 +147,10 @@ def parse_spec(spec: Any, kind: str) -> Tuple[Optional[str], Dict[str, Any]]:
             raise ValueError(f"the params of {kind} {name!r} must be a mapping, got {params!r}")
         return str(name), dict(params)
     return None, {}
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
 def to_plain(value: Any) -> Any:
@@ -170,3 +205,81 @@ METRICS = Registry("metric", _fallbacks_metrics())
 OPTIMIZERS = Registry("optimizer", _fallbacks_optimizers())
 CALLBACKS = Registry("callback")
 DATASETS = Registry("dataset")
+
+
+# SuperGradients' registry decorators (``super_gradients.common.registry``), same call forms:
+# ``@register_model()``, ``@register_model("Name")``, ``@register_model(name="Name", deprecated_name="old")``.
+register_model = MODELS.register_sg
+register_loss = LOSSES.register_sg
+register_metric = METRICS.register_sg
+register_callback = CALLBACKS.register_sg
+register_optimizer = OPTIMIZERS.register_sg
+register_dataset = DATASETS.register_sg
+
+
+# ---- _target_ nodes ----------------------------------------------------------------------------------------
+
+_HYDRA_FLAGS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+#: (path prefix, resolver): a resolver returns the object a ``_target_`` path stands for, or None to import it.
+_TARGET_RESOLVERS: List[Tuple[str, Callable[[str], Any]]] = []
+
+
+def add_target_resolver(prefix: str, resolve: Callable[[str], Any]) -> None:
+    """Let ``resolve(path)`` stand in for the import of ``_target_`` paths starting with ``prefix`` (sg_compat uses
+    it for ``super_gradients.`` paths when SuperGradients is not installed)."""
+    _TARGET_RESOLVERS.append((prefix, resolve))
+
+
+def _factory(target: Any) -> Any:
+    """The callable a ``_target_`` names: a registered resolver's answer, else the imported object."""
+    if callable(target):
+        return target
+    path = str(target)
+    for prefix, resolve in _TARGET_RESOLVERS:
+        if path.startswith(prefix):
+            found = resolve(path)
+            if found is not None:
+                return found
+    from hydra.utils import get_object
+
+    try:
+        return get_object(path)
+    except Exception as err:  # ImportError, AttributeError, ...: one line naming the path
+        raise ValueError(f"_target_ {path!r}: cannot import it ({str(err).splitlines()[0]})") from None
+
+
+def instantiate(node: Any) -> Any:
+    """Build every ``_target_`` node in ``node``, as ``hydra.utils.instantiate`` does (``_args_``, ``_partial_``,
+    ``_recursive_``; containers always come out as plain dicts and lists, SG recipes' ``_convert_: all``), with
+    registered resolvers (SG paths) applied. Done here rather than by Hydra, which re-imports a ``_target_`` by its
+    dotted name and so cannot call an object registered from a notebook cell or a function."""
+    node = to_plain(node)
+    if isinstance(node, (list, tuple)):
+        return [instantiate(v) for v in node]
+    if not isinstance(node, Mapping):
+        return node
+    if "_target_" not in node:
+        return {k: instantiate(v) for k, v in node.items()}
+    factory = _factory(node["_target_"])
+    recursive = node.get("_recursive_", True)
+    args = [instantiate(a) if recursive else a for a in node.get("_args_", [])]
+    kwargs = {k: instantiate(v) if recursive else v for k, v in node.items() if k not in _HYDRA_FLAGS}
+    if node.get("_partial_"):
+        return functools.partial(factory, *args, **kwargs)
+    return factory(*args, **kwargs)
+
+
+def _has_target(node: Any) -> bool:
+    if isinstance(node, Mapping):
+        return "_target_" in node or any(_has_target(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_target(v) for v in node)
+    return False
+
+
+def instantiate_nested(params: Dict[str, Any]) -> Dict[str, Any]:
+    """``params`` with each ``_target_`` node inside it built, as SG builds a whole recipe before using it (e.g.
+    EarlyStop's ``phase: {_target_: ...Phase, value: VALIDATION_EPOCH_END}``); unchanged when there is none."""
+    if not _has_target(params):
+        return params
+    return {k: instantiate(v) if _has_target(v) else v for k, v in params.items()}

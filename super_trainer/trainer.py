@@ -118,7 +118,7 @@ class Trainer:
                          model=net, optimizer=None, scaler=None, autocast=autocast, ema=None,
                          test_loaders={name: test_loader})
         known = known_loss_names(criterion, {}) if criterion is not None else []
-        return test_pass(parts, Meters(None, known, {"test": metrics}, device), name, test_loader)
+        return test_pass(parts, Meters(context, None, known, {"test": metrics}, device), name, test_loader)
 
     @classmethod
     def resume_experiment(cls, experiment_name: str, ckpt_root_dir: Union[str, Path] = "checkpoints",

@@ -114,7 +114,6 @@ def test_log_has_the_stop_reason_and_early_callback_scalars(tmp_path):
 @pytest.mark.parametrize("overrides, words", [
     ({"cosine_final_lr_ratio": None}, "cosine_final_lr_ratio: must be a number"),
     ({"phase_callbacks": ["EMAUpdate"]}, "phase_callbacks: cannot build 'EMAUpdate'"),
-    ({"warmup_mode": "linear_epoch_step", "lr_warmup_steps": 3}, "'linear_epoch_step' needs lr_warmup_epochs > 0"),
     ({"lr_mode": {"StepLR": {"step_size": 1, "phase": "EVERY_BATCH"}}}, "unknown phase 'EVERY_BATCH'"),
 ])
 def test_more_bad_params(tmp_path, overrides, words):

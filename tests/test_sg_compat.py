@@ -115,7 +115,19 @@ def test_lr_updates_accept_integral_sequences(updates, expected):
     assert params.lr_updates == expected and all(type(u) is int for u in params.lr_updates)
 
 
-@pytest.mark.parametrize("updates", ["2,4", [1.5], {"a": 1}, 3, np.array([0.5])])
+def test_fractional_lr_updates_count_as_sg_compares_them(tmp_path):
+    """SG's mobilenetv2 recipe decays at numpy.arange(2.4, 450, 2.4): epoch E has passed every u <= E."""
+    params = resolve_training_params(quiet_params(max_epochs=6, lr_mode="step", lr_decay_factor=0.5,
+                                                  lr_updates={"_target_": "numpy.arange", "start": 2.4, "stop": 6,
+                                                              "step": 2.4}))
+    assert params.lr_updates == pytest.approx([2.4, 4.8])
+    result = Trainer("frac", tmp_path, device="cpu").train(
+        model=make_model(), training_params=params, train_loader=make_loader(16), valid_loader=make_loader(16))
+    # a decay applies from the epoch after the first E >= u: u=2.4 -> E=3 decays epoch 4; u=4.8 -> E=5 (none left)
+    assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05])
+
+
+@pytest.mark.parametrize("updates", ["2,4", [-1], {"a": 1}, 3, [float("nan")], [True]])
 def test_bad_lr_updates_name_the_key(updates):
     with pytest.raises(ValueError, match="training_params.lr_updates"):
         resolve_training_params(quiet_params(lr_mode="step", lr_updates=updates))

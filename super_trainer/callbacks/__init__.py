@@ -27,6 +27,7 @@ from .progress import ProgressBar
 from .stage_switch import TrainingStageSwitchCallbackBase
 from .stop_non_finite import StopOnNonFiniteLoss
 from .visualization import BatchVisualizationCallback
+from .yolo_warmup import YoloV5LRWarmup
 from ..registry import CALLBACKS
 
 for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientClipping, BaseLogger, TensorBoardLogger, ProgressBar, EpochSummary,
@@ -34,7 +35,7 @@ for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientCl
                   LinearBatchLRWarmup, StepLRSchedule, CosineLRSchedule, PolyLRSchedule, ExpLRSchedule,
                   FunctionLRSchedule, CancelTrainingCallback, ReduceLROnPlateauCallback, StopOnNonFiniteLoss,
                   GradientNormLogger, BatchVisualizationCallback, ModelConversionCheckCallback, MMCVHookAdapter,
-                  TrainingStageSwitchCallbackBase, MLflowLogger):
+                  TrainingStageSwitchCallbackBase, YoloV5LRWarmup, MLflowLogger):
     CALLBACKS.register(_callback)
 
 __all__ = [
@@ -45,5 +46,5 @@ __all__ = [
     "ExpLRSchedule", "FunctionLRSchedule", "TorchSchedulerCallback",
     "CancelTrainingCallback", "ReduceLROnPlateauCallback", "StopOnNonFiniteLoss", "GradientNormLogger",
     "BatchVisualizationCallback", "ModelConversionCheckCallback", "MMCVHookAdapter", "MMCVHook",
-    "TrainingStageSwitchCallbackBase", "MLflowLogger",
+    "TrainingStageSwitchCallbackBase", "YoloV5LRWarmup", "MLflowLogger",
 ]

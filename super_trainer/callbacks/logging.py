@@ -1,7 +1,8 @@
 """Experiment loggers: ``experiment.log`` (BaseLogger) and TensorBoard event files (TensorBoardLogger).
 
 The logger in use is ``context.sg_logger``; other callbacks may call its ``add_scalar``/``add_scalars``/
-``add_text``/``add_image``/``add_images``/``add_histogram``. Tags (SPEC §5): ``Train/<name>``,
+``add_text``/``add_image``/``add_images``/``add_histogram`` (with our argument names or SuperGradients' keyword names)
+and SG's ``add_config``/``add_checkpoint``/``add_file`` (callbacks/sg_logger_api.py). Tags (SPEC §5): ``Train/<name>``,
 ``Valid/<name>``, ``LR/<param group>`` and
 ``Test/<loader>/<name>`` with the 0-based epoch as step; every ``log_interval`` optimizer steps also
 ``Step/Train/loss`` and ``Step/LR/<param group>`` with the global step as step. Only rank 0 writes.
@@ -20,6 +21,7 @@ import torch
 from ..distributed import is_main_process
 from ..images import make_grid, to_hwc_uint8, write_png
 from .base import Callback, PhaseContext, Priority
+from .sg_logger_api import SGLoggerAPI, sg_step, sg_value, to_chw
 
 __all__ = ["BaseLogger", "TensorBoardLogger", "param_group_names"]
 
@@ -40,7 +42,7 @@ def _scalar(value: Any) -> Optional[float]:
     return None
 
 
-class BaseLogger(Callback):
+class BaseLogger(SGLoggerAPI, Callback):
     """Writes metrics and lifecycle lines to ``<experiment dir>/experiment.log`` (appending on resume)."""
 
     priority = Priority.LOW  # log what other callbacks may have added to metrics_dict
@@ -60,9 +62,12 @@ class BaseLogger(Callback):
             self.enabled = True
 
     # ---- the API other callbacks use -------------------------------------------------------------
-    def add_scalars(self, scalars: Mapping[str, Any], step: int, unit: str = "step") -> None:
+    def add_scalars(self, scalars: Optional[Mapping[str, Any]] = None, step: Optional[int] = None, unit: str = "step", *,
+                    tag_scalar_dict: Optional[Mapping[str, Any]] = None, global_step: Optional[int] = None) -> None:
         """Log several scalars at ``step`` (``unit`` only labels the experiment.log line); values that are
-        not single numbers are skipped."""
+        not single numbers are skipped. SG's names: ``tag_scalar_dict``, ``global_step``."""
+        scalars = sg_value(scalars, tag_scalar_dict, "scalars", "tag_scalar_dict") or {}
+        step = sg_step(step, global_step)
         if not self.enabled:
             self._ensure_open()
             if not self.enabled:
@@ -71,32 +76,44 @@ class BaseLogger(Callback):
         if values:
             self._write_scalars(values, step, unit)
 
-    def add_scalar(self, tag: str, value: Any, step: int) -> None:
-        self.add_scalars({tag: value}, step)
+    def add_scalar(self, tag: str, value: Any = None, step: Optional[int] = None, *, scalar_value: Any = None,
+                   global_step: Optional[int] = None) -> None:
+        """SG's names: ``scalar_value``, ``global_step``."""
+        self.add_scalars({tag: sg_value(value, scalar_value, "value", "scalar_value")}, sg_step(step, global_step))
 
-    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+    def add_text(self, tag: str, text: Optional[str] = None, step: Optional[int] = None, *,
+                 text_string: Optional[str] = None, global_step: Optional[int] = None) -> None:
+        """SG's names: ``text_string``, ``global_step``."""
+        text, step = sg_value(text, text_string, "text", "text_string"), sg_step(step, global_step)
         self._ensure_open()
         if self.enabled:
             self.log_line(f"{tag} (step {step}): {text}")
 
-    def add_image(self, tag: str, image: Any, step: int = 0) -> None:
-        """Log one image shaped ``(C, H, W)`` (C in 1, 3, 4) or ``(H, W)``: floats in [0, 1], or integers
-        0–255. The base logger saves ``<experiment dir>/images/<tag>_<step>.png`` ("/" in tags becomes "_")."""
+    def add_image(self, tag: str, image: Any, step: Optional[int] = None, *, data_format: str = "CHW",
+                  global_step: Optional[int] = None) -> None:
+        """Log one image shaped ``(C, H, W)`` (C in 1, 3, 4) or ``(H, W)`` (SG's ``data_format`` names another
+        layout, e.g. "HWC"): floats in [0, 1], or integers 0–255. The base logger saves
+        ``<experiment dir>/images/<tag>_<step>.png`` ("/" in tags becomes "_")."""
+        step = sg_step(step, global_step)
         self._ensure_open()
         if self.enabled:
-            self._write_image(tag, to_hwc_uint8(image), step)
+            self._write_image(tag, to_hwc_uint8(to_chw(image, data_format)), step)
 
-    def add_images(self, tag: str, images: Any, step: int = 0) -> None:
-        """Log a batch ``(N, C, H, W)`` as one grid image (each image scaled to [0, 1] by its min and max)."""
-        self.add_image(tag, make_grid(images), step)
+    def add_images(self, tag: str, images: Any, step: Optional[int] = None, *, data_format: str = "NCHW",
+                   global_step: Optional[int] = None) -> None:
+        """Log a batch ``(N, C, H, W)`` (or SG's ``data_format="NHWC"``) as one grid image (each image scaled to
+        [0, 1] by its min and max)."""
+        self.add_image(tag, make_grid(to_chw(images, data_format)), sg_step(step, global_step))
 
-    def add_histogram(self, tag: str, values: Any, step: int = 0) -> None:
+    def add_histogram(self, tag: str, values: Any, step: Optional[int] = None, *, bins: Any = "auto",
+                      global_step: Optional[int] = None) -> None:
         """Log the distribution of ``values`` (any tensor/array). The base logger writes one
-        experiment.log line with count, min, max, mean and std (it draws no histogram)."""
+        experiment.log line with count, min, max, mean and std (it draws no histogram); TensorBoard's uses ``bins``."""
+        step = sg_step(step, global_step)
         self._ensure_open()
         if self.enabled:
             array = _as_numpy(values)
-            self._write_histogram(tag, array, step)
+            self._write_histogram(tag, array, step, bins)
 
     def _write_image(self, tag: str, image: np.ndarray, step: int) -> None:
         folder = self.log_dir / "images"
@@ -105,7 +122,7 @@ class BaseLogger(Callback):
         write_png(path, image)
         self.log_line(f"image {tag} (step {step}): {path}")
 
-    def _write_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+    def _write_histogram(self, tag: str, values: np.ndarray, step: int, bins: Any = "auto") -> None:
         if values.size == 0:
             self.log_line(f"histogram {tag} (step {step}): empty")
             return
@@ -212,7 +229,9 @@ class TensorBoardLogger(BaseLogger):
         if time.monotonic() - self._last_flush > self.flush_secs:
             self.flush()
 
-    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+    def add_text(self, tag: str, text: Optional[str] = None, step: Optional[int] = None, *,
+                 text_string: Optional[str] = None, global_step: Optional[int] = None) -> None:
+        text, step = sg_value(text, text_string, "text", "text_string"), sg_step(step, global_step)
         super().add_text(tag, text, step)
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
@@ -221,9 +240,9 @@ class TensorBoardLogger(BaseLogger):
         """Images go to TensorBoard only (no PNG files): they are rare, so no queue as for scalars."""
         self.writer.add_image(tag, image, step, dataformats="HWC")
 
-    def _write_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+    def _write_histogram(self, tag: str, values: np.ndarray, step: int, bins: Any = "auto") -> None:
         if values.size:
-            self.writer.add_histogram(tag, values, step)
+            self.writer.add_histogram(tag, values, step, bins=bins)
 
     def flush(self) -> None:
         super().flush()

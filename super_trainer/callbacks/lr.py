@@ -156,11 +156,12 @@ class FunctionLRSchedule(_StepwiseSchedule):
 
 
 class StepLRSchedule(_Schedule):
-    """At on_train_loader_end of epoch E ≥ W: lr = lr0·f^(#{u in lr_updates : u ≤ E})."""
+    """At on_train_loader_end of epoch E ≥ W: lr = lr0·f^(#{u in lr_updates : u ≤ E}) (u may be fractional, as SG's
+    recipes write them: 2.4 takes effect from epoch 4)."""
 
-    def __init__(self, *args: Any, lr_updates: List[int], decay_factor: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lr_updates: List[float], decay_factor: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lr_updates = sorted(int(u) for u in lr_updates)
+        self.lr_updates = sorted(lr_updates)
         self.decay_factor = decay_factor
 
     def on_train_loader_end(self, context: PhaseContext) -> None:

@@ -12,7 +12,7 @@ from ..callbacks.base import CallbackHandler
 from ..context import PhaseContext
 from ..ema import ModelEMA
 from ..losses import check_loss_value
-from ..metrics import LossAverager, loss_names, make_collection, metric_values
+from ..metrics import LossAverageMeter, LossAverager, loss_names, make_collection, metric_values
 from ..params import TrainingParams
 
 __all__ = ["RunParts", "Meters"]
@@ -39,12 +39,15 @@ class RunParts:
 class Meters:
     """Loss averages and metric collections of the train, validation and test passes, and the loss names."""
 
-    def __init__(self, declared_loss_names: Optional[Sequence[str]], known_names: Optional[List[str]],
-                 metrics: Mapping[str, Mapping[str, Any]], device: torch.device) -> None:
+    def __init__(self, context: PhaseContext, declared_loss_names: Optional[Sequence[str]],
+                 known_names: Optional[List[str]], metrics: Mapping[str, Mapping[str, Any]],
+                 device: torch.device) -> None:
+        self.context = context  # gets SG's loss_avg_meter / metrics_compute_fn / loss_logging_items_names
         self.declared = list(declared_loss_names) if declared_loss_names else None  # loss_logging_items_names
         self.loss_names = known_names  # None until the loss's first output names them
         self.train_loss = LossAverager()
         self.eval_loss = LossAverager()
+        self.train_meter, self.eval_meter = LossAverageMeter(self.train_loss), LossAverageMeter(self.eval_loss)
         self.collections = {kind: make_collection(dict(metrics.get(kind) or {}), device)
                             for kind in ("train", "valid", "test")}
         self.checked_criterion: Any = None  # the criterion whose output passed check_loss_value
@@ -77,12 +80,14 @@ class Meters:
         if self.loss_names is not None and len(self.loss_names) != count:
             raise ValueError(f"the loss returned {count} components, earlier batches {len(self.loss_names)}")
         self.loss_names = loss_names(criterion, list(declared) if declared else None, count if count > 1 else 0)
+        self.context.trainer_update(loss_logging_items_names=self.loss_names)
 
     # ---- passes ----------------------------------------------------------------------------------
     def start_train(self) -> None:
         self.train_loss.reset()
         if self.collections["train"] is not None:
             self.collections["train"].reset()
+        self.context.trainer_update(loss_avg_meter=self.train_meter, metrics_compute_fn=self.collections["train"])
 
     def add_train(self, context: PhaseContext) -> None:
         """One train batch's loss items and metric update."""
@@ -99,6 +104,7 @@ class Meters:
         collection = self.collections[kind]
         if collection is not None:
             collection.reset()
+        self.context.trainer_update(loss_avg_meter=self.eval_meter, metrics_compute_fn=collection)
         return collection
 
     def eval_results(self, kind: str) -> Dict[str, Any]:

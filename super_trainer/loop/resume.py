@@ -82,10 +82,14 @@ class ResumePlan:
 
 
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
-    check_optimizer_fits(parts.optimizer, state, path)
+    """Weights, optimizer (unless SG's ``load_opt_params`` is False: weights only), scaler and EMA."""
+    with_optimizer = parts.params.get("load_opt_params", True)
+    if with_optimizer:
+        check_optimizer_fits(parts.optimizer, state, path)
     try:
         parts.net.load_state_dict(state["net"])
-        parts.optimizer.load_state_dict(state["optimizer_state_dict"])
+        if with_optimizer:
+            parts.optimizer.load_state_dict(state["optimizer_state_dict"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
     if parts.scaler is not None and state["scaler_state_dict"]:
