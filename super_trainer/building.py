@@ -34,6 +34,7 @@ from .callbacks.grad_clip import GradientClipping
 from .callbacks.logging import BaseLogger, TensorBoardLogger
 from .callbacks.lr import (CosineLRSchedule, ExpLRSchedule, FunctionLRSchedule, LinearBatchLRWarmup,
                            LinearEpochLRWarmup, PolyLRSchedule, StepLRSchedule, TorchSchedulerCallback)
+from .callbacks.mlflow_logger import MLflowLogger
 from .callbacks.pre_prediction import PrePredictionCallback
 from .callbacks.progress import ProgressBar
 from .callbacks.yolo_warmup import YoloV5LRWarmup
@@ -122,8 +123,11 @@ def builtin_callbacks(params: TrainingParams, steps_per_epoch: Optional[int], ck
         callbacks.append(GradientClipping(params.clip_grad_norm))
     if params.average_best_models and params.get("save_model", True):  # save_model False: no checkpoint files
         callbacks.append(AverageBestModels(params.metric_to_watch, params.greater_metric_to_watch_is_better))
-    if params.sg_logger == "tensorboard":
-        callbacks.append(TensorBoardLogger(log_dir=ckpt_dir, **_logger_params(TensorBoardLogger, params)))
+    if params.sg_logger in ("tensorboard", "mlflow"):  # mlflow: TensorBoard and experiment.log as well
+        with_mlflow = (MLflowLogger,) if params.sg_logger == "mlflow" else ()
+        callbacks.append(TensorBoardLogger(log_dir=ckpt_dir, **_logger_params(TensorBoardLogger, params, with_mlflow)))
+        if with_mlflow:
+            callbacks.append(MLflowLogger(**_logger_params(MLflowLogger, params, (TensorBoardLogger,))))
     elif params.sg_logger == "base":
         callbacks.append(BaseLogger(log_dir=ckpt_dir, **_logger_params(BaseLogger, params)))
     elif isinstance(params.sg_logger, Callback):
@@ -145,10 +149,13 @@ _SG_LOGGER_OFF = {"tb_files_user_prompt": False, "launch_tensorboard": False, "t
                   "monitor_system": True, "project_name": "", "model_name": None}
 
 
-def _logger_params(logger_cls: type, params: Mapping[str, Any]) -> Dict[str, Any]:
-    """The ``sg_logger_params`` entries ``logger_cls`` accepts; the others are ignored with one log line."""
+def _logger_params(logger_cls: type, params: Mapping[str, Any], others: Tuple[type, ...] = ()) -> Dict[str, Any]:
+    """The ``sg_logger_params`` entries ``logger_cls`` accepts; the others (except those of the ``others`` built
+    beside it) are ignored with one log line."""
     given = dict(params.get("sg_logger_params") or {})
     accepted = set(inspect.signature(logger_cls.__init__).parameters) - {"self", "log_dir"}
+    taken = set().union(*(inspect.signature(other.__init__).parameters for other in others)) - accepted
+    given = {k: v for k, v in given.items() if k not in taken}
     used = {k: v for k, v in given.items() if k in accepted}
     ignored = {k: v for k, v in given.items() if k not in accepted}
     if ignored:

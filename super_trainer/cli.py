@@ -3,23 +3,23 @@
     super-trainer                                   # the default recipe, digits_mlp
     super-trainer --config-name=NAME key=value ...  # a recipe under recipes/, with overrides
     super-trainer --config-dir DIR --config-name=MY # your own recipes (they may use the shipped groups)
-    super-trainer -m training_hyperparams.initial_lr=0.1,0.01   # a sweep: one run dir per job
+    super-trainer -m training_hyperparams.initial_lr=0.1,0.01   # a sweep: one run dir per job, a summary at the end
     super-trainer --cfg job                         # print the composed recipe, train nothing
     super-trainer --nproc 4 ...                     # launch 4 processes with torchrun
 
 Exit codes: 0 when training ends (completed or stopped by a callback), 1 on bad input or another error (one
-line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback), 130 after Ctrl-C, 143 after SIGTERM (preemption).
+line on stderr; ``HYDRA_FULL_ERROR=1`` shows the traceback) or when any job of a sweep failed, 130 after Ctrl-C,
+143 after SIGTERM (preemption).
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,12 +34,13 @@ from .runs import RunLockedError
 from .distributed import is_main_process
 from .loop.stops import Terminated
 from .recipes import _compose, recipe_names, recipes_dir
+from .sweep import JobOutcome, SweepSummary, new_sweep, sweep_run_name
 from .trainer import Trainer
 
 __all__ = ["main"]
 
 DEFAULT_RECIPE = "digits_mlp"
-_state = {"full_error": False, "config_dir": None}
+_state: Dict[str, Any] = {"full_error": False, "config_dir": None, "sweep": None}
 
 
 def _help() -> str:
@@ -57,18 +58,23 @@ recipe groups (group=option):
 options:
   --config-name=RECIPE   a recipe by name (shipped, or in --config-dir)
   --config-dir DIR       search DIR for recipes first (then the shipped ones: they may use its groups and `base`)
-  -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01 (one run dir per job)
+  -m, --multirun         a sweep, e.g. -m training_hyperparams.initial_lr=0.1,0.01: every job runs, each in its
+                         run dir <ckpt_root_dir>/<experiment_name>/<job>_<its overrides>/ (e.g. 0_initial_lr=0.1);
+                         then one summary table (job, overrides, best metric, stop_reason, error), also
+                         written as sweep_<time>.csv beside the runs (with Hydra's config as sweep_<time>.yaml)
   --cfg job              print the composed recipe and train nothing
   --nproc N              launch N processes with torchrun (distributed data parallel)
   key=value              override any recipe key, e.g. training_hyperparams.max_epochs=10 experiment_name=longer
   --hydra-help           Hydra's own options
 
 exit codes:
-  0    training ended (completed, or stopped by a callback)
+  0    training ended (completed, or stopped by a callback); in a sweep: every job did
   1    bad input (an unknown recipe, key or name, a bad value, ...) or another error: one line on stderr;
        set HYDRA_FULL_ERROR=1 for the traceback. A failed run leaves existing run dirs unchanged; a run dir
-       in use by another live process is refused (the error names its pid).
-  130  interrupted by Ctrl-C (ckpt_latest.pth holds the state at the batch where training stopped)
+       in use by another live process is refused (the error names its pid). In a sweep: any job failed (the
+       others still ran)
+  130  interrupted by Ctrl-C (ckpt_latest.pth holds the state at the batch where training stopped); a sweep
+       stops there
   143  terminated by SIGTERM, as a cluster scheduler preempts a job (ckpt_latest.pth holds the state at the
        batch where training stopped, written before exit; resume with training_hyperparams.resume=true)
 """
@@ -174,26 +180,26 @@ def _sg_callback_overrides(config_dir: str, argv: List[str]) -> List[str]:
 
 def _experiment_dir(cfg: DictConfig) -> Path:
     """``<ckpt_root_dir>/<experiment_name>``: each run makes its own run dir in it (``.hydra/`` and recipe.yaml go
-    there too). A sweep's job is named by its ``run_id``: the recipe's, else the job's overrides."""
+    there too). A sweep's job is named by its ``run_id``: the recipe's, else ``sweep.sweep_run_name`` of the job's
+    overrides (``<job>_<key>=<value>,...``; an earlier sweep's name gets this sweep's stamp)."""
     hydra_cfg = HydraConfig.get()
+    experiment_dir = Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir"))) / str(cfg.experiment_name)  # SG's null
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.get("training_hyperparams") is not None \
             and cfg.training_hyperparams.get("run_id") is None:
         with open_dict(cfg):
-            cfg.training_hyperparams.run_id = _sweep_run_id(hydra_cfg)
-    return Path(sg_compat.ckpt_root(cfg.get("ckpt_root_dir"))) / str(cfg.experiment_name)  # SG's null: the default
-
-
-def _sweep_run_id(hydra_cfg: DictConfig) -> str:
-    """A sweep job's run dir name: its overrides as Hydra writes them (``key=value,key2=value2``), else its number."""
-    name = re.sub(r"[/\\]+", "_", str(hydra_cfg.job.get("override_dirname") or "")).strip(". ")
-    return name or f"job_{hydra_cfg.job.num}"
+            cfg.training_hyperparams.run_id = sweep_run_name(experiment_dir, list(hydra_cfg.overrides.task),
+                                                             hydra_cfg.job.num)
+    return experiment_dir
 
 
 def _run(cfg: DictConfig) -> None:
-    """The Hydra task: train the composed recipe (``_app`` makes the Hydra app around it)."""
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    """The Hydra task: train the composed recipe (``_app`` makes the Hydra app around it); in a sweep, one job."""
     if sg_compat.uses_shortcuts(sg_compat.hydra_callbacks_in(HydraConfig.get())):
         sg_compat.apply_recipe_shortcuts(cfg)  # again for each job of a sweep (SG applies them at run start only)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        _run_sweep_job(cfg)
+        return
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         experiment_dir = _experiment_dir(cfg)
         result = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
@@ -203,17 +209,57 @@ def _run(cfg: DictConfig) -> None:
             raise
         _remove_if_empty(output_dir)  # Hydra made it before the job started
         _fail(err)
+    _report(cfg, result)
+    if result.stop_reason == "interrupted":
+        sys.exit(130)
+    if result.stop_reason == "terminated":
+        sys.exit(143)
+
+
+def _run_sweep_job(cfg: DictConfig) -> None:
+    """One job of a sweep: its outcome goes to the summary; a failure is reported in one line and the sweep goes
+    on (Hydra runs the next job); Ctrl-C ends the sweep."""
+    hydra_cfg = HydraConfig.get()
+    experiment_dir = _experiment_dir(cfg)
+    if _state["sweep"] is None:
+        _state["sweep"] = SweepSummary(experiment_dir)
+        if is_main_process():
+            _state["sweep"].keep_hydra_config(Path(hydra_cfg.sweep.dir))
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    run_dir = experiment_dir / str(cfg.training_hyperparams.get("run_id") or "")
+    outcome = JobOutcome(job=hydra_cfg.job.num, overrides=overrides, run_dir=str(run_dir), stop_reason="error")
+    try:
+        result = Trainer(experiment_name=experiment_dir.name, ckpt_root_dir=experiment_dir.parent,
+                         device=cfg.get("device")).train(cfg)
+    except Exception as err:
+        if _state["full_error"]:
+            raise
+        _remove_if_empty(Path(hydra_cfg.runtime.output_dir))
+        outcome.error = describe_error(err, _state["config_dir"])
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"super-trainer: error: job {outcome.job} ({' '.join(overrides)}): {outcome.error}\n")
+    else:
+        _report(cfg, result)
+        outcome.stop_reason, outcome.best_metric, outcome.best_epoch = \
+            result.stop_reason, result.best_metric, result.best_epoch
+        outcome.metric_to_watch, outcome.run_dir = result.metric_to_watch, str(result.ckpt_dir)
+    if is_main_process():
+        _state["sweep"].add(outcome)
+    if outcome.stop_reason == "interrupted":
+        raise KeyboardInterrupt  # past Hydra's launcher, which would go on with the next job
+    if outcome.stop_reason == "terminated":
+        raise Terminated  # preempted: the sweep ends with 143
+
+
+def _report(cfg: DictConfig, result: Any) -> None:
     if is_main_process():
         best = f"{result.best_metric:.4f}" if isinstance(result.best_metric, float) else result.best_metric
         watched = cfg.training_hyperparams.get("metric_to_watch", "Accuracy")
         where = f" in epoch {result.best_epoch + 1} (best_epoch={result.best_epoch}, 0-based)" \
             if result.best_epoch is not None else ""  # 1-based like the epoch lines above it
-        print(f"{experiment_dir.name}/{Path(result.ckpt_dir).name}: {result.stop_reason}; best {watched} {best}{where}")
+        run_dir = Path(result.ckpt_dir)
+        print(f"{run_dir.parent.name}/{run_dir.name}: {result.stop_reason}; best {watched} {best}{where}")
         print(f"run dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
-    if result.stop_reason == "interrupted":
-        sys.exit(130)
-    if result.stop_reason == "terminated":
-        sys.exit(143)
 
 
 def _app(config_dir: Optional[str]) -> Callable[[], None]:
@@ -309,6 +355,8 @@ def main() -> None:
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
     signal.signal(signal.SIGTERM, _terminate)  # outside training too (training defers it to a batch's end)
+    new_sweep(argv)
+    _state["sweep"] = None
     try:
         sg_compat.register_resolvers()
         if config_dir and Path(config_dir).is_dir():
@@ -320,16 +368,30 @@ def main() -> None:
     except Terminated:  # a SIGTERM outside training (e.g. while building), or a second one during it
         sys.exit(143)
     except KeyboardInterrupt:  # raised outside training (e.g. while building): same code as during it
+        _end_sweep()
         sys.exit(130)
     except Exception as err:  # ... and they are reported here in one line
         if _state["full_error"]:
             raise
+        _end_sweep()
         _fail(err)
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+    if _end_sweep():
+        sys.exit(1)
+
+
+def _end_sweep() -> bool:
+    """After a sweep: print its summary table (rank 0); True when any job failed."""
+    summary, _state["sweep"] = _state["sweep"], None
+    if summary is None or not summary.outcomes:
+        return False
+    if is_main_process():
+        print(summary.table(), flush=True)
+    return bool(summary.failed)
 
 
 if __name__ == "__main__":

@@ -130,5 +130,5 @@ SG_NO_OP_VALUES: Dict[str, Tuple[Any, ...]] = {
 HYDRA_KEYS = ("_convert_", "_recursive_")
 
 MIXED_PRECISION_VALUES = (False, True, "bf16", "bfloat16", "fp16", "float16")
-SG_LOGGERS = ("tensorboard", "base", "base_sg_logger")
+SG_LOGGERS = ("tensorboard", "base", "base_sg_logger", "mlflow")
 TORCH_COMPILE_OPTIONS = ("mode", "fullgraph", "dynamic", "backend", "options", "disable")

@@ -14,6 +14,7 @@ warmup and schedule values with SPEC §4's formulas.
 """
 from __future__ import annotations
 
+import csv
 import math
 import subprocess
 import warnings
@@ -231,14 +232,17 @@ CLI_FILES = [
 
 
 def test_sg_training_files_train_unchanged_through_the_cli(sg_recipes, tmp_path):
-    """One sweep over the files (one process start instead of one per file); job i trains in ``sg_cli_<i>``."""
+    """One sweep over the files (one process start instead of one per file); job i trains in
+    ``sg_cli/<i>_training_hyperparams=<file>``, as the sweep's summary CSV lists."""
     sweep = [f"training_hyperparams={','.join(CLI_FILES)}", f"ckpt_root_dir={tmp_path}", "experiment_name=sg_cli", *SIZE]
     proc = subprocess.run([PYTHON, "-m", "super_trainer.train_from_recipe", "--config-dir", str(sg_recipes),
                            "--config-name", "st_sg_smoke", "-m", *sweep], cwd=tmp_path, env=python_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, name in enumerate(CLI_FILES):
-        exp = tmp_path / f"sg_cli_{job}"
+    summary = next((tmp_path / "sg_cli").glob("sweep_*.csv"))
+    run_dirs = [Path(row["run_dir"]) for row in csv.DictReader(summary.open())]
+    assert [p.name for p in run_dirs] == [f"{job}_training_hyperparams={name}" for job, name in enumerate(CLI_FILES)]
+    for exp, name in zip(run_dirs, CLI_FILES):
         assert OmegaConf.load(exp / "recipe.yaml").experiment_name == "sg_cli"
         state = read_checkpoint(exp / "ckpt_latest.pth")
         check_sg_values_used(sg_values(sg_recipes, name, overrides_for(name, tmp_path)), exp, state["metrics"])

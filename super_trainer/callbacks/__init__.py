@@ -20,6 +20,7 @@ from .lr import (
     StepLRSchedule,
     TorchSchedulerCallback,
 )
+from .mlflow_logger import MLflowLogger
 from .mmcv_adapter import MMCVHook, MMCVHookAdapter
 from .plateau import ReduceLROnPlateauCallback
 from .progress import ProgressBar
@@ -34,7 +35,7 @@ for _callback in (CSVLogger, EarlyStop, AverageBestModels, EMAUpdate, GradientCl
                   LinearBatchLRWarmup, StepLRSchedule, CosineLRSchedule, PolyLRSchedule, ExpLRSchedule,
                   FunctionLRSchedule, CancelTrainingCallback, ReduceLROnPlateauCallback, StopOnNonFiniteLoss,
                   GradientNormLogger, BatchVisualizationCallback, ModelConversionCheckCallback, MMCVHookAdapter,
-                  TrainingStageSwitchCallbackBase, YoloV5LRWarmup):
+                  TrainingStageSwitchCallbackBase, YoloV5LRWarmup, MLflowLogger):
     CALLBACKS.register(_callback)
 
 __all__ = [
@@ -45,5 +46,5 @@ __all__ = [
     "ExpLRSchedule", "FunctionLRSchedule", "TorchSchedulerCallback",
     "CancelTrainingCallback", "ReduceLROnPlateauCallback", "StopOnNonFiniteLoss", "GradientNormLogger",
     "BatchVisualizationCallback", "ModelConversionCheckCallback", "MMCVHookAdapter", "MMCVHook",
-    "TrainingStageSwitchCallbackBase", "YoloV5LRWarmup",
+    "TrainingStageSwitchCallbackBase", "YoloV5LRWarmup", "MLflowLogger",
 ]
