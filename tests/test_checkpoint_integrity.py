@@ -6,6 +6,8 @@ import hashlib
 import os
 import zipfile
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,9 +22,9 @@ from super_trainer.checksum import TRAILER_PREFIX, verify_checksum
 def trained(tmp_path_factory):
     """A real ckpt_latest.pth of a 1-epoch run (written by the background writer), and its bytes."""
     root = tmp_path_factory.mktemp("integrity")
-    Trainer("exp", root).train(model=make_model(), training_params=quiet_params(max_epochs=1),
-                               train_loader=make_loader(), valid_loader=make_loader(16))
-    path = root / "exp" / "ckpt_latest.pth"
+    result = Trainer("exp", root).train(model=make_model(), training_params=quiet_params(max_epochs=1),
+                                        train_loader=make_loader(), valid_loader=make_loader(16))
+    path = Path(result.ckpt_dir) / "ckpt_latest.pth"
     return path, path.read_bytes()
 
 
@@ -58,9 +60,9 @@ def test_every_single_bit_flip_is_refused_naming_the_file(trained, tmp_path):
 
 def test_flipped_bytes_are_refused_by_every_loader(trained, tmp_path):
     path, data = trained
-    exp = tmp_path / "exp"
-    exp.mkdir()
-    damaged = exp / "ckpt_latest.pth"
+    run = tmp_path / "exp" / "RUN_20260101_000000_000000"  # a run dir the resume finds
+    run.mkdir(parents=True)
+    damaged = run / "ckpt_latest.pth"
     for pos in (len(data) // 3, len(data) // 2, len(data) - 50):  # tensor bytes, pickle/zip records, the trailer
         flipped = bytearray(data)
         flipped[pos] ^= 0xFF

@@ -77,7 +77,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch_with_a_checkpoin
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["stop_reason"] for r in ranks] == ["terminated"] * 2, stderr[-3000:]
     assert [r["all_reduces"] for r in ranks] == [4 + 2] * 2  # epoch 0's 4 steps, then batches 0 and 1 of epoch 1
-    latest = read_checkpoint(tmp_path / "ckpt" / "ddp" / "ckpt_latest.pth")
+    latest = read_checkpoint(only_run(tmp_path / "ckpt" / "ddp") / "ckpt_latest.pth")
     assert (latest["epoch"], latest["epoch_progress"]["batches"]) == (1, 2)
     for key, value in ranks[0]["net"].items():
         assert torch.equal(value, ranks[1]["net"][key])

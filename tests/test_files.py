@@ -175,9 +175,12 @@ def test_background_write_into_a_deleted_run_dir_fails_and_does_not_recreate_it(
 
 
 def test_training_fails_when_its_run_dir_is_deleted(tmp_path):
+    deleted = []
+
     class DeleteRunDir(Callback):
         def on_validation_loader_end(self, context):
             if context.epoch == 1:
+                deleted.append(context.ckpt_dir)
                 for path in sorted(context.ckpt_dir.rglob("*"), reverse=True):
                     path.rmdir() if path.is_dir() else path.unlink()
                 context.ckpt_dir.rmdir()
@@ -185,7 +188,7 @@ def test_training_fails_when_its_run_dir_is_deleted(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Trainer("exp", tmp_path).train(model=make_model(), training_params=quiet_params(
             max_epochs=3, phase_callbacks=[DeleteRunDir()]), train_loader=make_loader(), valid_loader=make_loader(16))
-    assert not (tmp_path / "exp").exists()
+    assert deleted and not deleted[0].exists()  # the run dir was not recreated
 
 
 def test_csv_logger_creates_its_own_folder_once(tmp_path):

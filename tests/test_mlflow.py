@@ -4,6 +4,8 @@ from __future__ import annotations
 import filecmp
 import sys
 
+from pathlib import Path
+
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -49,28 +51,29 @@ def test_mlflow_holds_history_params_step_points_and_best_checkpoint(tmp_path, m
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'ck' / 'mlruns' / 'mlflow.db'}")  # the default local store
     run = _only_run(client, "mlexp")
-    assert run.info.run_name == "mlexp" and run.info.status == "FINISHED"
+    run_dir = Path(result.ckpt_dir)  # <ck>/mlexp/RUN_...: the MLflow run is named after the run dir
+    assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
     _assert_history_logged(client, run.info.run_id, result.history)
     assert _points(client, run.info.run_id, "test/holdout/Accuracy") == [(2, pytest.approx(
         result.test_metrics["holdout"]["Accuracy"]))]
 
     # every resolved training_param is an MLflow param, nested mappings with dotted keys
     params = run.data.params
-    resolved = yaml.safe_load((tmp_path / "ck" / "mlexp" / "training_params.yaml").read_text())
+    resolved = yaml.safe_load((run_dir / "training_params.yaml").read_text())
     for key, value in resolved.items():
         assert key in params or any(p.startswith(f"{key}.") for p in params), key
     assert params["max_epochs"] == "3" and params["initial_lr"] == "0.1"
     assert params["optimizer_params.momentum"] == "0.9"
 
     # step-level points: the same steps and values as TensorBoard's Step/ tags, which are still written
-    events = EventAccumulator(str(tmp_path / "ck" / "mlexp"))
+    events = EventAccumulator(str(run_dir))
     events.Reload()
     tensorboard_loss = [(e.step, e.value) for e in events.Scalars("Step/Train/loss")]
     logged_loss = _points(client, run.info.run_id, "Step/Train/loss")
     assert [s for s, _ in logged_loss] == [2, 4, 6, 8, 10, 12] == [s for s, _ in tensorboard_loss]
     assert [v for _, v in logged_loss] == pytest.approx([v for _, v in tensorboard_loss], rel=1e-6)
     assert _points(client, run.info.run_id, "Step/LR/default") == [(s, pytest.approx(0.1)) for s in range(2, 13, 2)]
-    assert "MLflow" in (tmp_path / "ck" / "mlexp" / "experiment.log").read_text()
+    assert "MLflow" in (run_dir / "experiment.log").read_text()
 
     # ckpt_best.pth, byte for byte
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["ckpt_best.pth"]
@@ -95,7 +98,7 @@ def test_resume_continues_the_mlflow_run_and_a_new_run_starts_a_new_one(tmp_path
         result = train(4, resume=True)
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     run = _only_run(client, "shared")  # the same run, continued
-    assert run.info.run_name == "resumed" and run.info.status == "FINISHED"
+    assert run.info.run_name == Path(result.ckpt_dir).name and run.info.status == "FINISHED"
     assert run.data.params["max_epochs"] == "2"
     assert len(result.history) == 4
     _assert_history_logged(client, run.info.run_id, result.history)  # epochs 0-3, each once
@@ -109,7 +112,7 @@ def test_resume_continues_the_mlflow_run_and_a_new_run_starts_a_new_one(tmp_path
     # a resume into a store without the checkpoint's run: a new run, given the checkpoint's earlier epochs too
     train(2, resume=False)
     logger_params["tracking_uri"] = str(tmp_path / "other_store")
-    with pytest.warns(UserWarning, match="not an active run named 'resumed' in .*other_store.*; logging to a new run"):
+    with pytest.warns(UserWarning, match=r"not an active run named 'RUN_\d+_\d+_\d+' in .*other_store.*; logging to a new run"):
         result = train(3, resume=True)
     other = MlflowClient(f"sqlite:///{tmp_path / 'other_store' / 'mlflow.db'}")
     run = _only_run(other, "shared")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from conftest import make_data, make_loader, make_model, python_env, quiet_params
+from conftest import make_data, make_loader, make_model, python_env, quiet_params, only_run
 from super_trainer import Callback, Trainer
 from super_trainer.checkpoint import read_checkpoint, wait_for_writes
 
@@ -128,10 +128,11 @@ def test_cli_exits_143_after_sigterm_with_the_checkpoint_written(tmp_path):
                            f"ckpt_root_dir={tmp_path}"], cwd=tmp_path, env=python_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 143, proc.stderr[-2000:]
-    latest = read_checkpoint(tmp_path / "term" / "ckpt_latest.pth")
+    latest = read_checkpoint(only_run(tmp_path / "term") / "ckpt_latest.pth")
     assert (latest["epoch"], latest["epoch_progress"]["batches"]) == (1, 3)
-    assert (tmp_path / "term" / "experiment.log").read_text().strip().endswith("training ended: terminated")
-    assert f"Training terminated in epoch 2/3 | resume from {tmp_path / 'term' / 'ckpt_latest.pth'}" in proc.stdout
+    assert (only_run(tmp_path / "term") / "experiment.log").read_text().strip().endswith("training ended: terminated")
+    resume_from = only_run(tmp_path / "term") / "ckpt_latest.pth"
+    assert f"Training terminated in epoch 2/3 | resume from {resume_from}" in proc.stdout
 
 
 def test_cli_help_documents_exit_code_143():
@@ -189,7 +190,7 @@ def test_persistent_workers_resume_exactly_at_every_kill_point(tmp_path, persist
         _train(tmp_path, "cut", [stopper()], loaders=_worker_loaders(), save_ckpt_every_n_steps=2)
     except HardKill:
         pass
-    latest = read_checkpoint(tmp_path / "cut" / "ckpt_latest.pth")
+    latest = read_checkpoint(only_run(tmp_path / "cut") / "ckpt_latest.pth")
     assert (latest["epoch"], (latest.get("epoch_progress") or {}).get("batches")) == where
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -257,8 +258,8 @@ def test_nan_gradient_with_a_finite_loss_never_reaches_a_checkpoint(tmp_path, ev
     assert result.stop_reason == "nan_loss"
     assert validated == [0]
     assert not _all_finite(model.state_dict())  # the weights really are NaN
-    latest = read_checkpoint(tmp_path / "nan" / "ckpt_latest.pth")
-    best = read_checkpoint(tmp_path / "nan" / "ckpt_best.pth")  # metric_to_watch is Accuracy
+    latest = read_checkpoint(only_run(tmp_path / "nan") / "ckpt_latest.pth")
+    best = read_checkpoint(only_run(tmp_path / "nan") / "ckpt_best.pth")  # metric_to_watch is Accuracy
     assert (latest["epoch"], (latest.get("epoch_progress") or {}).get("batches")) == latest_at
     assert _all_finite(latest["net"]) and _all_finite(best["net"])
 
@@ -267,7 +268,7 @@ def test_the_weights_check_is_off_with_stop_on_non_finite_loss_false(tmp_path):
     model = ZeroVectorNorm()
     _, result = _train(tmp_path, "off", [Arm(model, 0, 2)], model=model, stop_on_non_finite_loss=False, max_epochs=1)
     assert result.stop_reason == "completed"
-    assert not _all_finite(read_checkpoint(tmp_path / "off" / "ckpt_latest.pth")["net"])  # as asked
+    assert not _all_finite(read_checkpoint(only_run(tmp_path / "off") / "ckpt_latest.pth")["net"])  # as asked
 
 
 # ---- on_epoch_end's metrics, changed params on resume ------------------------------------------------------
@@ -306,4 +307,4 @@ def test_resume_lists_changed_params_in_one_warning(tmp_path, caplog):
     assert "max_epochs 2 -> 3" in applied and "batch_accumulate 1 -> 2" in applied
     assert "initial_lr 0.1 -> 0.05" in kept and "seed 42 -> 7" in kept and "resume" not in message.split(";", 1)[1]
     assert result.history[2]["lr"] == 0.1  # as the warning says: the restored param group keeps its lr0
-    assert read_checkpoint(tmp_path / "p" / "ckpt_latest.pth")["training_params"]["initial_lr"] == 0.05
+    assert read_checkpoint(only_run(tmp_path / "p") / "ckpt_latest.pth")["training_params"]["initial_lr"] == 0.05

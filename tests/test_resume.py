@@ -130,7 +130,7 @@ def test_sigterm_from_outside_mid_epoch_checkpoints_the_batch_and_resumes_bit_ex
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
     assert torch.load(tmp_path / "stopped.pt", weights_only=True)["stop_reason"] == "terminated"
-    partial = read_checkpoint(tmp_path / "b" / "exp" / "ckpt_latest.pth")
+    partial = read_checkpoint(only_run(tmp_path / "b" / "exp") / "ckpt_latest.pth")
     assert (partial["epoch"], partial["epoch_progress"]["batches"]) == (1, 3)
     assert partial["epoch_progress"]["metric_states"]["Accuracy"]["update_count"] == 3
     resumed = run_worker("resume", tmp_path / "b", tmp_path / "resumed.pt", [])

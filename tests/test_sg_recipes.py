@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import _sg_standins  # noqa: F401  (registers the stand-ins in this process)
-from conftest import PYTHON, ROOT, python_env
+from conftest import PYTHON, ROOT, only_run, python_env
 from super_trainer import Trainer
 from super_trainer.lr_modes import normalize_lr_mode, normalize_warmup_mode
 from super_trainer.checkpoint import read_checkpoint
@@ -217,7 +217,7 @@ def test_sg_training_file_trains_unchanged_through_the_python_api(sg_recipes, na
         warnings.simplefilter("always")
         result = Trainer.train(str(sg_recipes / "st_sg_smoke.yaml"), overrides=overrides)
     assert result.stop_reason == "completed" and len(result.history) == EPOCHS
-    check_sg_values_used(sg, tmp_path / name, result.metrics)
+    check_sg_values_used(sg, Path(result.ckpt_dir), result.metrics)
     messages = [str(w.message) for w in caught]
     if sg.lr_warmup_epochs + sg.lr_cooldown_epochs > EPOCHS:  # SG's long warmups: a warning, not an error
         assert any("exceed max_epochs" in m for m in messages), messages
@@ -258,7 +258,7 @@ CIFAR_SWAP = ["architecture=MLP", "arch_params=st_tiny_arch", "dataset_params=st
 
 
 def check_cifar10_run(sg_recipes: Path, cwd: Path) -> Path:
-    exp = cwd / "checkpoints" / "resnet18_cifar_interpolation_check"  # SG's experiment_name, under the default root
+    exp = only_run(cwd / "checkpoints" / "resnet18_cifar_interpolation_check")  # SG's experiment_name, default root
     used = OmegaConf.load(exp / "training_params.yaml")
     assert (used.initial_lr, used.max_epochs) == (0.05, EPOCHS)  # the lr / epochs shortcuts reached the params
     assert OmegaConf.load(exp / "recipe.yaml").dataset_params.train_dataloader_params.batch_size == 4
@@ -275,7 +275,8 @@ def test_sg_top_level_recipe_with_variable_setup_through_the_cli(sg_recipes, tmp
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = check_cifar10_run(sg_recipes, tmp_path)
-    hydra = OmegaConf.load(exp / ".hydra" / "hydra.yaml").hydra  # Hydra wrote it into hydra_output_dir's dir
+    # SG's recipe keeps Hydra's output_subdir: Hydra wrote .hydra/ into hydra_output_dir's dir (the experiment dir)
+    hydra = OmegaConf.load(exp.parent / ".hydra" / "hydra.yaml").hydra
     assert hydra.callbacks.shortcuts_cb._target_ == "super_trainer.sg_compat.RecipeShortcutsCallback"
 
 
