@@ -349,12 +349,12 @@ def main() -> None:
     nproc = _pop_nproc(argv)
     if nproc and nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         sys.exit(_launch(nproc, argv))
-    warnings.formatwarning = _format_warning
+    format_warning, warnings.formatwarning = warnings.formatwarning, _format_warning
     _state["full_error"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     config_dir = _state["config_dir"] = _config_dir(argv)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
-    signal.signal(signal.SIGTERM, _terminate)  # outside training too (training defers it to a batch's end)
+    on_sigterm = signal.signal(signal.SIGTERM, _terminate)  # outside training too (training defers it to a batch end)
     new_sweep(argv)
     _state["sweep"] = None
     try:
@@ -366,6 +366,7 @@ def main() -> None:
         sys.argv = [sys.argv[0], *argv]
         _app(config_dir)()
     except Terminated:  # a SIGTERM outside training (e.g. while building), or a second one during it
+        _end_sweep()
         sys.exit(143)
     except KeyboardInterrupt:  # raised outside training (e.g. while building): same code as during it
         _end_sweep()
@@ -375,11 +376,13 @@ def main() -> None:
             raise
         _end_sweep()
         _fail(err)
-    finally:
+    finally:  # as they were: main() may run inside another program (a notebook, a test)
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+        warnings.formatwarning = format_warning
+        signal.signal(signal.SIGTERM, on_sigterm)
     if _end_sweep():
         sys.exit(1)
 
