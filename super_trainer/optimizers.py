@@ -23,6 +23,14 @@ __all__ = ["RMSpropTF", "Lamb", "SG_OPTIMIZER_DEFAULTS", "sg_optimizer_defaults"
            "model_param_groups", "no_decay_names", "step_takes_closure", "check_trainable", "check_owned_parameters"]
 
 
+def _evaluate(closure: Optional[Callable[[], Any]]) -> Any:
+    """What an optimizer's ``step(closure)`` does first: the loss (with gradients) from the closure, if given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 @OPTIMIZERS.register
 class RMSpropTF(torch.optim.Optimizer):
     """RMSprop as TensorFlow (and SuperGradients' ``RMSpropTF``) computes it. Per parameter, with gradient g:
@@ -49,10 +57,7 @@ class RMSpropTF(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
             decay, momentum = group["weight_decay"], group["momentum"]
@@ -130,10 +135,7 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Lamb does not support sparse gradients")
