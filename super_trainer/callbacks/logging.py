@@ -62,6 +62,7 @@ class BaseLogger(SGLoggerAPI, Callback):
         self.enabled = False
         self.log_interval = 50
         self._file: Optional[Any] = None
+        self._epoch_train_scalars: Optional[Dict[str, Any]] = None  # the train pass's, written at on_epoch_end
 
     def _ensure_open(self) -> None:
         """Open the files on first use (rank 0 only), so even writes at on_training_start by callbacks that
@@ -146,6 +147,7 @@ class BaseLogger(SGLoggerAPI, Callback):
             self._file.flush()
 
     def flush(self) -> None:
+        """Make everything logged so far visible on disk (called at the end of every epoch-level event)."""
         if self._file is not None:
             self._file.flush()
 
@@ -173,7 +175,7 @@ class BaseLogger(SGLoggerAPI, Callback):
 
     def on_train_batch_gradient_step_end(self, context: PhaseContext) -> None:
         if self.enabled and context.global_step % self.log_interval == 0:
-            updating = getattr(context, "optimizer_name", None)  # several optimizers: the one that just stepped
+            updating = context.optimizer_name  # several optimizers: the one that just stepped
             scalars: Dict[str, Any] = {"Step/Train/loss" + (f"/{updating}" if updating else ""): context.loss}
             for name, group in named_param_groups(context):
                 if updating is None or name.startswith(updating + "/"):
@@ -184,26 +186,30 @@ class BaseLogger(SGLoggerAPI, Callback):
         scalars = {f"Train/{k}": v for k, v in (context.metrics_dict or {}).items()}
         # the lrs the epoch trained with, captured before epoch-end schedules (step mode) change them
         groups = named_param_groups(context)
-        lrs = getattr(context, "epoch_lrs", None) or [g["lr"] for _, g in groups]
+        lrs = context.epoch_lrs or [g["lr"] for _, g in groups]
         for (name, _), lr in zip(groups, lrs):
             scalars[f"LR/{name}"] = lr
         self._epoch_train_scalars = scalars  # written at on_epoch_end: a partial epoch is not an epoch's point
+        self.flush()
 
     def on_epoch_end(self, context: PhaseContext) -> None:
-        scalars, self._epoch_train_scalars = getattr(self, "_epoch_train_scalars", None), None
+        scalars, self._epoch_train_scalars = self._epoch_train_scalars, None
         if scalars:
             self.add_scalars(scalars, context.epoch, unit="epoch")
+        self.flush()
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:
         # with val_check_interval an epoch may hold several validations: they are placed by global_step
         by_step = (context.training_params or {}).get("val_check_interval") is not None
         step, unit = (context.global_step, "step") if by_step else (context.epoch, "epoch")
         self.add_scalars({f"Valid/{k}": v for k, v in (context.metrics_dict or {}).items()}, step, unit)
+        self.flush()
 
     def on_test_loader_end(self, context: PhaseContext) -> None:
-        loader = getattr(context, "test_loader_name", None) or "test"
+        loader = context.test_loader_name or "test"
         step = context.epoch if context.epoch is not None else 0
         self.add_scalars({f"Test/{loader}/{k}": v for k, v in (context.metrics_dict or {}).items()}, step, "epoch")
+        self.flush()
 
     def on_training_end(self, context: PhaseContext) -> None:
         if self.enabled:
@@ -229,15 +235,21 @@ class TensorBoardLogger(BaseLogger):
         self.writer: Optional[Any] = None
         self._pending: List[tuple] = []
         self._last_flush = time.monotonic()
-
-    def _open(self) -> None:
-        super()._open()
-        from torch.utils.tensorboard import SummaryWriter
-
         # purge_step: a resumed run drops the points an interrupted run logged after its checkpoint (TensorBoard
         # discards every point at or past it). Epoch-level points use the epoch as step, which stays below
         # global_step + 1 (every epoch takes at least one step), so only the step-level points past it go.
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=getattr(self, "_purge_step", None))
+        self._purge_step: Optional[int] = None
+
+    def _open(self) -> None:
+        super()._open()
+        self._new_writer()
+
+    def _new_writer(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imported on first use: it pulls in tensorboard
+
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self._purge_step)
 
     def _write_scalars(self, values: Dict[str, float], step: int, unit: str) -> None:
         super()._write_scalars(values, step, unit)
@@ -273,28 +285,8 @@ class TensorBoardLogger(BaseLogger):
         # a resumed run continues after the checkpoint's step, which was logged before the checkpoint was taken
         self._purge_step = context.global_step + 1 if context.global_step else None
         if self.writer is not None and self._purge_step:  # opened by a write before this event: reopen
-            self.writer.close()
-            self.writer = None
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self._purge_step)
+            self._new_writer()
         super().on_training_start(context)
-
-    def on_train_loader_end(self, context: PhaseContext) -> None:
-        super().on_train_loader_end(context)
-        self.flush()
-
-    def on_epoch_end(self, context: PhaseContext) -> None:
-        super().on_epoch_end(context)
-        self.flush()
-
-    def on_validation_loader_end(self, context: PhaseContext) -> None:
-        super().on_validation_loader_end(context)
-        self.flush()
-
-    def on_test_loader_end(self, context: PhaseContext) -> None:
-        super().on_test_loader_end(context)
-        self.flush()
 
     def close(self) -> None:
         self.flush()
