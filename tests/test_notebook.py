@@ -44,7 +44,9 @@ def test_quickstart_notebook_executes(tmp_path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not [o for c in code for o in outputs(c) if o["output_type"] == "error"]
     stderr = "".join(stream(c, "stderr") for c in code)
-    assert "Traceback" not in stderr and "Warning" not in stderr and "IProgress" not in stderr, stderr
+    # the only warning: the resume cells say which training_params changed since the checkpoint's run (SPEC §8)
+    unexpected = [line for line in stderr.splitlines() if "Warning" in line and "training_params differ" not in line]
+    assert "Traceback" not in stderr and not unexpected and "IProgress" not in stderr, stderr
     text = "".join(stream(c) for c in code)
 
     # ipywidgets is installed (dev extras): tqdm.auto drew widget bars, not text bars
