@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -34,13 +35,14 @@ from .runs import RunLockedError
 from .distributed import is_main_process
 from .loop.stops import Terminated
 from .recipes import _compose, recipe_names, recipes_dir
+from .registry import close_matches
 from .sweep import JobOutcome, SweepSummary, new_sweep, sweep_run_name
 from .trainer import Trainer
 
 __all__ = ["main"]
 
 DEFAULT_RECIPE = "digits_mlp"
-_state: Dict[str, Any] = {"full_error": False, "config_dir": None, "sweep": None}
+_state: Dict[str, Any] = {"full_error": False, "config_dir": None, "sweep": None, "config_name": DEFAULT_RECIPE}
 
 
 def _help() -> str:
@@ -303,11 +305,39 @@ def describe_error(err: BaseException, config_dir: Optional[str] = None) -> str:
         options = f"; available: {', '.join(err.options)}" if err.options else ""
         return _one_line(first) + options
     message = _one_line(str(err))
+    unknown = re.match(r"Could not override '([^']+)'", message)
+    if unknown:  # Hydra only hints at "+key=value"; a typo deserves the key it was meant to be
+        return _unknown_override(unknown.group(1), config_dir)
     if isinstance(err, (ValueError, HydraException, OmegaConfBaseException, CheckpointError, RunLockedError)):
         return message
     if isinstance(err, INPUT_ERRORS):  # TypeError, ImportError, ...: the type says what went wrong
         return f"{type(err).__name__}: {message}"
     return f"{type(err).__name__}: {message} (HYDRA_FULL_ERROR=1 shows the traceback)"
+
+
+def _unknown_override(key: str, config_dir: Optional[str]) -> str:
+    """One line for an override of a key the recipe does not have: the closest existing key (looked up in the
+    recipe composed without overrides, segment by segment), and how to add a new key on purpose."""
+    hint = ""
+    try:
+        directory = Path(config_dir).resolve() if config_dir and Path(config_dir).is_dir() else recipes_dir()
+        node: Any = _compose(directory, _state["config_name"], [])
+        meant: List[str] = []
+        for part in key.split("."):
+            if not isinstance(node, DictConfig):
+                break
+            match = [part] if part in node else close_matches(part, [str(k) for k in node.keys()], n=1)
+            if not match:
+                break
+            meant.append(match[0])
+            node = node[match[0]]
+        if len(meant) == len(key.split(".")) and ".".join(meant) != key:
+            hint = f"; did you mean {'.'.join(meant)!r}?"
+        elif "training_hyperparams" in key:
+            hint = " (docs/training_params.md lists every key)"
+    except Exception:  # the hint is a courtesy: the error stands without it
+        hint = ""
+    return f"unknown recipe key {key!r}{hint} (to add a new key on purpose: +{key}=...)"
 
 
 def _one_line(text: str) -> str:
@@ -352,6 +382,7 @@ def main() -> None:
     format_warning, warnings.formatwarning = warnings.formatwarning, _format_warning
     _state["full_error"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     config_dir = _state["config_dir"] = _config_dir(argv)
+    _state["config_name"] = _option(argv, "--config-name", "-cn") or DEFAULT_RECIPE
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors (instead of printing a traceback) ...
     on_sigterm = signal.signal(signal.SIGTERM, _terminate)  # outside training too (training defers it to a batch end)

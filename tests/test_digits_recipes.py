@@ -142,7 +142,11 @@ BAD_INPUT = [
     (["training_hyperparams.resume_path=nowhere.pth"], "checkpoint not found: nowhere.pth"),
     (["--config-name=digits_mpl"], "unknown recipe 'digits_mpl'; recipes: default, digits_cnn, digits_mlp"),
     (["training_hyperparams=fast"], "Could not find 'training_hyperparams/fast'; available: base_train_params"),
-    (["no_such_key=1"], "Could not override 'no_such_key'"),
+    (["no_such_key=1"], "unknown recipe key 'no_such_key' (to add a new key on purpose: +no_such_key=...)"),
+    (["training_hyperparams.max_epoch=3"], "unknown recipe key 'training_hyperparams.max_epoch'; did you mean "
+                                           "'training_hyperparams.max_epochs'? (to add a new key on purpose: "),
+    (["dataset_params.train_dataloader_params.batchsize=4"], "did you mean "
+                                                             "'dataset_params.train_dataloader_params.batch_size'?"),
     (["--config-dir", "{root}/recipes", "--config-name=broken"],
      "YAML syntax error in {root}/recipes/broken.yaml, line 6"),
 ]
