@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import warnings
@@ -261,7 +262,8 @@ def _report(cfg: DictConfig, result: Any) -> None:
             if result.best_epoch is not None else ""  # 1-based like the epoch lines above it
         run_dir = Path(result.ckpt_dir)
         print(f"{run_dir.parent.name}/{run_dir.name}: {result.stop_reason}; best {watched} {best}{where}")
-        print(f"run dir: {result.ckpt_dir}  (tensorboard --logdir {result.ckpt_dir})")
+        quoted = shlex.quote(str(result.ckpt_dir))  # copy-pasteable into a shell, also with spaces in the path
+        print(f"run dir: {quoted}  (tensorboard --logdir {quoted})")
 
 
 def _app(config_dir: Optional[str]) -> Callable[[], None]:

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -187,7 +188,7 @@ class SweepSummary:
             title += f", stopped by Ctrl-C in job {self.outcomes[-1].job} (the jobs after it did not run)"
         if shared:
             title += f"; every job: {' '.join(shared)}"
-        return "\n".join([title, *(line.rstrip() for line in lines), f"summary: {self.csv_path}"])
+        return "\n".join([title, *(line.rstrip() for line in lines), f"summary: {shlex.quote(str(self.csv_path))}"])
 
 
 def _fmt(value: Any) -> str:

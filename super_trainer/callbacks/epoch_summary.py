@@ -7,6 +7,7 @@ prints one report line instead of a traceback.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -113,7 +114,7 @@ class EpochSummary(Callback):
         text = f"Training {context.stop_reason} in epoch {_epochs(context)}"
         latest = Path(context.ckpt_dir) / "ckpt_latest.pth" if context.ckpt_dir is not None else None
         if latest is not None and latest.exists():
-            text += f" | resume from {latest}"
+            text += f" | resume from {shlex.quote(str(latest))}"  # copy-pasteable, also with spaces in the path
         if context.best_metric is not None:
             text += f" | best {context.metric_to_watch} {_best(context)}"
         return text
