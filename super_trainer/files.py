@@ -81,6 +81,8 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], make_dirs: 
             raise _disk_full(path, err) from err
         if isinstance(err, FileNotFoundError) and not directory.is_dir():
             raise _missing_dir(path) from err
+        if isinstance(err, FileNotFoundError) and not os.path.exists(tmp_name):
+            raise _deleted_temp(path, tmp_name) from err
         raise
     finally:
         with _lock:
@@ -198,6 +200,13 @@ def _umask() -> int:
 def _missing_dir(path: Path) -> FileNotFoundError:
     return FileNotFoundError(errno.ENOENT, f"cannot write {path}: its directory {path.parent} does not exist (was it "
                                            "deleted during the run?); nothing was written")
+
+
+def _deleted_temp(path: Path, tmp_name: str) -> FileNotFoundError:
+    # Something removed our temp file mid-write: usually the run dir being deleted, caught before the dir itself.
+    return FileNotFoundError(errno.ENOENT, f"cannot write {path}: its temp file {os.path.basename(tmp_name)} was "
+                                           f"removed while being written (is the run dir {path.parent} being "
+                                           "deleted?); nothing was written")
 
 
 def _disk_full(path: Path, err: OSError) -> OSError:

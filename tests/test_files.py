@@ -174,6 +174,17 @@ def test_background_write_into_a_deleted_run_dir_fails_and_does_not_recreate_it(
     assert not run_dir.exists()
 
 
+def test_a_temp_file_removed_mid_write_is_named_in_the_error(tmp_path):
+    def write_then_lose_the_temp_file(file):
+        file.write(b"x")
+        for temp in tmp_path.glob(".ckpt_latest.pth.w*"):
+            temp.unlink()  # what deleting the run dir's files does to a write in flight
+
+    with pytest.raises(FileNotFoundError, match=r"temp file \.ckpt_latest\.pth\.w.* was removed while being written"):
+        atomic_write(tmp_path / "ckpt_latest.pth", write_then_lose_the_temp_file)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_training_fails_when_its_run_dir_is_deleted(tmp_path):
     deleted = []
 
@@ -185,7 +196,8 @@ def test_training_fails_when_its_run_dir_is_deleted(tmp_path):
                     path.rmdir() if path.is_dir() else path.unlink()
                 context.ckpt_dir.rmdir()
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    # a background write caught mid-way names its removed temp file; any later write names the missing dir
+    with pytest.raises(FileNotFoundError, match="does not exist|was removed while being written"):
         Trainer("exp", tmp_path).train(model=make_model(), training_params=quiet_params(
             max_epochs=3, phase_callbacks=[DeleteRunDir()]), train_loader=make_loader(), valid_loader=make_loader(16))
     assert deleted and not deleted[0].exists()  # the run dir was not recreated

@@ -252,7 +252,7 @@ KEPT_BY_CHECKPOINT = {
     "seed": "the RNG state is restored",
 }
 #: keys that say how to resume: they differ from the checkpoint's run by nature.
-_RESUME_KEYS = ("resume", "resume_path", "resume_weights_only")
+_RESUME_KEYS = ("resume", "resume_path", "resume_weights_only", "run_id")  # they choose what is resumed
 
 
 def plain_params(params: Mapping[str, Any]) -> Dict[str, Any]:
