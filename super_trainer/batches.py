@@ -197,3 +197,17 @@ def metric_preds(preds: Any) -> Any:
         return preds["logits"] if "logits" in preds else preds
     logits = getattr(preds, "logits", None)
     return logits if logits is not None else preds
+
+
+def samples_in(*parts: Any) -> Optional[int]:
+    """The number of samples in a batch: the first dimension of the first tensor found in ``parts`` (inputs,
+    then target; through dicts, lists and tuples); None when there is none (the batch then counts as one)."""
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            return int(part.shape[0]) if part.dim() else 1
+        values = part.values() if isinstance(part, Mapping) else part if isinstance(part, (list, tuple)) else ()
+        found = samples_in(*values)
+        if found is not None:
+            return found
+    return None
+

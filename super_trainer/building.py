@@ -51,6 +51,7 @@ from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .named_optimizers import build_optimizers
 from .optimizers import step_takes_closure
 from .params import TrainingParams, resolve_training_params
+from .sharding import check_same_batch_count, shard_loaders
 from .params_runs import derive_max_epochs, run_horizon
 from .registry import CALLBACKS, close_matches, parse_spec
 from .rng import seed_everything
@@ -316,6 +317,8 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         check_loader("valid_loader", inputs.valid_loader)
     params = resolve_training_params(inputs.training_params)
     is_distributed, device = join_process_group(device)
+    train_loader, valid_loader, test_loaders = shard_loaders(inputs.train_loader, inputs.valid_loader, dict(
+        inputs.test_loaders or {}), params.seed, params.distributed_sampler)  # each rank its own share
     if params.seed is not None:
         seed_everything(params.seed)
     net = convert_sync_bn(unwrap_model(inputs.model).to(device), params, is_distributed, device)
@@ -323,14 +326,13 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     optimizer = optimizers.first.optimizer
     criterion = build_criterion(params, device)
     train_step = _train_step(params, net, optimizers)
-    steps_per_epoch = _check_loaders(params, inputs.train_loader, inputs.valid_loader)
+    steps_per_epoch = _check_loaders(params, train_loader, valid_loader)
     derive_max_epochs(params, steps_per_epoch)  # max_steps without max_epochs
-    test_loaders = dict(inputs.test_loaders or {})
     metrics = _build_metrics(params, bool(test_loaders))
     known = known_loss_names(criterion, params)
     resolve_metric_direction(params, criterion, known)  # before the callbacks: AverageBestModels reads it
-    if inputs.valid_loader is not None:
-        check_default_metrics(params, sample_target(inputs.valid_loader))
+    if valid_loader is not None:
+        check_default_metrics(params, sample_target(valid_loader))
     autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
     for handle in optimizers:
         _check_closure_optimizer(handle.optimizer, params, scaler, train_step)
@@ -339,7 +341,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, ckpt_dir, optimizers.several)
                                 + given_callbacks)
     restart_callback_states(given_callbacks)  # as first given; a resume then loads the checkpoint's state
-    if inputs.valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
+    if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
         check_metric_to_watch(params.metric_to_watch, criterion, known, metric_titles(metrics["valid"]),
                               callbacks.callbacks)
     # a train_step may run several forwards and backwards per batch, which DDP's wrapper cannot follow: the loop
@@ -350,8 +352,8 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     context = PhaseContext(
         net=model, optimizer=optimizer, optimizers=optimizers.handles, criterion=criterion, device=device,
         ckpt_dir=ckpt_dir,
-        experiment_name=experiment_name, sg_logger=_sg_logger(params, callbacks), train_loader=inputs.train_loader,
-        valid_loader=inputs.valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
+        experiment_name=experiment_name, sg_logger=_sg_logger(params, callbacks), train_loader=train_loader,
+        valid_loader=valid_loader, training_params=params, metric_to_watch=params.metric_to_watch,
         train_metrics=metrics["train"], valid_metrics=metrics["valid"], test_metrics={}, ema_model=ema,
         lr_warmup_epochs=params.lr_warmup_epochs, global_step=0, epoch=0, max_epochs=params.max_epochs,
         steps_per_epoch=steps_per_epoch, total_steps=run_horizon(params, steps_per_epoch),
@@ -378,6 +380,7 @@ def _check_loaders(params: TrainingParams, train_loader: Any, valid_loader: Any)
     """Loud failures for loaders without batches; returns the optimizer steps per epoch (None: unknown)."""
     train_batches = count_batches(train_loader, params.max_train_batches)
     warn_if_unbounded(train_batches, params)
+    check_same_batch_count(train_batches)  # under torchrun: one clear error on every rank, before any collective
     if train_batches == 0:
         raise ValueError("train_loader has no batches (len(train_loader) == 0): nothing to train on; check the "
                          "dataset's size, batch_size and drop_last")

@@ -93,6 +93,25 @@ _flag_buffers: Dict[str, torch.Tensor] = {}
 
 
 
+def gather_to_main(obj: Any) -> Optional[List[Any]]:
+    """Every rank's ``obj`` (picklable; tensors on the CPU), in rank order, on rank 0; None on the others.
+    ``[obj]`` alone. Every rank must call it at the same point."""
+    if not is_distributed():
+        return [obj]
+    gathered: Optional[List[Any]] = [None] * world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def all_gather(obj: Any) -> List[Any]:
+    """Every rank's ``obj`` (small and picklable), in rank order, on every rank; ``[obj]`` alone."""
+    if not is_distributed():
+        return [obj]
+    gathered: List[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 class RankVote:
     """Agree on several flags (stop, Ctrl-C, one flag per stop reason …) across ranks with ONE all-reduce of
     ONE element: each flag comes back True when it is True on any rank.

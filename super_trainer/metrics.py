@@ -269,14 +269,21 @@ def _rows(items: List[torch.Tensor]) -> torch.Tensor:
 
 class LossAverager:
     """Mean of per-batch loss items over an epoch. Batches only append a detached tensor (no host sync, no
-    arithmetic on the hot path); the mean is taken once, in float64, when the epoch's metrics are read."""
+    arithmetic on the hot path); the mean is taken once, in float64, when the epoch's metrics are read.
+
+    A batch added with its number of samples counts by it (SuperGradients' ``loss_avg_meter.update(items,
+    len(inputs))``): evaluation does so, so a smaller last batch, and the ranks' differently cut shares under
+    torchrun, give one process's value. Training adds batch means unweighted (its batches are equal but for a
+    last one), which keeps the hot path free of a size lookup."""
 
     def __init__(self) -> None:
         self._items: List[torch.Tensor] = []
+        self._samples: List[int] = []  # per batch, when added with a sample count
         self._checked = 0  # items already seen finite by all_finite_since_check
 
     def reset(self) -> None:
         self._items = []
+        self._samples = []
         self._checked = 0
 
     def stacked(self) -> Optional[torch.Tensor]:
@@ -296,18 +303,25 @@ class LossAverager:
         self._checked = len(self._items)
         return not fresh or bool(torch.isfinite(_rows(fresh)).all())
 
-    def add(self, items: torch.Tensor) -> None:
-        """Add one batch's detached loss items: a 0-d loss or a ``(K,)`` components tensor."""
+    def add(self, items: torch.Tensor, samples: Optional[int] = None) -> None:
+        """Add one batch's detached loss items: a 0-d loss or a ``(K,)`` components tensor; ``samples``: the
+        batch's number of samples, to weight it by (given for every batch of a pass, or for none)."""
         self._items.append(items)
+        if samples is not None:
+            self._samples.append(samples)
 
     def average(self) -> List[float]:
-        """The mean over batches (and over ranks when distributed); one host sync."""
+        """The mean over batches (and over ranks when distributed), weighted by samples when they were given;
+        one host sync."""
         if not self._items:
             return []
         stacked = _rows(self._items).to(torch.float64)
-        total = stacked.sum(dim=0)
-        batches = stacked.shape[0]
-        count = torch.tensor([float(batches)], dtype=torch.float64, device=total.device)
+        if self._samples and len(self._samples) == stacked.shape[0]:
+            weights = torch.tensor(self._samples, dtype=torch.float64, device=stacked.device)
+            total, count = (stacked * weights[:, None]).sum(dim=0), weights.sum().reshape(1)
+        else:
+            total = stacked.sum(dim=0)
+            count = torch.tensor([float(stacked.shape[0])], dtype=torch.float64, device=total.device)
         if dist.is_available() and dist.is_initialized():
             packed = torch.cat([total, count])
             dist.all_reduce(packed)

@@ -28,7 +28,7 @@ from .building import RunInputs, resolve_device
 from .losses import build_criterion
 from .files import atomic_write_text
 from .rng import preserved_rng, seed_everything
-from .callbacks.base import Callback, PhaseContext, Priority
+from .sharding import UnpaddedDistributedSampler, shared_seed
 from .checkpoint import load_checkpoint_to_model
 from .metrics import build_metrics
 from .params import resolve_training_params
@@ -160,48 +160,44 @@ def _dataset(spec: Any, key: str) -> Any:
         raise ValueError(f"recipe dataset_params.{key}: {err}") from None
 
 
-def _loader(dataset: Any, params: Dict[str, Any], train: bool, key: str) -> DataLoader:
+def _loader(dataset: Any, params: Dict[str, Any], train: bool, key: str, seed: Optional[int] = None) -> DataLoader:
+    """Under torchrun each rank reads its own share: training through a DistributedSampler shuffled by the
+    recipe's seed (the trainer calls its set_epoch), evaluation through disjoint unpadded shares (no sample
+    counted twice)."""
     params = dict(params)
     batch_size = params.get("batch_size", 1)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"recipe dataset_params.{key}.batch_size: must be an int >= 1, got {batch_size!r}")
     try:
-        if distributed.is_distributed():  # each rank reads its own shard
-            shuffle = params.pop("shuffle", False)
-            sampler = DistributedSampler(dataset, shuffle=shuffle,
-                                         drop_last=params.get("drop_last", False) if train else False)
+        if distributed.is_distributed() and train:
+            sampler = DistributedSampler(dataset, shuffle=params.pop("shuffle", False), seed=shared_seed(seed),
+                                         drop_last=params.get("drop_last", False))
             return DataLoader(dataset, sampler=sampler, **params)
+        if distributed.is_distributed():
+            params.pop("shuffle", None)
+            return DataLoader(dataset, sampler=UnpaddedDistributedSampler(dataset), **params)
         return DataLoader(dataset, **params)
     except (TypeError, ValueError) as err:
         raise ValueError(f"recipe dataset_params.{key}: {err}") from None
 
 
-def build_loaders(cfg: DictConfig) -> Tuple[DataLoader, Optional[DataLoader], Dict[str, DataLoader]]:
-    """(train, valid, {name: test}) loaders from ``dataset_params``."""
+def build_loaders(cfg: DictConfig, seed: Optional[int] = None
+                  ) -> Tuple[DataLoader, Optional[DataLoader], Dict[str, DataLoader]]:
+    """(train, valid, {name: test}) loaders from ``dataset_params``; ``seed`` shuffles the train shares."""
     data = to_plain(cfg.get("dataset_params")) or {}
     if "train_dataset" not in data:
         raise ValueError("recipe dataset_params.train_dataset is required ({Name: {params}} or a _target_ mapping)")
     train_params = data.get("train_dataloader_params") or {}
     eval_params = data.get("val_dataloader_params") or {k: v for k, v in train_params.items() if k != "shuffle"}
     eval_key = "val_dataloader_params" if data.get("val_dataloader_params") else "train_dataloader_params"
-    train = _loader(_dataset(data["train_dataset"], "train_dataset"), train_params, True, "train_dataloader_params")
+    train = _loader(_dataset(data["train_dataset"], "train_dataset"), train_params, True, "train_dataloader_params",
+                    seed)
     valid = None
     if data.get("valid_dataset"):
         valid = _loader(_dataset(data["valid_dataset"], "valid_dataset"), eval_params, False, eval_key)
     tests = {str(name): _loader(_dataset(spec, f"test_datasets.{name}"), eval_params, False, eval_key)
              for name, spec in (data.get("test_datasets") or {}).items()}
     return train, valid, tests
-
-
-class SamplerEpoch(Callback):
-    """Calls ``set_epoch`` on a DistributedSampler at each epoch start, so shuffling differs per epoch."""
-
-    priority = Priority.VERY_HIGH
-
-    def on_train_loader_start(self, context: PhaseContext) -> None:
-        sampler = getattr(context.train_loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(context.epoch)
 
 
 def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
@@ -223,10 +219,8 @@ def build_from_recipe(cfg: DictConfig) -> Dict[str, Any]:
     if resolved.seed is not None:
         seed_everything(resolved.seed)
     model = build_model(cfg)
-    train, valid, tests = build_loaders(cfg)
+    train, valid, tests = build_loaders(cfg, resolved.seed)
     check_model_fits_data(model, valid if valid is not None else train, resolved, _recipe_device(cfg))
-    if distributed.is_distributed():
-        params["phase_callbacks"] = list(params.get("phase_callbacks") or []) + [SamplerEpoch()]
     return {"model": model, "training_params": params, "train_loader": train, "valid_loader": valid,
             "test_loaders": tests}
 

@@ -23,12 +23,14 @@ import torch.distributed as dist
 from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler,
                               SequentialSampler)
 
+from .batches import samples_in
 from .distributed import collective_device, is_distributed, world_size
 from .distributed import rank as current_rank
 
-__all__ = ["shard_train_loader", "shard_eval_loader", "UnpaddedDistributedSampler", "set_sampler_epoch",
+__all__ = ["shard_loaders", "shard_train_loader", "shard_eval_loader", "UnpaddedDistributedSampler",
+           "set_sampler_epoch",
            "gather_counts", "check_same_batch_count", "SampleWeightedMean", "batch_size_of", "equalized_batches",
-           "per_rank_share"]
+           "per_rank_share", "shared_seed"]
 
 
 class UnpaddedDistributedSampler(Sampler[int]):
@@ -90,7 +92,7 @@ def _recreated(loader: DataLoader, sampler: Sampler, batch_size: int, drop_last:
     return DataLoader(loader.dataset, **kwargs)
 
 
-def _shared_seed(seed: Optional[int]) -> int:
+def shared_seed(seed: Optional[int]) -> int:
     """``seed``, or (None) one drawn on rank 0 and broadcast: a DistributedSampler needs the same seed everywhere."""
     if seed is not None:
         return int(seed)
@@ -133,7 +135,7 @@ def shard_train_loader(loader: Any, name: str = "train_loader", seed: Optional[i
     if not _shardable(loader, name, enabled):
         return loader
     shuffle, batch_size, drop_last = _plain_order(loader, name)
-    sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=_shared_seed(seed))
+    sampler = DistributedSampler(loader.dataset, shuffle=shuffle, seed=shared_seed(seed))
     warnings.warn(f"{name} has no DistributedSampler: re-created with one (shuffle={shuffle}) so that each of the "
                   f"{world_size()} ranks trains on its own share; set training_params.distributed_sampler: false to "
                   "use it as given", stacklevel=2)
@@ -167,6 +169,17 @@ def shard_eval_loader(loader: Any, name: str = "valid_loader", enabled: bool = T
         warnings.warn(f"{err}; until then {name} is evaluated whole on every rank", stacklevel=2)
         return loader
     return _recreated(loader, UnpaddedDistributedSampler(loader.dataset), batch_size, drop_last)
+
+
+def shard_loaders(train: Any, valid: Any, tests: Dict[str, Any], seed: Optional[int], enabled: bool
+                  ) -> Tuple[Any, Any, Dict[str, Any]]:
+    """Under torchrun, the run's loaders as each rank reads them: the train loader with a seeded DistributedSampler
+    (:func:`shard_train_loader`), the evaluation loaders with disjoint unpadded shares (:func:`shard_eval_loader`).
+    Alone, or with ``enabled=False`` (``distributed_sampler: false``), the loaders as given."""
+    if not enabled or not is_distributed():
+        return train, valid, tests
+    return (shard_train_loader(train, "train_loader", seed), shard_eval_loader(valid, "valid_loader"),
+            {name: shard_eval_loader(loader, f"test_loaders[{name!r}]") for name, loader in tests.items()})
 
 
 def set_sampler_epoch(loader: Any, epoch: int) -> None:
@@ -203,13 +216,10 @@ def check_same_batch_count(count: Optional[int], name: str = "train_loader") -> 
 
 def batch_size_of(inputs: Any) -> int:
     """The number of samples in a batch's inputs: the first dimension of its (first) tensor."""
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else ()
-    for value in values:
-        if isinstance(value, (torch.Tensor, dict, list, tuple)):
-            return batch_size_of(value)
-    raise ValueError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
+    found = samples_in(inputs)
+    if found is None:
+        raise ValueError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
+    return found
 
 
 class SampleWeightedMean:

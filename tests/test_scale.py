@@ -111,6 +111,31 @@ def test_fsdp2_trains_like_one_process_and_resumes_after_torchrun_restarts_it(tm
     assert "4.weight" not in partial and "1.weight, 1.bias are not sharded" in partial
 
 
+def test_a_job_killed_on_one_rank_is_restarted_and_ends_as_if_uninterrupted(tmp_path):
+    """Rank 1 dies in the middle of an accumulation window (a lost node); torchrun's agent restarts both ranks,
+    which resume the run from its last step checkpoint by themselves (resume: auto) and end with the weights of
+    the same job never killed, bit for bit."""
+    worker = str(TESTS / "_ddp_worker.py")
+    env, argv = doc_command("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun", worker)
+    outputs = {}
+    for name, command in (("killed", argv + ["--die"]), ("whole", [PYTHON, "-m", "torch.distributed.run",
+                                                                   "--standalone", "--nproc-per-node=2", worker])):
+        (tmp_path / name).mkdir()
+        proc = subprocess.run(command + ["--root", str(tmp_path / f"{name}_ckpt"), "--out", str(tmp_path / name),
+                                         "--accumulate", "2"], env=env, cwd=TESTS, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        outputs[name] = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        if name == "killed":
+            assert "exitcode: 17" in proc.stderr  # rank 1 did die, and the job went on
+    killed, whole = outputs["killed"], outputs["whole"]
+    assert [r["stop_reason"] for r in killed] == ["completed"] * 2
+    for key, value in whole[0]["net"].items():
+        assert torch.equal(killed[0]["net"][key], value) and torch.equal(killed[1]["net"][key], value), key
+    assert killed[0]["metrics"] == whole[0]["metrics"]
+    assert len(list((tmp_path / "killed_ckpt" / "ddp").iterdir())) == 1  # the restart continued the same run dir
+
+
 def test_two_nodes_shard_every_loader_and_agree(tmp_path):
     env, argv = doc_command("torchrun --nnodes=2", str(TESTS / "_scale_worker.py"), **{
         "--nproc-per-node=8": "--nproc-per-node=1", "HOST:29400": f"127.0.0.1:{free_port()}",

@@ -83,6 +83,7 @@ class CheckpointManager:
             "lr_scheduler_state": schedulers or None,
             "top_k": self.top_k.state(),
             "training_params": plain_params(self.params),  # a resume lists what differs
+            "world_size": distributed.world_size(),  # a mid-epoch record holds one share per rank
         }
 
     # ---- the points the loop calls ----------------------------------------------------------------
@@ -133,10 +134,15 @@ class CheckpointManager:
         the epoch's close writes nothing more."""
         context = self.parts.context
         self.last_step, self.initial, self.closed_at_step = context.global_step, None, final
+        if not self.params.save_model:
+            return
+        progress = epoch.record()
+        if self.parts.distributed:  # every rank's own gradients, loss items, train metrics and RNG, onto rank 0
+            progress["ranks"] = distributed.gather_to_main(copy_to_host(epoch.own_part(progress)))
         if not self.enabled:
             return
         state = self.state(epochs_done=context.epoch)
-        state["epoch_progress"] = epoch.record()
+        state["epoch_progress"] = progress
         self._write(state, [self.latest])
 
     def _write(self, state: Dict[str, Any], paths: List[Path], remove: List[Path] = ()) -> None:
@@ -168,7 +174,7 @@ class CheckpointManager:
         if epoch.done is None:
             logger.warning("Ctrl-C or SIGTERM came during a backward pass or optimizer step; %s holds the last "
                            "checkpointed state", self.latest)
-        elif epoch.done > epoch.resumed_at and stops.finite_before(context, "the Ctrl-C/SIGTERM checkpoint"):
+        elif epoch.done > epoch.resumed_at and stops.finite_everywhere(context, "the Ctrl-C/SIGTERM checkpoint"):
             self.save_progress(epoch)
 
     def finish(self) -> Optional[BaseException]:

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..batches import BatchReader, call_model, count_batches, metric_preds, numbered
+from ..batches import BatchReader, call_model, count_batches, metric_preds, numbered, samples_in
 from ..context import PhaseContext
 from .parts import Meters, RunParts
 
@@ -18,7 +18,8 @@ Event = Callable[[PhaseContext], None]
 def evaluate(parts: RunParts, meters: Meters, kind: str, loader: Any, limit: Optional[int],
              on_batch_start: Event, on_batch_end: Event, interrupted: Callable[[], bool] = lambda: False) -> None:
     """Forward, loss and metric update over ``loader`` (at most ``limit`` batches) with the EMA weights when EMA
-    is on, in eval mode and without gradients; ``kind`` ("valid" or "test") picks the metrics."""
+    is on, in eval mode and without gradients; ``kind`` ("valid" or "test") picks the metrics. The loss is
+    averaged per sample (a batch counts by its size), as SuperGradients does; under torchrun over every rank."""
     context = parts.context
     model = parts.ema.ema if parts.ema is not None else parts.net
     was_training = model.training
@@ -40,7 +41,7 @@ def evaluate(parts: RunParts, meters: Meters, kind: str, loader: Any, limit: Opt
                         context.loss, context.loss_log_items = meters.compute_loss(criterion, context.preds,
                                                                                    context.target)
                 if criterion is not None:
-                    meters.eval_loss.add(context.loss_log_items)
+                    meters.eval_loss.add(context.loss_log_items, samples_in(context.inputs, context.target))
                 if collection is not None:
                     collection.update(metric_preds(context.preds), context.target)
                 on_batch_end(context)

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from ..metrics import check_default_metrics, lookup_metric, warn_non_finite_metrics
 from ..rng import preserved_rng
+from ..sharding import set_sampler_epoch
 from .cadence import Cadence
 from .checkpoints import CheckpointManager
 from .evaluate import evaluate, test_pass
@@ -38,7 +39,7 @@ class TrainingLoop:
         self.step = TrainStep(parts, meters, self.optimizer_update)
         self.read_batch = parts.read_batch
         guard = NonFiniteGuard(parts.params.stop_on_non_finite_loss, parts.params.log_interval, meters.train_loss)
-        self.stops = StopControl(parts.context, guard, parts.distributed)
+        self.stops = StopControl(parts.context, guard, parts.distributed, self.stop_can_change)
         self.cadence = Cadence(parts.params, bool(parts.test_loaders))
         self.cursor: Optional[EpochCursor] = None  # the running epoch's
         self.epoch_results: Dict[str, Any] = {}  # the running epoch's "train" and (last) "valid" metrics, "seconds"
@@ -146,6 +147,13 @@ class TrainingLoop:
         finally:
             self.ctx.optimizer_name = None
 
+    def stop_can_change(self) -> bool:
+        """Whether anything between a batch's start and its backward can set stop_training: a train_step or a
+        listener of on_train_batch_start / on_train_batch_loss_end (under DDP the ranks agree again only then)."""
+        fire = self.fire
+        return self.step.custom is not None or bool(
+            fire.receivers("on_train_batch_start") or fire.receivers("on_train_batch_loss_end"))
+
     def close_epoch(self, epoch: EpochCursor) -> bool:
         """The train pass's metrics and lrs onto the context, the stop decision, then on_train_loader_end."""
         ctx = self.ctx
@@ -179,9 +187,10 @@ class TrainingLoop:
         return cursor
 
     def start_pass(self, epoch: EpochCursor) -> None:
-        """After on_train_loader_start: the batch count and accumulation of this pass, and a mid-epoch resume's
+        """After on_train_loader_start: the batch count and accumulation of this pass, the sampler's epoch, and a mid-epoch resume's
         lrs (an epoch-start schedule just ran again, but the lr is the checkpoint's)."""
         n_batches, accumulate = self.settings.apply()
+        set_sampler_epoch(self.ctx.train_loader, self.ctx.epoch)  # a DistributedSampler's shuffle for this epoch
         self.step.start_epoch(n_batches, accumulate)
         self.cadence.open_epoch(self.ctx.steps_per_epoch)
         epoch.start(n_batches)

@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from .. import distributed
 from ..batches import numbered
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..metrics import load_metric_states, metric_states
@@ -60,7 +61,14 @@ class ResumePlan:
         dir's ckpt_latest, or ``resume_path``; None for a fresh start; a broken file is a CheckpointError before any
         event), fire on_optimizer_built, then restore the checkpoint into the run, so the param groups added at that
         event are there when the optimizer state loads."""
-        state = read_checkpoint(path, weights_only=parts.params.resume_weights_only) if path is not None else None
+        state, failed = None, None
+        try:
+            state = read_checkpoint(path, weights_only=parts.params.resume_weights_only) if path is not None else None
+        except CheckpointError as err:
+            failed = err
+        check_same_checkpoint(state, path, failed)  # under torchrun: every rank read the same one, or all fail
+        if failed is not None:
+            raise failed
         optimizers_built(parts)
         return cls._restore(parts, state, path) if state is not None else cls()
 
@@ -79,8 +87,8 @@ class ResumePlan:
         context.batches_seen = int(state.get("batches_seen", 0))
         context.trainer_update(epoch=start_epoch, best_metric=state["best_metric"], best_epoch=state.get("best_epoch"),
                                history=list(state.get("history") or []))
-        plan = cls(start_epoch, state["rng_state"], state.get("epoch_progress"), state.get("metrics"),
-                   state.get("top_k"))
+        progress, rng = own_share(state, path)
+        plan = cls(start_epoch, rng, progress, state.get("metrics"), state.get("top_k"))
         plan.context = context
         where = f"in epoch {start_epoch} after batch {plan.progress['batches']}" if plan.progress else \
             f"at epoch {start_epoch}"
@@ -222,8 +230,54 @@ class EpochCursor:
             "valid": dict(self.valid),
         }
 
+    @staticmethod
+    def own_part(record: Dict[str, Any]) -> Dict[str, Any]:
+        """What of ``record`` is this rank's own under torchrun (the rest is the same on every rank): gathered
+        into the record's ``ranks`` list, one entry per rank, and taken back by each rank on resume."""
+        return dict({key: record[key] for key in PER_RANK}, rng_state=get_rng_state())
+
     def lrs(self) -> List[float]:
         return self.parts.optimizers.lrs()
+
+
+#: the parts of a mid-epoch record that differ between ranks: a cut accumulation window's gradients, the epoch's
+#: loss items and train metric states so far, the RNG state (the current one is stored as ``rng_state``).
+PER_RANK = ("grads", "loss_items", "metric_states", "epoch_rng_state")
+
+
+def own_share(state: Dict[str, Any], path: Path) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+    """(epoch_progress, rng_state) of ``state`` for this rank: a record written under torchrun holds every
+    rank's own part, which only the same number of ranks can take back."""
+    progress, rng = state.get("epoch_progress"), state["rng_state"]
+    ranks = (progress or {}).get("ranks")
+    if not ranks:
+        return progress, rng
+    if len(ranks) != distributed.world_size():
+        raise CheckpointError(f"{path} was written in the middle of an epoch by {len(ranks)} ranks, each with its own "
+                              f"part of the epoch; resume it with {len(ranks)} ranks (now "
+                              f"{distributed.world_size()}), or from a checkpoint written at an epoch's end")
+    own = ranks[distributed.rank()]
+    return dict(progress, **{key: own[key] for key in PER_RANK}), own["rng_state"]
+
+
+def check_same_checkpoint(state: Optional[Dict[str, Any]], path: Optional[Path],
+                          failed: Optional[BaseException] = None) -> None:
+    """Under torchrun, before anything is restored: every rank read the same checkpoint (the same epoch, step,
+    batch and world size), or none; else one CheckpointError on every rank naming what each read (a run dir
+    that is not shared between nodes, or a copy that lags). A rank that could not read it (``failed``) fails
+    every rank, instead of leaving the others waiting at the first collective."""
+    if not distributed.is_distributed():
+        return
+    mine = None if state is None else (int(state["epoch"]), int(state.get("global_step", 0)),
+                                       (state.get("epoch_progress") or {}).get("batches"), state.get("world_size"))
+    read = distributed.all_gather((mine, str(path) if path else None, str(failed) if failed else None))
+    if len({key for key, _, _ in read}) > 1 or any(error for _, _, error in read):
+        each = "; ".join(f"rank {r}: " + (error if error else "no checkpoint" if key is None else
+                                          f"{where} (epoch {key[0]}, step {key[1]}, batch {key[2]}, written by "
+                                          f"{key[3]} ranks)") for r, (key, where, error) in enumerate(read))
+        raise CheckpointError("resume: the ranks read different checkpoints (" + each + "); every rank must read "
+                              "the same file: put the run dir on storage every node shares, or pass the same "
+                              "resume_path to all")
 
 
 def iterate_as_before(loader: Any, plan: ResumePlan) -> None:

@@ -21,7 +21,7 @@ import math
 import signal
 import threading
 from types import FrameType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -158,10 +158,14 @@ class StopControl:
     """Owns "does the loop go on?". Used as a context manager around the whole fit (it installs the Ctrl-C and
     SIGTERM handler); the loop calls it at fixed points of each batch and epoch."""
 
-    def __init__(self, context: PhaseContext, guard: NonFiniteGuard, is_distributed: bool) -> None:
+    def __init__(self, context: PhaseContext, guard: NonFiniteGuard, is_distributed: bool,
+                 stop_can_change: Callable[[], bool] = lambda: True) -> None:
         self.context = context
         self.guard = guard
         self.distributed = is_distributed
+        # under DDP: (stop, SIGTERM, Ctrl-C) from every rank in one all-reduce of one element
+        self.vote = distributed.RankVote(3, context.device) if is_distributed else None
+        self.stop_can_change = stop_can_change  # a callback or train_step may set stop_training inside a batch
         self.interrupt = DeferredInterrupt()
         self.held = False  # a stop requested outside a batch, applied at the epoch's end
         self.interrupted_pass = False  # a signal (or a KeyboardInterrupt) ended the running train pass
@@ -196,8 +200,9 @@ class StopControl:
 
     def go_on(self, context: PhaseContext) -> bool:
         """Before backward: no stop requested in this batch so far (under DDP every rank agrees first, since
-        backward all-reduces)."""
-        if self.distributed:
+        backward all-reduces — only when something that runs between the last agreement and here could have
+        set one: a listener of on_train_batch_start or on_train_batch_loss_end, or a train_step)."""
+        if self.distributed and self.stop_can_change():
             context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
         return not context.stop_training
 
@@ -215,9 +220,7 @@ class StopControl:
         if self.interrupt.requested:
             self.interrupted_now(context)
         if self.distributed:
-            context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
-            if context.stop_training:
-                self._agree_on_signals(context)
+            self._agree_on_signals(context)
         return bool(context.stop_training)
 
     def interrupted_now(self, context: PhaseContext) -> None:
@@ -230,6 +233,14 @@ class StopControl:
         """The losses since the last read and the weights are finite (else a "nan_loss" stop): checked before a
         checkpoint."""
         return self.guard.checkpointable(context, what)
+
+    def finite_everywhere(self, context: PhaseContext, what: str) -> bool:
+        """:meth:`finite_before` agreed by every rank (before a checkpoint every rank takes part in)."""
+        finite = self.finite_before(context, what)
+        if self.distributed and distributed.any_rank_true(not finite, context.device) and finite:
+            self.guard.stop(context, "loss or weights (on another rank)")
+            finite = False
+        return finite
 
     def epoch_completed(self, context: PhaseContext, metrics: Mapping[str, Any], loss_names: Sequence[str]) -> bool:
         """At the pass's end: False when a stop came during a batch, or the epoch's losses or the weights are not
@@ -258,15 +269,18 @@ class StopControl:
     def agree(self, context: PhaseContext) -> None:
         """Every rank stops when one does (after validation, where EarlyStop decides). Under DDP a signal that
         came during validation stops every rank here (KeyboardInterrupt), as one process stops in the pass."""
-        context.stop_training = distributed.any_rank_true(context.stop_training, context.device)
         if self.distributed and self._agree_on_signals(context):
             raise KeyboardInterrupt
 
     def _agree_on_signals(self, context: PhaseContext) -> bool:
-        """Under DDP: when a signal came on any rank, every rank stops for it, with SIGTERM's reason first."""
+        """Under DDP, one vote: every rank stops when one does; when a signal came on any rank, every rank stops
+        for it, with SIGTERM's reason first. True when a signal was agreed."""
         own = self.interrupt.reason if self.interrupt.requested else None
-        for reason in ("terminated", "interrupted"):
-            if distributed.any_rank_true(own == reason, context.device):
+        stop, terminated, interrupted = self.vote.vote(context.stop_training, own == "terminated",
+                                                       own == "interrupted")
+        context.stop_training = stop
+        for reason, came in (("terminated", terminated), ("interrupted", interrupted)):
+            if came:
                 self.agreed_reason = reason
                 self.interrupted_now(context)
                 return True
