@@ -9,7 +9,7 @@ from . import models as _models  # noqa: F401  (registers the built-in models)
 from . import sg_compat as _sg_compat  # noqa: F401  (SuperGradients _target_ paths resolve to their equivalents)
 from . import data as _data  # noqa: F401  (registers the built-in datasets)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Callback", "CallbackHandler", "CSVLogger", "EarlyStop", "Phase", "PhaseCallback", "PhaseContext", "Priority",
