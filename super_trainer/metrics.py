@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -23,7 +24,7 @@ from .registry import METRICS, parse_spec
 
 __all__ = ["Accuracy", "Top5", "build_metrics", "loss_names", "LossAverager", "metric_values", "lookup_metric",
            "check_default_metrics", "warn_non_finite_metrics", "metric_titles", "LossAverageMeter", "metric_states",
-           "load_metric_states"]
+           "load_metric_states", "update_metrics"]
 
 
 @METRICS.register("Accuracy")
@@ -257,7 +258,34 @@ def make_collection(metrics: Dict[str, Metric], device: torch.device) -> Optiona
         return None
     collection = MetricCollection(metrics, compute_groups=False).to(device)
     collection.titles = list(metrics)  # MetricCollection sorts its keys; metrics_dict keeps the given order
+    collection.context_arguments = _context_arguments(metrics.values())
     return collection
+
+
+def _context_arguments(metrics: Any) -> tuple:
+    """The names a metric's ``update()`` takes besides the prediction and the target (SG's DetectionMetrics:
+    ``device``, ``inputs``): SG's MetricsUpdateCallback calls ``update(**context.__dict__)``, so SG metrics read
+    any context field by its name. Named parameters only (a ``**kwargs`` does not ask for anything)."""
+    names = set()
+    for metric in metrics:
+        try:
+            parameters = list(inspect.signature(metric.update).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        names.update(p.name for p in named[2:])  # the first two are the prediction and the target
+    return tuple(sorted(names))
+
+
+def update_metrics(collection: MetricCollection, preds: Any, target: Any, context: Any) -> None:
+    """``collection.update(preds, target)``, plus the context fields a metric's update() names (each metric gets
+    only the ones its own signature takes: torchmetrics filters them). A name the context does not have is left
+    out: a metric that requires it fails with torch's "missing argument" naming it."""
+    wanted = getattr(collection, "context_arguments", ())  # a MetricCollection made elsewhere: none
+    if not wanted:
+        collection.update(preds, target)
+        return
+    collection.update(preds, target, **{name: getattr(context, name) for name in wanted if hasattr(context, name)})
 
 
 def _rows(items: List[torch.Tensor]) -> torch.Tensor:

@@ -436,3 +436,35 @@ def test_sgs_resolvers_are_registered_for_recipes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sg_compat.register_resolvers()  # a second call changes nothing
+
+
+class DetectionMetricsSignature(Metric):
+    """SG's DetectionMetrics takes ``update(preds, target, device, inputs, crowd_targets=None)``: SG's
+    MetricsUpdateCallback calls ``update(**context.__dict__)``, so a metric reads context fields by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("samples", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("input_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.devices = set()
+
+    def update(self, preds, target, device, inputs, crowd_targets=None):
+        assert crowd_targets is None and preds.shape[0] == target.shape[0] == inputs.shape[0]
+        self.devices.add(str(device))
+        self.samples += inputs.shape[0]
+        self.input_sum += inputs.sum()
+
+    def compute(self):
+        return self.input_sum / self.samples
+
+
+def test_a_metric_that_takes_context_fields_by_name_gets_them_like_in_sg(tmp_path):
+    valid = make_loader(20, 8)
+    metric = DetectionMetricsSignature()
+    result = Trainer("ctx_metric", tmp_path).train(
+        model=make_model(), training_params=quiet_params(
+            max_epochs=1, valid_metrics_list=[metric, "Accuracy"], metric_to_watch="Accuracy"),
+        train_loader=make_loader(), valid_loader=valid)
+    inputs = torch.cat([x for x, _ in valid])
+    assert result.metrics["DetectionMetricsSignature"] == pytest.approx(float(inputs.sum() / len(inputs)), rel=1e-6)
+    assert metric.devices == {"cpu"}  # the Trainer's device, from context.device

@@ -8,6 +8,7 @@ import torch
 
 from ..batches import BatchReader, call_model, count_batches, metric_preds, numbered, samples_in
 from ..context import PhaseContext
+from ..metrics import update_metrics
 from .parts import Meters, RunParts
 
 __all__ = ["evaluate", "test_pass"]
@@ -43,7 +44,7 @@ def evaluate(parts: RunParts, meters: Meters, kind: str, loader: Any, limit: Opt
                 if criterion is not None:
                     meters.eval_loss.add(context.loss_log_items, samples_in(context.inputs, context.target))
                 if collection is not None:
-                    collection.update(metric_preds(context.preds), context.target)
+                    update_metrics(collection, metric_preds(context.preds), context.target, context)
                 on_batch_end(context)
     finally:
         model.train(was_training)

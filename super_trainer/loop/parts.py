@@ -15,7 +15,7 @@ from ..callbacks.base import CallbackHandler
 from ..context import PhaseContext
 from ..ema import ModelEMA
 from ..losses import check_loss_value
-from ..metrics import LossAverageMeter, LossAverager, loss_names, make_collection, metric_values
+from ..metrics import LossAverageMeter, LossAverager, loss_names, make_collection, metric_values, update_metrics
 from ..params import TrainingParams
 from .optimizers import OptimizerSet
 
@@ -138,7 +138,7 @@ class Meters:
             if context.preds is None:
                 raise ValueError("training_params.train_metrics_list: the train_step stored no context.preds to "
                                  "compute the train metrics on; store the model's output there, or drop the metrics")
-            self.collections["train"].update(metric_preds(context.preds).detach(), context.target)
+            update_metrics(self.collections["train"], metric_preds(context.preds).detach(), context.target, context)
 
     def train_results(self) -> Dict[str, Any]:
         return self._results(self.train_loss, self.collections["train"], self.train_names)
