@@ -6,21 +6,25 @@ Under ``torchrun --standalone --nproc-per-node=2`` (gloo, CPU), in one launch:
   an uninterrupted 3-epoch run ("b"); rank r trains on its half of every global batch of 8, so the averaged
   gradient is the single-process one; each rank validates on its own unpadded share (rank 0: 2 batches, rank 1: 1),
   so evaluation runs the extra, uncounted forward;
+- ``batch_accumulate: 2`` uninterrupted ("c"), and cut by Ctrl-C on rank 0 inside an accumulation window ("d",
+  the checkpoint then holds the window's gathered gradients), then resumed: equal to "c";
 - the same model sharded by the user with ``fully_shard`` and given as it is ("given");
 - a user's ``DistributedDataParallel(find_unused_parameters=True)`` (kept), an FSDP1 model, ``fsdp`` with a
   ``train_step`` and with ``average_best_models`` (refused).
 
-Without torchrun (``--single``) it trains runs "a" and "b" in one process on the whole global batches: the
+Without torchrun (``--single``) it trains runs "a" to "d" (without the resumes) in one process on the whole global batches: the
 reference. Each process saves what it saw into ``<out>/rank<r>.pt``.
 """
 import argparse
 import os
+import signal
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from super_trainer import Callback, Trainer, distributed, sharding
+from super_trainer.callbacks.grad_norm import GradientNormLogger
 from super_trainer.fsdp import full_state_dicts
 
 GLOBAL_BATCH, N_TRAIN, N_VALID = 8, 32, 9
@@ -75,6 +79,14 @@ class Seen(Callback):
         self.valid_batches += 1
 
 
+class CtrlCOnRank0(Callback):
+    """Ctrl-C on rank 0 during train batch (0, 2): the first micro-batch of an accumulation window of 2."""
+
+    def on_train_batch_loss_end(self, context):
+        if (context.epoch, context.batch_idx) == (0, 2) and distributed.rank() == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def full(model):
     """The trained model's full state_dict (every rank calls: it gathers a sharded one); None off rank 0."""
     from super_trainer.fsdp import is_fsdp2
@@ -84,14 +96,24 @@ def full(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run(root, name, model=None, **overrides):
-    seen = Seen()
+def run(root, name, model=None, callbacks=(), **overrides):
+    seen, norms = Seen(), GradientNormLogger(log_interval=1)
     model = make_model() if model is None else model
     result = Trainer(name, root, device="cpu").train(
-        model=model, training_params=params(phase_callbacks=[seen], **overrides), train_loader=train_loader(),
-        valid_loader=valid_loader())
+        model=model, training_params=params(phase_callbacks=[seen, norms, *callbacks], **overrides),
+        train_loader=train_loader(), valid_loader=valid_loader())
     return {"net": full(model), "metrics": result.metrics, "ckpt_dir": str(result.ckpt_dir),
-            "net_type": seen.net_type, "valid_batches": seen.valid_batches}
+            "net_type": seen.net_type, "valid_batches": seen.valid_batches, "last_norm": norms.last_norm,
+            "stop_reason": result.stop_reason}
+
+
+def interrupted(root):
+    """Run "d" cut by Ctrl-C, and the gradients its checkpoint holds (rank 0)."""
+    seen = run(root, "d", callbacks=[CtrlCOnRank0()], batch_accumulate=2)
+    if distributed.rank() == 0:
+        latest = torch.load(os.path.join(seen["ckpt_dir"], "ckpt_latest.pth"), weights_only=True)
+        seen["progress"] = {"batches": latest["epoch_progress"]["batches"], "grads": latest["epoch_progress"]["grads"]}
+    return seen
 
 
 def refused(root, name, model, **overrides):
@@ -148,9 +170,11 @@ def main():
     root = args.root
     if not args.single:
         distributed.init_from_env(torch.device("cpu"))
-    seen = {"world": distributed.world_size(), "a": run(root, "a"), "b": run(root, "b", max_epochs=3)}
+    seen = {"world": distributed.world_size(), "a": run(root, "a"), "b": run(root, "b", max_epochs=3),
+            "c": run(root, "c", batch_accumulate=2), "d": interrupted(root)}
     if not args.single:
         seen["resumed"] = run(root, "a", make_model(seed=7), max_epochs=3, resume=True)  # weights from the checkpoint
+        seen["d_resumed"] = run(root, "d", make_model(seed=7), batch_accumulate=2, resume=True)
         seen["given"] = given_fsdp2(root)
         seen["ddp"] = user_ddp(root)
         seen["errors"] = {

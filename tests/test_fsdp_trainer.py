@@ -42,6 +42,8 @@ def test_fsdp_true_trains_checkpoints_and_resumes_like_one_process(tmp_path):
     # 2 ranks, half of each global batch each, AdamW + clipping + EMA: the single-process weights to 1e-6
     _close(first["a"]["net"], single["a"]["net"])
     _close(first["b"]["net"], single["b"]["net"])
+    assert first["a"]["last_norm"] == second["a"]["last_norm"]  # the global norm, the same on every rank
+    assert first["a"]["last_norm"] == pytest.approx(single["a"]["last_norm"], rel=1e-6)
     assert first["a"]["net_type"] == "FSDPSequential"  # the sharded module itself: no DDP around it
     # validation over uneven unpadded shares (rank 0: 2 batches, rank 1: 1 and one uncounted repeat) = one process
     assert (first["a"]["valid_batches"], second["a"]["valid_batches"], single["a"]["valid_batches"]) == (4, 2, 6)
@@ -57,6 +59,15 @@ def test_fsdp_true_trains_checkpoints_and_resumes_like_one_process(tmp_path):
     assert resumed_ckpt["epoch"] == b_ckpt["epoch"] == 3
     for key, value in b_ckpt["ema_net"].items():
         assert torch.equal(resumed_ckpt["ema_net"][key], value), key
+
+    # batch_accumulate (FSDP2 reduce-scatters every micro-batch), and a Ctrl-C inside a window: the checkpoint holds
+    # the window's full gradients (gathered), and the resumed run ends as the uninterrupted one
+    _close(first["c"]["net"], single["c"]["net"])
+    assert first["d"]["stop_reason"] == second["d"]["stop_reason"] == single["d"]["stop_reason"] == "interrupted"
+    assert first["d"]["progress"]["batches"] == single["d"]["progress"]["batches"] == 3
+    _close(first["d"]["progress"]["grads"], single["d"]["progress"]["grads"])
+    for key, value in first["c"]["net"].items():
+        assert torch.equal(first["d_resumed"]["net"][key], value), key
 
     # ckpt_latest holds full, plain state dicts: they load into a plain model and optimizer, equal to one process's
     single_ckpt = torch.load(only_run(single_root / "b") / "ckpt_latest.pth", weights_only=True)
