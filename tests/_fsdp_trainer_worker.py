@@ -102,7 +102,8 @@ def run(root, name, model=None, callbacks=(), **overrides):
     result = Trainer(name, root, device="cpu").train(
         model=model, training_params=params(phase_callbacks=[seen, norms, *callbacks], **overrides),
         train_loader=train_loader(), valid_loader=valid_loader())
-    return {"net": full(model), "metrics": result.metrics, "ckpt_dir": str(result.ckpt_dir),
+    tested = Trainer(name, root, device="cpu").test(model, valid_loader())  # uneven shares: equalized forwards
+    return {"net": full(model), "metrics": result.metrics, "ckpt_dir": str(result.ckpt_dir), "test": tested,
             "net_type": seen.net_type, "valid_batches": seen.valid_batches, "last_norm": norms.last_norm,
             "stop_reason": result.stop_reason}
 

@@ -22,7 +22,7 @@ def _launch(tmp_path, name, *prefix):
     env = python_env()
     env["OMP_NUM_THREADS"] = "1"  # as torchrun sets for its ranks, so the arithmetic is the same
     proc = subprocess.run([PYTHON, *prefix, WORKER, "--root", str(root), "--out", str(out)]
-                          + ([] if prefix else ["--single"]), env=env, capture_output=True, text=True, timeout=600)
+                          + ([] if prefix else ["--single"]), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return root, [torch.load(path, weights_only=True) for path in sorted(out.glob("rank*.pt"))]
 
@@ -42,6 +42,7 @@ def test_fsdp_true_trains_checkpoints_and_resumes_like_one_process(tmp_path):
     # 2 ranks, half of each global batch each, AdamW + clipping + EMA: the single-process weights to 1e-6
     _close(first["a"]["net"], single["a"]["net"])
     _close(first["b"]["net"], single["b"]["net"])
+    assert first["a"]["test"]["Accuracy"] == second["a"]["test"]["Accuracy"] == single["a"]["test"]["Accuracy"]
     assert first["a"]["last_norm"] == second["a"]["last_norm"]  # the global norm, the same on every rank
     assert first["a"]["last_norm"] == pytest.approx(single["a"]["last_norm"], rel=1e-6)
     assert first["a"]["net_type"] == "FSDPSequential"  # the sharded module itself: no DDP around it

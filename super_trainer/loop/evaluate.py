@@ -32,7 +32,7 @@ def _batches(parts: RunParts, loader: Any, limit: Optional[int]) -> Iterator[Tup
     batch counts the shorter ones repeat their last batch, uncounted (sharding.equalized_batches)."""
     n_batches = count_batches(loader, limit)
     batches = ((i, batch, True) for i, batch, _ in numbered(loader, n_batches, limit))
-    if parts.distributed and is_fsdp2(parts.net):
+    if is_fsdp2(parts.net):  # also in Trainer.test, whose parts do not say distributed; one process: one count
         counts = gather_counts(n_batches)
         if len(set(counts)) > 1:
             return equalized_batches(batches, counts)
