@@ -3,8 +3,8 @@ runs with: the device, mixed precision, the built-in and user callbacks, the con
 the built objects. The trainer calls it before any event fires and before any file is written, so every
 mistake surfaces as one ValueError naming the training_params key.
 
-The optimizer is built in ``optimizers.py``, the criterion in ``losses.py``, and the module wrappers in
-``modules.py``.
+The optimizer is built in ``optimizers.py``, the criterion in ``losses.py``, the module wrappers in ``modules.py``,
+the data-parallel wrapper (DDP, FSDP2 sharding, the user's own DDP) in ``parallel.py``.
 """
 from __future__ import annotations
 
