@@ -10,7 +10,7 @@ Under ``torchrun --standalone --nproc-per-node=2`` (gloo, CPU), in one launch:
   the checkpoint then holds the window's gathered gradients), then resumed: equal to "c";
 - the same model sharded by the user with ``fully_shard`` and given as it is ("given");
 - a user's ``DistributedDataParallel(find_unused_parameters=True)`` (kept), an FSDP1 model, ``fsdp`` with a
-  ``train_step`` and with ``average_best_models`` (refused).
+  ``train_step`` and with ``average_best_models``, a resume into a model of other shapes (refused).
 
 Without torchrun (``--single``) it trains runs "a" to "d" (without the resumes) in one process on the whole global batches: the
 reference. Each process saves what it saw into ``<out>/rank<r>.pt``.
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from super_trainer import Callback, Trainer, distributed, sharding
+from super_trainer import Callback, CheckpointError, Trainer, distributed, sharding
 from super_trainer.callbacks.grad_norm import GradientNormLogger
 from super_trainer.fsdp import full_state_dicts
 
@@ -118,10 +118,10 @@ def interrupted(root):
 
 
 def refused(root, name, model, **overrides):
-    """The ValueError's message of a run that must not start."""
+    """The ValueError's (or CheckpointError's) message of a run that must not start."""
     try:
         run(root, name, model, **overrides)
-    except ValueError as err:
+    except (ValueError, CheckpointError) as err:
         return str(err)
     return None
 
@@ -182,6 +182,9 @@ def main():
             "fsdp1": refused(root, "fsdp1", fsdp1_model()),
             "train_step": refused(root, "step", None, train_step=lambda context: context.net(context.inputs).sum()),
             "average": refused(root, "average", None, average_best_models=True),
+            # run "a"'s checkpoint into a wider model: refused on every rank alike, before any collective
+            "misfit": refused(root, "a", nn.Sequential(nn.Linear(8, 17), nn.ReLU(), nn.Linear(17, 3)), max_epochs=4,
+                              resume=True),
         }
     torch.save(seen, os.path.join(args.out, f"rank{distributed.rank()}.pt"))
 

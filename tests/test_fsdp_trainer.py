@@ -101,6 +101,7 @@ def test_fsdp_true_trains_checkpoints_and_resumes_like_one_process(tmp_path):
     assert "FullyShardedDataParallel (FSDP1) is not supported" in errors["fsdp1"]
     assert errors["train_step"].startswith("training_params.train_step:") and "FSDP2" in errors["train_step"]
     assert errors["average"].startswith("training_params.average_best_models:")
+    assert "does not fit this model" in errors["misfit"] and "0.weight" in errors["misfit"]
     assert second["errors"] == errors
 
 

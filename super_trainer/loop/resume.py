@@ -127,6 +127,8 @@ def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> Non
         parts.optimizers.check(state, path)
     if sharded:  # every rank read the file: a misfit raises on every rank, before the collectives below
         _check_full_weights(parts.net, state["net"], path)
+        if parts.ema is not None and state["ema_net"] is not None:
+            _check_full_weights(parts.net, state["ema_net"], path)
     try:
         if sharded:  # the full tensors (rank 0's) are scattered into every rank's shards: a collective
             load_full_state_dicts(parts.net, parts.optimizer if with_optimizer else None, state["net"],
