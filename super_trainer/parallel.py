@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .distributed import world_size
 from .fsdp import check_parallel_wrapping, is_fsdp2, shard_model
 from .modules import is_compiled
 
@@ -67,7 +68,12 @@ def shard_if_requested(net: nn.Module, device: torch.device, params: Mapping[str
         logger.info("fsdp: a single process, so the model is not sharded")
         return net
     options = params["fsdp_params"]
-    return shard_model(net, device, blocks=options["blocks"], reshard_after_forward=options["reshard_after_forward"])
+    sharded = shard_model(net, device, blocks=options["blocks"], reshard_after_forward=options["reshard_after_forward"])
+    from torch.distributed.fsdp import FSDPModule  # loaded by shard_model
+
+    blocks = sum(isinstance(module, FSDPModule) for module in sharded.modules()) - 1  # less the root
+    logger.info("fsdp: the model is sharded over %d ranks (%d blocks, then the root)", world_size(), blocks)
+    return sharded
 
 
 def place_model(given: nn.Module, net: nn.Module, device: torch.device, params: Mapping[str, Any], distributed: bool,

@@ -12,8 +12,8 @@ Under ``torchrun --standalone --nproc-per-node=2`` (gloo, CPU), in one launch:
 - a user's ``DistributedDataParallel(find_unused_parameters=True)`` (kept), an FSDP1 model, ``fsdp`` with a
   ``train_step`` and with ``average_best_models``, a resume into a model of other shapes (refused).
 
-Without torchrun (``--single``) it trains runs "a" to "d" (without the resumes) in one process on the whole global batches: the
-reference. Each process saves what it saw into ``<out>/rank<r>.pt``.
+Without torchrun (``--single``) it trains runs "a" to "d" (without the resumes) in one process on the whole
+global batches: the reference. Each process saves what it saw into ``<out>/rank<r>.pt``.
 """
 import argparse
 import os
@@ -47,7 +47,8 @@ def train_loader():
     if world == 1:
         return DataLoader(dataset, batch_size=GLOBAL_BATCH)
     half = GLOBAL_BATCH // world
-    rows = [i for start in range(0, N_TRAIN, GLOBAL_BATCH) for i in range(start + rank * half, start + (rank + 1) * half)]
+    rows = [i for start in range(0, N_TRAIN, GLOBAL_BATCH)
+            for i in range(start + rank * half, start + (rank + 1) * half)]
     return DataLoader(Subset(dataset, rows), batch_size=half)
 
 

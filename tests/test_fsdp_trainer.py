@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,15 @@ def test_fsdp_true_on_one_process_trains_the_plain_model(tmp_path, caplog):
                                                    train_loader=make_loader(16, 8), valid_loader=make_loader(8, 8))
     assert "fsdp: a single process, so the model is not sharded" in caplog.text
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+
+def test_the_documented_cli_override_shards_the_recipe_model(tmp_path):
+    """docs/distributed.md: ``super-trainer --nproc N --config-name=... training_hyperparams.fsdp=true``."""
+    cli = str(Path(PYTHON).parent / "super-trainer")
+    args = ["--nproc", "2", "training_hyperparams.max_epochs=1", "training_hyperparams.progress_bar=false",
+            "training_hyperparams.fsdp=true", f"ckpt_root_dir={tmp_path}", "experiment_name=fsdp", "device=cpu"]
+    proc = subprocess.run([cli, *args], cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fsdp: the model is sharded over 2 ranks" in proc.stdout + proc.stderr
+    checkpoint = torch.load(only_run(tmp_path / "fsdp") / "ckpt_latest.pth", weights_only=True)  # plain tensors
+    assert checkpoint["epoch"] == 1 and all(type(v) is torch.Tensor for v in checkpoint["net"].values())
