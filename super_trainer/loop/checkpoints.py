@@ -191,8 +191,16 @@ class CheckpointManager:
         if epoch.done is None:
             logger.warning("Ctrl-C or SIGTERM came during a backward pass or optimizer step; %s holds the last "
                            "checkpointed state", self.latest)
-        elif epoch.done > epoch.resumed_at and stops.finite_before(context, "the Ctrl-C/SIGTERM checkpoint"):
+        elif epoch.done > epoch.resumed_at and self._everywhere(
+                stops.finite_before(context, "the Ctrl-C/SIGTERM checkpoint"), context):
             self.save_progress(epoch)
+
+    def _everywhere(self, finite: bool, context: PhaseContext) -> bool:
+        """FSDP2: each rank checked only its own shards, and the gather needs every rank: they agree (one
+        all-reduce). Otherwise this rank's answer (the weights are the same on every rank)."""
+        if self.gathers and distributed.is_distributed():
+            return not distributed.any_rank_true(not finite, context.device)
+        return finite
 
     def finish(self) -> Optional[BaseException]:
         """Write the initial state if no other checkpoint was saved, wait for the write in flight; return its
