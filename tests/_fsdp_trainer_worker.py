@@ -8,6 +8,7 @@ Under ``torchrun --standalone --nproc-per-node=2`` (gloo, CPU), in one launch:
   so evaluation runs the extra, uncounted forward;
 - ``batch_accumulate: 2`` uninterrupted ("c"), and cut by Ctrl-C on rank 0 inside an accumulation window ("d",
   the checkpoint then holds the window's gathered gradients), then resumed: equal to "c";
+- ``torch_compile`` (dynamo's eager backend) around the sharded model ("e");
 - the same model sharded by the user with ``fully_shard`` and given as it is ("given");
 - a user's ``DistributedDataParallel(find_unused_parameters=True)`` (kept), an FSDP1 model, ``fsdp`` with a
   ``train_step`` and with ``average_best_models``, a resume into a model of other shapes (refused).
@@ -178,6 +179,8 @@ def main():
         seen["resumed"] = run(root, "a", make_model(seed=7), max_epochs=3, resume=True)  # weights from the checkpoint
         seen["d_resumed"] = run(root, "d", make_model(seed=7), batch_accumulate=2, resume=True)
         seen["given"] = given_fsdp2(root)
+        # torch_compile wraps the sharded module (dynamo's eager backend: the wrapper path without a C++ compiler)
+        seen["compiled"] = run(root, "e", torch_compile=True, torch_compile_options={"backend": "eager"})
         seen["ddp"] = user_ddp(root)
         seen["errors"] = {
             "fsdp1": refused(root, "fsdp1", fsdp1_model()),

@@ -92,6 +92,9 @@ def test_fsdp_true_trains_checkpoints_and_resumes_like_one_process(tmp_path):
     _close(best["net"], best["ema_net"], atol=0)
     _close(best["net"], single_best["net"])
 
+    # torch_compile around the sharded module (EMA bound through the wrapper): the same training
+    assert first["compiled"]["net_type"] == "OptimizedModule"
+    _close(first["compiled"]["net"], first["a"]["net"], atol=0)
     # a model the user sharded with fully_shard (fsdp: false) trains as it is: as fsdp: true
     assert first["given"]["net_type"] == "FSDPSequential"
     _close(first["given"]["net"], first["a"]["net"], atol=0)
