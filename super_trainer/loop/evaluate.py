@@ -22,26 +22,9 @@ def evaluate(parts: RunParts, meters: Meters, kind: str, loader: Any, limit: Opt
              on_batch_start: Event, on_batch_end: Event, interrupted: Callable[[], bool] = lambda: False) -> None:
     """Forward, loss and metric update over ``loader`` (at most ``limit`` batches) with the EMA weights when EMA
     is on, in eval mode and without gradients; ``kind`` ("valid" or "test") picks the metrics."""
-    with contextlib.ExitStack() as stack:  # EMA: its own module, or (FSDP2) its weights swapped into the shards
-        model = stack.enter_context(parts.ema.evaluation_model(parts.net)) if parts.ema is not None else parts.net
-        _evaluate(parts, meters, model, kind, loader, limit, on_batch_start, on_batch_end, interrupted)
-
-
-def _batches(parts: RunParts, loader: Any, limit: Optional[int]) -> Iterator[Tuple[int, Any, bool]]:
-    """``(batch_idx, batch, counted)``. An FSDP2 forward is a collective, so when the ranks' shares have different
-    batch counts the shorter ones repeat their last batch, uncounted (sharding.equalized_batches)."""
-    n_batches = count_batches(loader, limit)
-    batches = ((i, batch, True) for i, batch, _ in numbered(loader, n_batches, limit))
-    if is_fsdp2(parts.net):  # also in Trainer.test, whose parts do not say distributed; one process: one count
-        counts = gather_counts(n_batches)
-        if len(set(counts)) > 1:
-            return equalized_batches(batches, counts)
-    return batches
-
-
-def _evaluate(parts: RunParts, meters: Meters, model: Any, kind: str, loader: Any, limit: Optional[int],
-              on_batch_start: Event, on_batch_end: Event, interrupted: Callable[[], bool]) -> None:
     context = parts.context
+    ema_weights = contextlib.ExitStack()  # EMA: its own module, or (FSDP2) its weights swapped into the shards
+    model = ema_weights.enter_context(parts.ema.evaluation_model(parts.net)) if parts.ema is not None else parts.net
     was_training = model.training
     model.eval()
     collection = meters.start_eval(kind)
@@ -71,6 +54,19 @@ def _evaluate(parts: RunParts, meters: Meters, model: Any, kind: str, loader: An
                 on_batch_end(context)
     finally:
         model.train(was_training)
+        ema_weights.close()  # FSDP2: the trained weights are back in the shards
+
+
+def _batches(parts: RunParts, loader: Any, limit: Optional[int]) -> Iterator[Tuple[int, Any, bool]]:
+    """``(batch_idx, batch, counted)``. An FSDP2 forward is a collective, so when the ranks' shares have different
+    batch counts the shorter ones repeat their last batch, uncounted (sharding.equalized_batches)."""
+    n_batches = count_batches(loader, limit)
+    batches = ((i, batch, True) for i, batch, _ in numbered(loader, n_batches, limit))
+    if is_fsdp2(parts.net):  # also in Trainer.test, whose parts do not say distributed; one process: one count
+        counts = gather_counts(n_batches)
+        if len(set(counts)) > 1:
+            return equalized_batches(batches, counts)
+    return batches
 
 
 def test_pass(parts: RunParts, meters: Meters, name: str, loader: Any,
