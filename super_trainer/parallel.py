@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
@@ -90,6 +91,10 @@ def place_model(given: nn.Module, net: nn.Module, device: torch.device, params: 
             raise ValueError("training_params.average_best_models: not supported with an FSDP2 model (the averaged "
                              "weights would have to be gathered on every rank); set it false")
     if distributed and train_step is not None:
+        if users_ddp(given) is not None:
+            warnings.warn("model: the given DistributedDataParallel is not used with a train_step (the trainer "
+                          "averages the gradients itself, as for a plain model); its options do not apply",
+                          stacklevel=4)
         return net
     return data_parallel_model(given, net, device, distributed)
 

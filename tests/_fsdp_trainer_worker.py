@@ -19,6 +19,7 @@ global batches: the reference. Each process saves what it saw into ``<out>/rank<
 import argparse
 import os
 import signal
+import warnings
 
 import torch
 import torch.nn as nn
@@ -147,6 +148,18 @@ def user_ddp(root):
     return {"net_type": seen.net_type, "find_unused": seen.find_unused}
 
 
+def ddp_with_train_step(root):
+    """A user's DDP with a train_step: the trainer averages the gradients itself, and says the wrapper is unused."""
+    def step(context):
+        return nn.functional.cross_entropy(context.net(context.inputs), context.target)
+
+    ddp = nn.parallel.DistributedDataParallel(make_model(), find_unused_parameters=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(root, "ddp_step", ddp, fsdp=False, ema=False, train_step=step)
+    return [str(w.message) for w in caught if "DistributedDataParallel" in str(w.message)]
+
+
 def given_fsdp2(root):
     """The user shards the model as fsdp: true would and passes it with fsdp: false: trained as it is."""
     from torch.distributed.fsdp import fully_shard
@@ -182,6 +195,7 @@ def main():
         # torch_compile wraps the sharded module (dynamo's eager backend: the wrapper path without a C++ compiler)
         seen["compiled"] = run(root, "e", torch_compile=True, torch_compile_options={"backend": "eager"})
         seen["ddp"] = user_ddp(root)
+        seen["ddp_step"] = ddp_with_train_step(root)
         seen["errors"] = {
             "fsdp1": refused(root, "fsdp1", fsdp1_model()),
             "train_step": refused(root, "step", None, train_step=lambda context: context.net(context.inputs).sum()),

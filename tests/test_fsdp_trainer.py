@@ -100,6 +100,8 @@ def test_fsdp_true_trains_checkpoints_and_resumes_like_one_process(tmp_path):
     _close(first["given"]["net"], first["a"]["net"], atol=0)
     # the user's DistributedDataParallel(find_unused_parameters=True) is kept, option and all
     assert first["ddp"] == second["ddp"] == {"net_type": "DistributedDataParallel", "find_unused": True}
+    # ... but not with a train_step (the trainer averages the gradients itself), which a warning says
+    assert len(first["ddp_step"]) == 1 and "not used with a train_step" in first["ddp_step"][0]
 
     errors = first["errors"]
     assert "FullyShardedDataParallel (FSDP1) is not supported" in errors["fsdp1"]
