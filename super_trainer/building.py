@@ -3,8 +3,8 @@ runs with: the device, mixed precision, the built-in and user callbacks, the con
 the built objects. The trainer calls it before any event fires and before any file is written, so every
 mistake surfaces as one ValueError naming the training_params key.
 
-The optimizer is built in ``optimizers.py``, the criterion in ``losses.py``, and the module wrappers in
-``modules.py``.
+The optimizer is built in ``optimizers.py``, the criterion in ``losses.py``, the module wrappers in ``modules.py``,
+the data-parallel wrapper (DDP, FSDP2 sharding, the user's own DDP) in ``parallel.py``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .batches import count_batches, optimizer_steps_per_epoch
@@ -39,7 +38,7 @@ from .callbacks.pre_prediction import PrePredictionCallback
 from .callbacks.progress import ProgressBar
 from .callbacks.yolo_warmup import YoloV5LRWarmup
 from .context import PhaseContext
-from .ema import ModelEMA
+from .ema_sharded import make_ema
 from .checks import check_loader, sample_target, warn_if_unbounded
 from .files import atomic_write_text
 from .losses import build_criterion, known_loss_names, resolve_metric_direction
@@ -50,6 +49,7 @@ from .loop.optimizers import OptimizerSet
 from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .named_optimizers import build_optimizers
 from .optimizers import step_takes_closure
+from .parallel import check_given_model, place_model, shard_if_requested
 from .params import TrainingParams, resolve_training_params
 from .sharding import check_same_batch_count, shard_loaders
 from .params_runs import derive_max_epochs, run_horizon
@@ -317,11 +317,13 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         check_loader("valid_loader", inputs.valid_loader)
     params = resolve_training_params(inputs.training_params)
     is_distributed, device = join_process_group(device)
+    check_given_model(inputs.model, device, params.sync_bn, params.fsdp)  # FSDP1, a DDP that cannot be kept
     train_loader, valid_loader, test_loaders = shard_loaders(inputs.train_loader, inputs.valid_loader, dict(
         inputs.test_loaders or {}), params.seed, params.distributed_sampler)  # each rank its own share
     if params.seed is not None:
         seed_everything(params.seed)
     net = convert_sync_bn(unwrap_model(inputs.model).to(device), params, is_distributed, device)
+    net = shard_if_requested(net, device, params, is_distributed)  # before the optimizer takes its parameters
     optimizers = OptimizerSet(build_optimizers(net, params))
     optimizer = optimizers.first.optimizer
     criterion = build_criterion(params, device)
@@ -336,7 +338,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
     for handle in optimizers:
         _check_closure_optimizer(handle.optimizer, params, scaler, train_step)
-    ema = ModelEMA(net, **params.ema_params) if params.ema else None
+    ema = make_ema(net, **params.ema_params) if params.ema else None  # per shard for FSDP2
     given_callbacks = user_callbacks(params)
     callbacks = CallbackHandler(builtin_callbacks(params, steps_per_epoch, ckpt_dir, optimizers.several)
                                 + given_callbacks)
@@ -344,10 +346,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     if valid_loader is not None:  # after the callbacks: their metric_names are valid keys too
         check_metric_to_watch(params.metric_to_watch, criterion, known, metric_titles(metrics["valid"]),
                               callbacks.callbacks)
-    # a train_step may run several forwards and backwards per batch, which DDP's wrapper cannot follow: the loop
-    # averages its gradients itself (loop/optimizers.py GradientSync)
-    wrapped = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if is_distributed and train_step is None else net
+    wrapped = place_model(inputs.model, net, device, params, is_distributed, train_step)  # DDP, FSDP2 or net
     model = forward_module(inputs.model, net, wrapped, params)  # torch_compile, or the user's compiled model
     context = PhaseContext(
         net=model, optimizer=optimizer, optimizers=optimizers.handles, criterion=criterion, device=device,

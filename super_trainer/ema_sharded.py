@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .ema import ModelEMA
+from .modules import unwrap_model
 
 __all__ = ["ShardedModelEMA", "make_ema"]
 
@@ -49,8 +50,9 @@ class ShardedModelEMA(ModelEMA):
         self._source_floats: List[torch.Tensor] = []
 
     def _bind(self, model: nn.Module) -> None:
-        # The sharded parameters' local tensors are the storage the optimizer updates in place.
-        source = model.state_dict()
+        # The sharded parameters' local tensors are the storage the optimizer updates in place. context.net may be
+        # torch.compile's wrapper of the sharded module: its state_dict keys would carry "_orig_mod."
+        source = unwrap_model(model).state_dict()
         missing = [name for name in self._float_names if name not in source]
         if missing:
             raise ValueError(f"ShardedModelEMA: the model has no state_dict entries {missing[:3]}; it is not the "

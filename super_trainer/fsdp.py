@@ -163,6 +163,11 @@ def full_state_dicts(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
 
     options = _full_options(cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
+    if optimizer is not None and not optimizer.state:
+        # before the first step: get_optimizer_state_dict would create the state with a zero-gradient step()
+        # (Adam's step count then starts at 1); the state is empty on every rank, so there is nothing to gather
+        fresh = optimizer.state_dict()
+        return (model_state, fresh) if is_main_process() else (None, None)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
     if not is_main_process():
         return None, None

@@ -338,23 +338,30 @@ class LossAverager:
         if samples is not None:
             self._samples.append(samples)
 
-    def average(self) -> List[float]:
+    def average(self, components: int = 0) -> List[float]:
         """The mean over batches (and over ranks when distributed), weighted by samples when they were given;
-        one host sync."""
-        if not self._items:
+        one host sync. Under torchrun every rank must call it, also one without batches (an evaluation share
+        smaller than a batch): ``components`` (the number of loss items) lets it take part in the all-reduce."""
+        distributed = dist.is_available() and dist.is_initialized()
+        if not self._items and not (distributed and components):
             return []
-        stacked = _rows(self._items).to(torch.float64)
+        if not self._items:
+            stacked = torch.zeros((0, components), dtype=torch.float64)
+        else:
+            stacked = _rows(self._items).to(torch.float64)
         if self._samples and len(self._samples) == stacked.shape[0]:
             weights = torch.tensor(self._samples, dtype=torch.float64, device=stacked.device)
             total, count = (stacked * weights[:, None]).sum(dim=0), weights.sum().reshape(1)
         else:
             total = stacked.sum(dim=0)
             count = torch.tensor([float(stacked.shape[0])], dtype=torch.float64, device=total.device)
-        if dist.is_available() and dist.is_initialized():
+        if distributed:
             packed = torch.cat([total, count])
+            if dist.get_backend() == "nccl" and packed.device.type != "cuda":
+                packed = packed.cuda()
             dist.all_reduce(packed)
             total, count = packed[:-1], packed[-1:]
-        return (total / count).tolist()
+        return (total / count).tolist() if count.item() else []
 
 
 class LossAverageMeter:

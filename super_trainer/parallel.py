@@ -14,16 +14,22 @@ Checkpoints always hold the user's own module's state_dict (``unwrap_model``).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Optional
+import logging
+import warnings
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .fsdp import check_parallel_wrapping, is_fsdp2
+from .distributed import world_size
+from .fsdp import check_parallel_wrapping, is_fsdp2, shard_model
 from .modules import is_compiled
 
-__all__ = ["users_ddp", "check_given_model", "data_parallel_model", "gradient_sync"]
+__all__ = ["users_ddp", "check_given_model", "shard_if_requested", "place_model", "data_parallel_model",
+           "gradient_sync"]
+
+logger = logging.getLogger("super_trainer")
 
 
 def users_ddp(given: nn.Module) -> Optional[DistributedDataParallel]:
@@ -50,6 +56,47 @@ def check_given_model(given: nn.Module, device: torch.device, sync_bn: bool = Fa
         raise ValueError(f"model: its DistributedDataParallel wrapper was made on {sorted(map(str, where))} but the "
                          f"Trainer's device is {device}; move the model to {device} before wrapping it, or pass the "
                          "plain model")
+
+
+def shard_if_requested(net: nn.Module, device: torch.device, params: Mapping[str, Any], distributed: bool
+                       ) -> nn.Module:
+    """``fsdp: true``: shard ``net`` (on ``device``) with ``fully_shard`` per ``fsdp_params``, before the optimizer
+    is built on its parameters. One process has nothing to shard over: the model stays plain (a log line says so),
+    so the same recipe runs with and without torchrun."""
+    if not params.get("fsdp"):
+        return net
+    if not distributed:
+        logger.info("fsdp: a single process, so the model is not sharded")
+        return net
+    options = params["fsdp_params"]
+    sharded = shard_model(net, device, blocks=options["blocks"], reshard_after_forward=options["reshard_after_forward"])
+    from torch.distributed.fsdp import FSDPModule  # loaded by shard_model
+
+    blocks = sum(isinstance(module, FSDPModule) for module in sharded.modules()) - 1  # less the root
+    logger.info("fsdp: the model is sharded over %d ranks (%d blocks, then the root)", world_size(), blocks)
+    return sharded
+
+
+def place_model(given: nn.Module, net: nn.Module, device: torch.device, params: Mapping[str, Any], distributed: bool,
+                train_step: Optional[Callable[..., Any]]) -> nn.Module:
+    """What the training forward calls (before torch.compile), once ``net`` is built, sharded and has its
+    optimizer: see :func:`data_parallel_model`. A ``train_step`` may run several forwards and backwards per batch,
+    which DDP's wrapper cannot follow, so then ``net`` itself is trained and the loop averages the gradients
+    (``loop/optimizers.py`` GradientSync). Combinations that would train wrongly are a ValueError naming the key."""
+    if is_fsdp2(net):
+        if train_step is not None:
+            raise ValueError("training_params.train_step: a custom train_step is not supported with an FSDP2 model "
+                             "(fsdp: true or fully_shard); train without train_step, or use DDP")
+        if params.get("average_best_models"):
+            raise ValueError("training_params.average_best_models: not supported with an FSDP2 model (the averaged "
+                             "weights would have to be gathered on every rank); set it false")
+    if distributed and train_step is not None:
+        if users_ddp(given) is not None:
+            warnings.warn("model: the given DistributedDataParallel is not used with a train_step (the trainer "
+                          "averages the gradients itself, as for a plain model); its options do not apply",
+                          stacklevel=4)
+        return net
+    return data_parallel_model(given, net, device, distributed)
 
 
 def data_parallel_model(given: nn.Module, net: nn.Module, device: torch.device, distributed: bool) -> nn.Module:

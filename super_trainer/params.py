@@ -90,8 +90,6 @@ def resolve_training_params(given: Any) -> TrainingParams:
     # None: "auto" under torchrun's elastic agent (a restarted job continues from its checkpoint), else False
     params["resume"] = normalize_resume(params["resume"])
     params["fsdp_params"] = checked_fsdp_params(params["fsdp_params"])
-    if params["fsdp"]:  # remove once the loop calls super_trainer.fsdp (issue #18)
-        raise _error("fsdp", "true is not wired into Trainer.train yet (super_trainer.fsdp is; docs/distributed.md)")
     return params
 
 

@@ -21,7 +21,9 @@ NEVER = [
     ("super_trainer.checkpoint", ("super_trainer.loop", "super_trainer.callbacks")),
     ("super_trainer.rng", ("super_trainer.loop", "super_trainer.callbacks")),
     ("super_trainer.context", ("super_trainer",)),
-]
+] + [(library, ("super_trainer.loop", "super_trainer.callbacks", "super_trainer.building", "super_trainer.trainer",
+                "super_trainer.recipes", "super_trainer.cli"))
+     for library in ("super_trainer.metrics", "super_trainer.registry", "super_trainer.fsdp", "super_trainer.sharding")]
 
 
 def _modules() -> Dict[str, Path]:

@@ -212,7 +212,7 @@ def test_resume_defaults_to_auto_under_the_elastic_agent_only(monkeypatch):
     assert params.distributed_sampler is True and params.fsdp is False
     assert params.fsdp_params == {"blocks": None, "reshard_after_forward": True}
     for bad, match in (({"resume": "yes"}, "resume"), ({"distributed_sampler": 1}, "distributed_sampler"),
-                       ({"fsdp": "true"}, "fsdp"), ({"fsdp": True}, "not wired into Trainer.train yet"), ({"fsdp_params": {"block": []}}, "fsdp_params"),
+                       ({"fsdp": "true"}, "fsdp"), ({"fsdp_params": {"block": []}}, "fsdp_params"),
                        ({"fsdp_params": {"blocks": "Block"}}, "blocks")):
         with pytest.raises(ValueError, match=match):
             resolve_training_params(dict(base, **bad))

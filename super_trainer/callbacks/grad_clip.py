@@ -5,6 +5,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..fsdp import clip_grad_norm
 from .base import Callback, PhaseContext, Priority
 
 __all__ = ["GradientClipping"]
@@ -16,6 +17,8 @@ class GradientClipping(Callback):
     The trainer unscales AMP gradients before that event, so ``max_norm`` is in true gradient units.
     Runs at LOW priority: callbacks that inspect raw gradients at NORMAL see them before clipping. With several
     optimizers (SPEC §8) it clips the parameters of the optimizer being updated (``context.optimizer_name``).
+    For an FSDP2 model the norm is that of all ranks' shards together, the single-process norm
+    (:func:`super_trainer.fsdp.clip_grad_norm`; for plain tensors it is ``clip_grad_norm_`` step for step).
     """
 
     priority = Priority.LOW
@@ -31,4 +34,4 @@ class GradientClipping(Callback):
         if params is None:
             source = context.net.parameters() if name is None else context.optimizers[name].parameters()
             params = self._params[name] = [p for p in source if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
+        clip_grad_norm(params, self.max_norm, norm_type=self.norm_type)

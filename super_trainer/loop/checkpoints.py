@@ -5,18 +5,23 @@ best, the k best, ``ckpt_epoch_N``, every N steps, retention, rank 0 only, ``sav
 Writes go through one background :class:`~super_trainer.checkpoint_writer.CheckpointWriter`: the state is copied
 to host memory on the training thread and written (atomically) from the writer's thread, which reports each
 finished job in ``saved``; the loop announces them with ``on_checkpoint_saved`` on the training thread.
+
+FSDP2: the full state (weights, optimizer state, EMA) is gathered from every rank's shards by collectives, so every
+rank builds the state at every checkpoint point (``gathers``) and rank 0 alone writes it. The files hold the plain
+module's state_dict and ``torch.optim``'s own layout, as unsharded training writes them.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .. import distributed
 from ..callbacks.lr import TorchSchedulerCallback
 from ..checkpoint import FORMAT, check_callback_states, epoch_checkpoints_to_prune
 from ..checkpoint_writer import CheckpointWriter, copy_to_host
 from ..context import PhaseContext
+from ..fsdp import full_state_dicts, is_fsdp2
 from ..metrics import lookup_metric
 from ..rng import get_rng_state
 from .parts import Meters, RunParts
@@ -40,6 +45,8 @@ class CheckpointManager:
         self.params = params = parts.params
         self.every = params.save_ckpt_every_n_steps or 0  # mid-epoch checkpoints every N optimizer steps
         self.enabled = bool(params.save_model) and distributed.is_main_process()
+        # FSDP2: every rank takes part in gathering the state (a collective); only rank 0 (enabled) writes it
+        self.gathers = bool(params.save_model) and is_fsdp2(parts.net)
         self.writer = CheckpointWriter(report_written=self.enabled)
         self.saved = self.writer.written  # the paths of each finished write, until the loop announces them
         self.top_k = TopK(params.save_top_k if self.enabled else None, params.metric_to_watch,
@@ -64,9 +71,10 @@ class CheckpointManager:
         schedulers = {cb.state_key: cb.state_dict() for cb in parts.callbacks.callbacks
                       if isinstance(cb, TorchSchedulerCallback)}
         last = self.meters.last_valid
+        net, optimizers = self._weights()
         return {
             "format": FORMAT,
-            "net": parts.net.state_dict(),
+            "net": net,
             "epoch": epochs_done,
             "global_step": context.global_step,
             "batches_seen": context.batches_seen,
@@ -75,7 +83,7 @@ class CheckpointManager:
             "best_epoch": context.best_epoch,
             "metrics": _plain_metrics(last),
             "history": context.history,
-            **parts.optimizers.checkpoint_state(),  # optimizer_type, optimizer_state_dict (by name with several)
+            **optimizers,  # optimizer_type, optimizer_state_dict (by name with several)
             "scaler_state_dict": parts.scaler.state_dict() if parts.scaler is not None else None,
             "ema_net": parts.ema.state_dict() if parts.ema is not None else None,
             "callbacks": parts.callbacks.state_dict(),
@@ -86,6 +94,15 @@ class CheckpointManager:
             "world_size": distributed.world_size(),  # a mid-epoch record holds one share per rank
         }
 
+    def _weights(self) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+        """``net`` and the optimizer entries; for FSDP2 gathered to full tensors on rank 0 (a collective: None on
+        the other ranks). The EMA's ``state_dict()`` gathers alike (ShardedModelEMA)."""
+        parts = self.parts
+        if not is_fsdp2(parts.net):
+            return parts.net.state_dict(), parts.optimizers.checkpoint_state()
+        net, optimizer = full_state_dicts(parts.net, parts.optimizer)  # several optimizers: refused with FSDP2
+        return net, {"optimizer_type": type(parts.optimizer).__name__, "optimizer_state_dict": optimizer}
+
     # ---- the points the loop calls ----------------------------------------------------------------
     def keep_initial(self, context: PhaseContext) -> None:
         """A fresh run's state before its first step, copied to host memory now and written only if training ends
@@ -93,6 +110,8 @@ class CheckpointManager:
         whatever happens without a write at every start. The first check of the callbacks' states runs here."""
         if self.enabled:
             self.initial = copy_to_host(self.state(context.epoch))
+        elif self.gathers:
+            self.state(context.epoch)  # this rank's part of rank 0's gather
 
     def validated(self, context: PhaseContext, improved: bool, in_pass: bool) -> None:
         """A validation ended: the next checkpoint writes ckpt_best when it improved, and a save_top_k file when
@@ -108,15 +127,18 @@ class CheckpointManager:
             self.closed_at_step = False
             return
         self.last_step, self.initial = context.global_step, None
-        if not self.enabled:
+        if not (self.enabled or self.gathers):
             return
         done = context.epoch + 1
+        state = self.state(done)
+        if not self.enabled:
+            return
         paths, remove = [self.latest], []
         if done in self.params.save_ckpt_epoch_list:
             paths.append(self.ckpt_dir / f"ckpt_epoch_{done}.pth")
             self.writer.flush()  # the previous ckpt_epoch file is on disk before counting what to prune
             remove = epoch_checkpoints_to_prune(self.ckpt_dir, self.params.max_keep_ckpts, adding=paths[-1])
-        self._write(self.state(done), paths, remove)
+        self._write(state, paths, remove)
 
     def mid_epoch_due(self, context: PhaseContext, is_last: bool) -> bool:
         """A mid-epoch checkpoint is due once global_step reaches a new multiple of save_ckpt_every_n_steps (not
@@ -136,14 +158,15 @@ class CheckpointManager:
         self.last_step, self.initial, self.closed_at_step = context.global_step, None, final
         if not self.params.save_model:
             return
-        progress = epoch.record()
-        if self.parts.distributed:  # every rank's own gradients, loss items, train metrics and RNG, onto rank 0
+        progress = epoch.record()  # FSDP2: gathers the gradients of a cut window (a collective)
+        if self.parts.distributed:  # every rank's own loss items, train metrics, RNG (and DDP gradients) onto rank 0
             progress["ranks"] = distributed.gather_to_main(copy_to_host(epoch.own_part(progress)))
-        if not self.enabled:
+        if not (self.enabled or self.gathers):
             return
         state = self.state(epochs_done=context.epoch)
         state["epoch_progress"] = progress
-        self._write(state, [self.latest])
+        if self.enabled:
+            self._write(state, [self.latest])
 
     def _write(self, state: Dict[str, Any], paths: List[Path], remove: List[Path] = ()) -> None:
         """Hand ``state`` to the writer for ``paths`` plus ckpt_best and the top-k file a validation asked for;

@@ -26,6 +26,7 @@ import torch
 from .. import distributed
 from ..batches import numbered
 from ..checkpoint import CheckpointError, read_checkpoint
+from ..fsdp import full_state_dicts, is_fsdp2, load_full_state_dicts
 from ..metrics import load_metric_states, metric_states
 from ..rng import get_rng_state, set_rng_state
 from .optimizers import optimizers_built
@@ -129,22 +130,42 @@ def _warn_when_done(path: Path, epochs: int, steps: int, params: Any) -> None:
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
     """Weights, optimizers (unless SG's ``load_opt_params`` is False: weights only), scaler and EMA."""
     with_optimizer = parts.params.get("load_opt_params", True)
+    sharded = is_fsdp2(parts.net)
     if with_optimizer:  # before anything is loaded: a refused checkpoint leaves the model as it was
         parts.optimizers.check(state, path)
+    if sharded:  # every rank read the file: a misfit raises on every rank, before the collectives below
+        _check_full_weights(parts.net, state["net"], path)
+        if parts.ema is not None and state["ema_net"] is not None:
+            _check_full_weights(parts.net, state["ema_net"], path)
     try:
-        parts.net.load_state_dict(state["net"])
-        if with_optimizer:
-            parts.optimizers.load(state)
+        if sharded:  # the full tensors (rank 0's) are scattered into every rank's shards: a collective
+            load_full_state_dicts(parts.net, parts.optimizer if with_optimizer else None, state["net"],
+                                  state["optimizer_state_dict"] if with_optimizer else None)
+        else:
+            parts.net.load_state_dict(state["net"])
+            if with_optimizer:
+                parts.optimizers.load(state)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
     if parts.scaler is not None and state["scaler_state_dict"]:
         parts.scaler.load_state_dict(state["scaler_state_dict"])
-    if parts.ema is not None:
+    if parts.ema is not None:  # ShardedModelEMA.load_state_dict is a collective too (every rank gets here)
         if state["ema_net"] is not None:
             parts.ema.load_state_dict(state["ema_net"])
         else:
             warnings.warn(f"{path} has no EMA weights; EMA starts from the restored weights", stacklevel=4)
-            parts.ema.load_state_dict(parts.net.state_dict())
+            parts.ema.load_state_dict(full_state_dicts(parts.net)[0] or {} if sharded else parts.net.state_dict())
+
+
+def _check_full_weights(net: torch.nn.Module, weights: Mapping[str, Any], path: Path) -> None:
+    """CheckpointError unless ``weights`` has exactly the keys and full shapes of the sharded ``net``'s state_dict
+    (a DTensor's ``shape`` is the full one)."""
+    own = net.state_dict()
+    unfit = sorted(set(own) ^ set(weights)) + sorted(k for k in set(own) & set(weights)
+                                                     if tuple(own[k].shape) != tuple(weights[k].shape))
+    if unfit:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: keys missing, unexpected or of another "
+                              f"shape: {unfit[:5]}")
 
 
 class EpochCursor:
@@ -196,7 +217,7 @@ class EpochCursor:
         grads = progress.get("grads") or {}
         for name, param in self.parts.net.named_parameters():
             if name in grads:
-                param.grad = grads[name].to(param.device)
+                param.grad = _as_param(grads[name].to(param.device), param)
         return batches
 
     def begin(self, batch_idx: int) -> None:
@@ -217,7 +238,8 @@ class EpochCursor:
     def record(self) -> Dict[str, Any]:
         """The ``epoch_progress`` record of a mid-epoch checkpoint taken after ``done`` batches (SPEC §7)."""
         net = self.parts.net
-        grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}  # the writer copies
+        # the writer copies; FSDP2 gradient shards are gathered (a collective: every rank records)
+        grads = {name: _full(p.grad) for name, p in net.named_parameters() if p.grad is not None}
         return {
             "batches": self.done,
             "epoch_start_step": self.parts.context.epoch_start_step,
@@ -230,11 +252,12 @@ class EpochCursor:
             "valid": dict(self.valid),
         }
 
-    @staticmethod
-    def own_part(record: Dict[str, Any]) -> Dict[str, Any]:
+    def own_part(self, record: Dict[str, Any]) -> Dict[str, Any]:
         """What of ``record`` is this rank's own under torchrun (the rest is the same on every rank): gathered
-        into the record's ``ranks`` list, one entry per rank, and taken back by each rank on resume."""
-        return dict({key: record[key] for key in PER_RANK}, rng_state=get_rng_state())
+        into the record's ``ranks`` list, one entry per rank, and taken back by each rank on resume. FSDP2's
+        gradients are reduced every micro-batch, so the gathered ones are the same everywhere: kept once."""
+        keys = [key for key in PER_RANK if key != "grads" or not is_fsdp2(self.parts.net)]
+        return dict({key: record[key] for key in keys}, rng_state=get_rng_state())
 
     def lrs(self) -> List[float]:
         return self.parts.optimizers.lrs()
@@ -257,7 +280,7 @@ def own_share(state: Dict[str, Any], path: Path) -> Tuple[Optional[Dict[str, Any
                               f"part of the epoch; resume it with {len(ranks)} ranks (now "
                               f"{distributed.world_size()}), or from a checkpoint written at an epoch's end")
     own = ranks[distributed.rank()]
-    return dict(progress, **{key: own[key] for key in PER_RANK}), own["rng_state"]
+    return dict(progress, **{key: own[key] for key in PER_RANK if key in own}), own["rng_state"]
 
 
 def check_same_checkpoint(state: Optional[Dict[str, Any]], path: Optional[Path],
@@ -278,6 +301,21 @@ def check_same_checkpoint(state: Optional[Dict[str, Any]], path: Optional[Path],
         raise CheckpointError("resume: the ranks read different checkpoints (" + each + "); every rank must read "
                               "the same file: put the run dir on storage every node shares, or pass the same "
                               "resume_path to all")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective), or the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _as_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``param``: this rank's shard of it for a DTensor parameter (rank 0's value is
+    scattered, a collective), else ``full`` itself."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, param.device_mesh, param.placements)
 
 
 def iterate_as_before(loader: Any, plan: ResumePlan) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from ..batches import call_model, rescale_grads, window_size
 from ..context import PhaseContext
+from ..fsdp import is_fsdp2
 from ..optimizers import step_takes_closure
 from .optimizers import GradientSync, OptimizerHandle
 from .parts import Meters, RunParts
@@ -56,8 +57,10 @@ class TrainStep:
     def start_epoch(self, n_batches: Optional[int], accumulate: int) -> None:
         self.n_batches, self.accumulate = n_batches, accumulate
         # DDP decides at forward time whether the backward all-reduces: a micro-batch that does not step runs its
-        # forward inside no_sync(), so the all-reduce happens once per window, on the stepping micro-batch.
-        if self._local is None and accumulate > 1 and self.parts.distributed and self.sync is None:
+        # forward inside no_sync(), so the all-reduce happens once per window, on the stepping micro-batch. FSDP2
+        # reduce-scatters every micro-batch instead: its gradients stay sharded (parallel.gradient_sync says why).
+        if self._local is None and accumulate > 1 and self.parts.distributed and self.sync is None \
+                and not is_fsdp2(self.parts.net):
             self._local = _LocalAccumulation(self.parts)
 
     def begin(self, batch_idx: int, is_last: bool) -> None:

@@ -129,11 +129,14 @@ class NonFiniteGuard:
 
 def _weights(context: PhaseContext) -> List[torch.Tensor]:
     """The model's (and its EMA's) parameters and floating buffers, local shards of sharded ones."""
-    modules = [context.net] + ([context.ema_model.ema] if context.ema_model is not None else [])
+    ema = context.ema_model
+    modules = [context.net] + ([ema.ema] if ema is not None and ema.ema is not None else [])
     found: List[torch.Tensor] = []
     for module in modules:
         found += [t for t in module.parameters()]
         found += [t for t in module.buffers() if t.is_floating_point()]
+    if ema is not None and ema.ema is None:  # ShardedModelEMA (FSDP2) keeps tensors, not a module
+        found += [t for t in ema.sharded_state_dict().values() if t.is_floating_point()]
     found = [t.to_local() if hasattr(t, "to_local") else t for t in found]  # a DTensor (FSDP2): its shard
     return [t.detach() for t in found if t.numel()]
 
