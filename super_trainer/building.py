@@ -328,13 +328,14 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
     optimizer = optimizers.first.optimizer
     criterion = build_criterion(params, device)
     train_step = _train_step(params, net, optimizers)
-    steps_per_epoch = _check_loaders(params, train_loader, valid_loader)
+    steps_per_epoch = _check_loaders(params, train_loader, inputs.valid_loader)  # the whole valid set: a rank's
+    # share may be empty (fewer samples than ranks) without the validation being meaningless
     derive_max_epochs(params, steps_per_epoch)  # max_steps without max_epochs
     metrics = _build_metrics(params, bool(test_loaders))
     known = known_loss_names(criterion, params)
     resolve_metric_direction(params, criterion, known)  # before the callbacks: AverageBestModels reads it
     if valid_loader is not None:
-        check_default_metrics(params, sample_target(valid_loader))
+        check_default_metrics(params, sample_target(inputs.valid_loader))
     autocast, scaler = autocast_and_scaler(params.mixed_precision, device)
     for handle in optimizers:
         _check_closure_optimizer(handle.optimizer, params, scaler, train_step)

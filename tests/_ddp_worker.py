@@ -115,6 +115,10 @@ def errors(args):
     except ValueError as err:
         out["uneven"] = str(err)
     out["uneven_seconds"] = time.monotonic() - start
+    # one validation sample for two ranks: rank 1's share is empty, and it still joins the loss and metric sums
+    out["one_sample"] = Trainer("one_sample", args.root, device="cpu").train(
+        model=make_model(), training_params=quiet_params(max_epochs=1), train_loader=make_loader(64, 8),
+        valid_loader=make_loader(1, 4)).metrics
     first = Trainer("mismatch", args.root, device="cpu").train(
         model=make_model(), training_params=quiet_params(max_epochs=1), train_loader=make_loader(64, 8))
     stale = os.path.join(args.root, "stale_copy.pth")

@@ -97,6 +97,9 @@ def test_uneven_batches_and_different_checkpoints_fail_on_every_rank(tmp_path):
         assert "the ranks read different checkpoints" in rank["mismatch"]
         assert "rank 0: " in rank["mismatch"] and "(epoch 1," in rank["mismatch"] and "(epoch 2," in rank["mismatch"]
     assert ranks[0]["uneven"] == ranks[1]["uneven"] and ranks[0]["mismatch"] == ranks[1]["mismatch"]
+    # an evaluation share without a batch (1 sample, 2 ranks) neither hangs nor changes the result
+    assert ranks[0]["one_sample"] == ranks[1]["one_sample"]
+    assert ranks[0]["one_sample"]["Accuracy"] in (0.0, 1.0) and ranks[0]["one_sample"]["CrossEntropyLoss"] > 0
 
 
 def test_a_stop_on_one_rank_stops_every_rank(tmp_path):
