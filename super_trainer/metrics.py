@@ -338,17 +338,21 @@ class LossAverager:
         if samples is not None:
             self._samples.append(samples)
 
-    def average(self, components: int = 0) -> List[float]:
+    def average(self) -> List[float]:
         """The mean over batches (and over ranks when distributed), weighted by samples when they were given;
         one host sync. Under torchrun every rank must call it, also one without batches (an evaluation share
-        smaller than a batch): ``components`` (the number of loss items) lets it take part in the all-reduce."""
+        smaller than a batch): the ranks first agree on the number of loss items (one more small all-reduce per
+        pass), so such a rank takes part in the sum with zeros."""
         distributed = dist.is_available() and dist.is_initialized()
-        if not self._items and not (distributed and components):
+        stacked = _rows(self._items).to(torch.float64) if self._items else None
+        if distributed:
+            width = _largest_on_any_rank(0 if stacked is None else stacked.shape[1])
+            if width == 0:
+                return []
+            if stacked is None:
+                stacked = torch.zeros((0, width), dtype=torch.float64)
+        elif stacked is None:
             return []
-        if not self._items:
-            stacked = torch.zeros((0, components), dtype=torch.float64)
-        else:
-            stacked = _rows(self._items).to(torch.float64)
         if self._samples and len(self._samples) == stacked.shape[0]:
             weights = torch.tensor(self._samples, dtype=torch.float64, device=stacked.device)
             total, count = (stacked * weights[:, None]).sum(dim=0), weights.sum().reshape(1)
@@ -356,12 +360,23 @@ class LossAverager:
             total = stacked.sum(dim=0)
             count = torch.tensor([float(stacked.shape[0])], dtype=torch.float64, device=total.device)
         if distributed:
-            packed = torch.cat([total, count])
-            if dist.get_backend() == "nccl" and packed.device.type != "cuda":
-                packed = packed.cuda()
+            packed = _on_backend_device(torch.cat([total, count]))
             dist.all_reduce(packed)
             total, count = packed[:-1], packed[-1:]
         return (total / count).tolist() if count.item() else []
+
+
+def _on_backend_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where the process group's collectives take it (NCCL: the current GPU)."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return tensor.cuda()
+    return tensor
+
+
+def _largest_on_any_rank(value: int) -> int:
+    tensor = _on_backend_device(torch.tensor([value], dtype=torch.int64))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 class LossAverageMeter:

@@ -156,7 +156,7 @@ class Meters:
         return self._results(self.eval_loss, self.collections[kind], self.loss_names or [])
 
     def _results(self, losses: LossAverager, collection: Any, names: List[str]) -> Dict[str, Any]:
-        results: Dict[str, Any] = dict(zip(names, losses.average(components=len(names))))
+        results: Dict[str, Any] = dict(zip(names, losses.average()))
         if collection is not None:
             results.update(metric_values(collection))
         return results
