@@ -19,6 +19,7 @@ global batches: the reference. Each process saves what it saw into ``<out>/rank<
 import argparse
 import os
 import signal
+import time
 import warnings
 
 import torch
@@ -120,6 +121,25 @@ def interrupted(root):
     return seen
 
 
+class DieOnRank1(Callback):
+    """Rank 1 dies (a lost node) at train batch (1, 2) of the first attempt, once rank 0's checkpoint of the step
+    before had time to land; torchrun's agent then restarts both ranks."""
+
+    def on_train_batch_start(self, context):
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first_attempt and (context.epoch, context.batch_idx) == (1, 2) and distributed.rank() == 1:
+            time.sleep(3)
+            os._exit(17)
+
+
+def killed_and_restarted(root):
+    """Run "k" (accumulation 2, a checkpoint every step) killed on rank 1 and restarted by torchrun: resume: auto
+    continues it; then the same run uninterrupted ("k_whole"), for comparison."""
+    restarted = run(root, "k", callbacks=[DieOnRank1()], batch_accumulate=2, save_ckpt_every_n_steps=1)
+    restarted["restart_count"] = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return {"k": restarted, "k_whole": run(root, "k_whole", batch_accumulate=2, save_ckpt_every_n_steps=1)}
+
+
 def refused(root, name, model, **overrides):
     """The ValueError's (or CheckpointError's) message of a run that must not start."""
     try:
@@ -182,10 +202,14 @@ def main():
     parser.add_argument("--root", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--single", action="store_true")
+    parser.add_argument("--die", action="store_true")
     args = parser.parse_args()
     root = args.root
     if not args.single:
         distributed.init_from_env(torch.device("cpu"))
+    if args.die:
+        torch.save(killed_and_restarted(root), os.path.join(args.out, f"rank{distributed.rank()}.pt"))
+        return
     seen = {"world": distributed.world_size(), "a": run(root, "a"), "b": run(root, "b", max_epochs=3),
             "c": run(root, "c", batch_accumulate=2), "d": interrupted(root)}
     if not args.single:

@@ -134,3 +134,26 @@ def test_the_documented_cli_override_shards_the_recipe_model(tmp_path):
     assert "fsdp: the model is sharded over 2 ranks" in proc.stdout + proc.stderr
     checkpoint = torch.load(only_run(tmp_path / "fsdp") / "ckpt_latest.pth", weights_only=True)  # plain tensors
     assert checkpoint["epoch"] == 1 and all(type(v) is torch.Tensor for v in checkpoint["net"].values())
+
+
+def test_fsdp_job_killed_on_one_rank_is_restarted_by_torchrun_and_ends_as_if_uninterrupted(tmp_path):
+    """The fault-tolerant command of docs/distributed.md with FSDP2: rank 1 dies in the middle of an accumulation
+    window; torchrun restarts both ranks, resume: auto continues from the last step checkpoint (full state
+    scattered back into the shards), and the run ends with the weights of the same run never killed."""
+    out, root = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    env = python_env()
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--max-restarts=1", WORKER, "--root", str(root), "--out", str(out), "--die"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "exitcode: 17" in proc.stderr  # rank 1 did die
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    first = ranks[0]
+    assert [r["k"]["restart_count"] for r in ranks] == [1, 1]
+    assert first["k"]["stop_reason"] == "completed" and first["k"]["ckpt_dir"] == str(only_run(root / "k"))
+    for key, value in first["k_whole"]["net"].items():
+        assert torch.equal(first["k"]["net"][key], value), key
+    assert first["k"]["metrics"] == first["k_whole"]["metrics"]
+
