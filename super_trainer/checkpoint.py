@@ -213,6 +213,12 @@ def load_checkpoint_to_model(
     path = Path(path)
     key = "ema_net" if load_ema_as_net else "net"
     state = read_checkpoint(path, weights_only=weights_only, required_keys=())
+    if state.get("sharded") and state.get(key) is None:
+        raise CheckpointError(f"{path} holds its weights as torch.distributed.checkpoint shards in "
+                              f"{path.parent / state['sharded']} (fsdp_params.checkpoint: sharded): resume it under "
+                              "torchrun, or gather them into one file first with "
+                              "torch.distributed.checkpoint.format_utils.dcp_to_torch_save(shard_dir, 'full.pt') "
+                              "(its 'model' entry is a plain state_dict)")
     if key in state:
         weights = state[key]
         if weights is None:

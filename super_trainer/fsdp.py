@@ -37,7 +37,7 @@ __all__ = ["FSDP_DEFAULTS", "checked_fsdp_params", "is_fsdp2", "is_fsdp1", "chec
 
 #: ``training_params.fsdp_params``: which modules ``fsdp: true`` shards before the root, and whether a block's
 #: gathered weights are freed after its forward (see :func:`default_blocks`, :func:`shard_model`).
-FSDP_DEFAULTS: Dict[str, Any] = {"blocks": None, "reshard_after_forward": True}
+FSDP_DEFAULTS: Dict[str, Any] = {"blocks": None, "reshard_after_forward": True, "checkpoint": "full"}
 
 
 def checked_fsdp_params(given: Any) -> Dict[str, Any]:
@@ -55,6 +55,9 @@ def checked_fsdp_params(given: Any) -> Dict[str, Any]:
     if not isinstance(merged["reshard_after_forward"], bool):
         raise ValueError("training_params.fsdp_params.reshard_after_forward: must be true or false, got "
                          f"{merged['reshard_after_forward']!r}")
+    if merged["checkpoint"] not in ("full", "sharded"):
+        raise ValueError("training_params.fsdp_params.checkpoint: 'full' (gathered state dicts in the .pth files) or "
+                         f"'sharded' (torch.distributed.checkpoint shards, one file per rank), got {merged['checkpoint']!r}")
     return {**merged, "blocks": list(blocks) if blocks is not None else None}
 
 
@@ -262,6 +265,8 @@ def save_sharded_checkpoint(directory: Union[str, Path], model: nn.Module, optim
 
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".tmp")
+    if optimizer is not None and not optimizer.state:
+        optimizer = None  # before the first step get_state_dict would create the state with a zero-gradient step()
     model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
     save({"model": model_state, "optimizer": optim_state, **dict(extra or {})}, checkpoint_id=str(staging))
     dist.barrier()
@@ -280,6 +285,8 @@ def load_sharded_checkpoint(directory: Union[str, Path], model: nn.Module,
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    if optimizer is not None and not optimizer.state and not _holds_optimizer_state(directory):
+        optimizer = None  # written before the first step: nothing to restore (and no zero-gradient step())
     model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_state, "optimizer": optim_state, **(extra if extra is not None else {})}
     load(state, checkpoint_id=str(directory))
@@ -287,3 +294,12 @@ def load_sharded_checkpoint(directory: Union[str, Path], model: nn.Module,
                    optim_state_dict=state["optimizer"])
     if extra is not None:
         extra.update({key: state[key] for key in extra})
+
+
+def _holds_optimizer_state(directory: Union[str, Path]) -> bool:
+    """Whether a sharded checkpoint has optimizer entries (one written before the first step has none)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return any(key.startswith("optimizer.") for key in keys)
+

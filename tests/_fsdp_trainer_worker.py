@@ -215,6 +215,9 @@ def main():
     if not args.single:
         seen["resumed"] = run(root, "a", make_model(seed=7), max_epochs=3, resume=True)  # weights from the checkpoint
         seen["d_resumed"] = run(root, "d", make_model(seed=7), batch_accumulate=2, resume=True)
+        sharded = {"checkpoint": "sharded"}  # torch.distributed.checkpoint shards instead of gathered state dicts
+        seen["s"] = run(root, "s", fsdp_params=sharded)
+        seen["s_resumed"] = run(root, "s", make_model(seed=7), max_epochs=3, resume=True, fsdp_params=sharded)
         seen["given"] = given_fsdp2(root)
         # torch_compile wraps the sharded module (dynamo's eager backend: the wrapper path without a C++ compiler)
         seen["compiled"] = run(root, "e", torch_compile=True, torch_compile_options={"backend": "eager"})

@@ -136,6 +136,39 @@ def test_the_documented_cli_override_shards_the_recipe_model(tmp_path):
     assert checkpoint["epoch"] == 1 and all(type(v) is torch.Tensor for v in checkpoint["net"].values())
 
 
+def test_sharded_checkpoints_hold_one_file_per_rank_and_resume_exactly(tmp_path):
+    """fsdp_params.checkpoint: sharded — every rank writes its own shards (no full state dict anywhere); the .pth
+    files name the shard dir; a resume continues bit for bit; the shards gather into a plain state_dict offline."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from super_trainer.checkpoint import CheckpointError, load_checkpoint_to_model
+
+    root, ranks = _launch(tmp_path, "fsdp", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+    first = ranks[0]
+    # checkpoint mode does not change training: the resumed sharded run ends as the uninterrupted 3-epoch run
+    for key, value in first["b"]["net"].items():
+        assert torch.equal(first["s_resumed"]["net"][key], value), key
+    run_dir = only_run(root / "s")
+    latest = torch.load(run_dir / "ckpt_latest.pth", weights_only=True)
+    best = torch.load(run_dir / "ckpt_best.pth", weights_only=True)
+    assert latest["net"] is None and latest["optimizer_state_dict"] is None and latest["ema_net"] is None
+    assert latest["sharded"] == f"shards/step_{latest['global_step']}" and best["sharded_net"] == "ema"
+    shard_dir = run_dir / latest["sharded"]
+    assert sorted(p.name for p in shard_dir.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    named = {torch.load(f, weights_only=True)["sharded"] for f in run_dir.glob("*.pth")}
+    assert {f"shards/{d.name}" for d in (run_dir / "shards").iterdir()} == named  # older shard dirs were pruned
+
+    # offline, in one process: torch's converter gathers the shards into the run's weights (= a full checkpoint's)
+    dcp_to_torch_save(shard_dir, tmp_path / "full.pt")
+    gathered = torch.load(tmp_path / "full.pt", weights_only=True)
+    full_run = torch.load(only_run(root / "b") / "ckpt_latest.pth", weights_only=True)
+    for key, value in full_run["net"].items():
+        assert torch.equal(gathered["model"][key], value), key
+        assert torch.equal(gathered["ema"][key], full_run["ema_net"][key]), key
+    with pytest.raises(CheckpointError, match=r"torch.distributed.checkpoint shards in .*dcp_to_torch_save"):
+        load_checkpoint_to_model(worker.make_model(), run_dir / "ckpt_latest.pth")
+
+
 def test_fsdp_job_killed_on_one_rank_is_restarted_by_torchrun_and_ends_as_if_uninterrupted(tmp_path):
     """The fault-tolerant command of docs/distributed.md with FSDP2: rank 1 dies in the middle of an accumulation
     window; torchrun restarts both ranks, resume: auto continues from the last step checkpoint (full state

@@ -210,10 +210,11 @@ def test_resume_defaults_to_auto_under_the_elastic_agent_only(monkeypatch):
     assert resolve_training_params(dict(base, resume="AUTO")).resume == "auto"
     params = resolve_training_params(base)
     assert params.distributed_sampler is True and params.fsdp is False
-    assert params.fsdp_params == {"blocks": None, "reshard_after_forward": True}
+    assert params.fsdp_params == {"blocks": None, "reshard_after_forward": True, "checkpoint": "full"}
     for bad, match in (({"resume": "yes"}, "resume"), ({"distributed_sampler": 1}, "distributed_sampler"),
                        ({"fsdp": "true"}, "fsdp"), ({"fsdp_params": {"block": []}}, "fsdp_params"),
-                       ({"fsdp_params": {"blocks": "Block"}}, "blocks")):
+                       ({"fsdp_params": {"blocks": "Block"}}, "blocks"),
+                       ({"fsdp_params": {"checkpoint": "dcp"}}, "fsdp_params.checkpoint")):
         with pytest.raises(ValueError, match=match):
             resolve_training_params(dict(base, **bad))
 
@@ -225,7 +226,8 @@ def test_default_blocks_are_the_roots_children_with_parameters_or_the_named_ones
     assert default_blocks(model, ["Linear"]) == [model[0], model[2][0], model[2][1]]
     with pytest.raises(ValueError, match="no module of the model matches"):
         default_blocks(model, ["TransformerBlock"])
-    assert checked_fsdp_params({"blocks": ("Linear",)}) == {"blocks": ["Linear"], "reshard_after_forward": True}
+    assert checked_fsdp_params({"blocks": ("Linear",)}) == {"blocks": ["Linear"], "reshard_after_forward": True,
+                                                               "checkpoint": "full"}
 
 
 def test_sharding_helpers_in_one_process():

@@ -26,6 +26,7 @@ from ..metrics import lookup_metric
 from ..rng import get_rng_state
 from .parts import Meters, RunParts
 from .resume import EpochCursor, plain_params
+from .shards import ShardStore
 from .stops import StopControl
 from .top_k import TopK
 
@@ -47,6 +48,9 @@ class CheckpointManager:
         self.enabled = bool(params.save_model) and distributed.is_main_process()
         # FSDP2: every rank takes part in gathering the state (a collective); only rank 0 (enabled) writes it
         self.gathers = bool(params.save_model) and is_fsdp2(parts.net)
+        # fsdp_params.checkpoint: sharded — every rank writes its shards instead of gathering (loop/shards.py)
+        self.shards = ShardStore(ckpt_dir) if self.gathers and parts.distributed and \
+            params.fsdp_params["checkpoint"] == "sharded" else None
         self.writer = CheckpointWriter(report_written=self.enabled)
         self.saved = self.writer.written  # the paths of each finished write, until the loop announces them
         self.top_k = TopK(params.save_top_k if self.enabled else None, params.metric_to_watch,
@@ -72,6 +76,7 @@ class CheckpointManager:
                       if isinstance(cb, TorchSchedulerCallback)}
         last = self.meters.last_valid
         net, optimizers = self._weights()
+        sharded = self.shards.write(parts, context.global_step) if self.shards is not None else None  # collective
         return {
             "format": FORMAT,
             "net": net,
@@ -85,19 +90,23 @@ class CheckpointManager:
             "history": context.history,
             **optimizers,  # optimizer_type, optimizer_state_dict (by name with several)
             "scaler_state_dict": parts.scaler.state_dict() if parts.scaler is not None else None,
-            "ema_net": parts.ema.state_dict() if parts.ema is not None else None,
+            "ema_net": parts.ema.state_dict() if parts.ema is not None and sharded is None else None,
             "callbacks": parts.callbacks.state_dict(),
             "rng_state": get_rng_state(),
             "lr_scheduler_state": schedulers or None,
             "top_k": self.top_k.state(),
             "training_params": plain_params(self.params),  # a resume lists what differs
             "world_size": distributed.world_size(),  # a mid-epoch record holds one share per rank
+            **({"sharded": sharded} if sharded else {}),  # the shard dir holding net, optimizer and EMA
         }
 
     def _weights(self) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
         """``net`` and the optimizer entries; for FSDP2 gathered to full tensors on rank 0 (a collective: None on
-        the other ranks). The EMA's ``state_dict()`` gathers alike (ShardedModelEMA)."""
+        the other ranks). The EMA's ``state_dict()`` gathers alike (ShardedModelEMA). With sharded checkpoints
+        both are None: the shards hold them."""
         parts = self.parts
+        if self.shards is not None:
+            return None, {"optimizer_type": type(parts.optimizer).__name__, "optimizer_state_dict": None}
         if not is_fsdp2(parts.net):
             return parts.net.state_dict(), parts.optimizers.checkpoint_state()
         net, optimizer = full_state_dicts(parts.net, parts.optimizer)  # several optimizers: refused with FSDP2
@@ -180,6 +189,8 @@ class CheckpointManager:
         best = self.ckpt_dir / self.params.ckpt_best_name
         if self.best_due and state["ema_net"] is not None:  # best holds the EMA weights as its net
             jobs.append((dict(state, net=state["ema_net"]), [best]))
+        elif self.best_due and state.get("sharded") and self.parts.ema is not None:  # the shards' "ema" entry
+            jobs.append((dict(state, sharded_net="ema"), [best]))
         elif self.best_due:
             paths.append(best)
         self.best_due, self.top_due = False, None
@@ -190,6 +201,8 @@ class CheckpointManager:
         """The paths of each checkpoint whose files are complete on disk since the last call, oldest first."""
         while self.saved:
             yield self.saved.popleft()
+        if self.shards is not None and self.enabled:
+            self.shards.prune()  # shard dirs no checkpoint file names any more
 
     def at_interrupt(self, context: PhaseContext, epoch: EpochCursor, stops: StopControl) -> None:
         """A signal (Ctrl-C, SIGTERM) stopped the pass: ckpt_latest at the last finished batch, if the state there

@@ -31,6 +31,7 @@ from ..metrics import load_metric_states, metric_states
 from ..rng import get_rng_state, set_rng_state
 from .optimizers import optimizers_built
 from .parts import Meters, RunParts
+from .shards import ShardStore
 
 __all__ = ["ResumePlan", "EpochCursor", "plain_params", "iterate_as_before"]
 
@@ -131,6 +132,8 @@ def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> Non
     """Weights, optimizers (unless SG's ``load_opt_params`` is False: weights only), scaler and EMA."""
     with_optimizer = parts.params.get("load_opt_params", True)
     sharded = is_fsdp2(parts.net)
+    if state.get("sharded"):  # fsdp_params.checkpoint: sharded (loop/shards.py)
+        return _load_shards(parts, state, path, with_optimizer)
     if with_optimizer:  # before anything is loaded: a refused checkpoint leaves the model as it was
         parts.optimizers.check(state, path)
     if sharded:  # every rank read the file: a misfit raises on every rank, before the collectives below
@@ -155,6 +158,18 @@ def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> Non
         else:
             warnings.warn(f"{path} has no EMA weights; EMA starts from the restored weights", stacklevel=4)
             parts.ema.load_state_dict(full_state_dicts(parts.net)[0] or {} if sharded else parts.net.state_dict())
+
+
+def _load_shards(parts: RunParts, state: Dict[str, Any], path: Path, with_optimizer: bool) -> None:
+    if not (is_fsdp2(parts.net) and distributed.is_distributed()):
+        raise CheckpointError(f"{path} holds its weights as torch.distributed.checkpoint shards (fsdp_params."
+                              "checkpoint: sharded): resume it under torchrun with fsdp: true")
+    try:
+        ShardStore.read(parts, state, path, with_optimizer)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"the shards of {path} do not fit this model/optimizer: {err}") from err
+    if parts.scaler is not None and state["scaler_state_dict"]:
+        parts.scaler.load_state_dict(state["scaler_state_dict"])
 
 
 def _check_full_weights(net: torch.nn.Module, weights: Mapping[str, Any], path: Path) -> None:
