@@ -66,7 +66,8 @@ def shard_if_requested(net: nn.Module, device: torch.device, params: Mapping[str
     if not params.get("fsdp"):
         return net
     if not distributed:
-        logger.info("fsdp: a single process, so the model is not sharded")
+        warnings.warn("training_params.fsdp: true in a single process (not under torchrun): nothing to shard over, "
+                      "the model is trained unsharded and checkpoints hold full state dicts", stacklevel=4)
         return net
     options = params["fsdp_params"]
     sharded = shard_model(net, device, blocks=options["blocks"], reshard_after_forward=options["reshard_after_forward"])

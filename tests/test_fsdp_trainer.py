@@ -111,16 +111,21 @@ def test_fsdp_true_trains_checkpoints_and_resumes_like_one_process(tmp_path):
     assert second["errors"] == errors
 
 
-def test_fsdp_true_on_one_process_trains_the_plain_model(tmp_path, caplog):
-    """No process group: nothing to shard over, so the model stays plain (a log line says so)."""
+def test_fsdp_true_on_one_process_trains_the_plain_model(tmp_path):
+    """No process group: nothing to shard over, so the model stays plain, and warnings say so (also that sharded
+    checkpoints cannot apply)."""
     from conftest import make_loader, make_model, quiet_params
     from super_trainer import Trainer
 
     model = make_model()
-    with caplog.at_level("INFO", logger="super_trainer"):
-        Trainer("one", tmp_path, device="cpu").train(model=model, training_params=quiet_params(fsdp=True, max_epochs=1),
-                                                   train_loader=make_loader(16, 8), valid_loader=make_loader(8, 8))
-    assert "fsdp: a single process, so the model is not sharded" in caplog.text
+    with pytest.warns(UserWarning) as caught:
+        Trainer("one", tmp_path, device="cpu").train(model=model, training_params=quiet_params(
+            fsdp=True, fsdp_params={"checkpoint": "sharded"}, max_epochs=1),
+            train_loader=make_loader(16, 8), valid_loader=make_loader(8, 8))
+    messages = [str(w.message) for w in caught]
+    assert any("training_params.fsdp: true in a single process" in m for m in messages)
+    assert any("fsdp_params.checkpoint: 'sharded' applies to an FSDP2 model under torchrun only" in m
+               for m in messages)
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
 
 

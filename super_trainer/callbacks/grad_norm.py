@@ -14,13 +14,7 @@ __all__ = ["GradientNormLogger", "total_grad_norm"]
 def total_grad_norm(parameters: List[torch.nn.Parameter], norm_type: float = 2.0) -> torch.Tensor:
     """The norm of all gradients taken together (as ``clip_grad_norm_`` computes it); 0 when none. Sharded (FSDP2,
     DTensor) gradients: the norm over every rank's shards (a collective; every rank logs alike)."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if any(hasattr(g, "full_tensor") for g in grads):
-        return global_grad_norm([p for p in parameters if p.grad is not None], norm_type)
-    norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(grads[0].device) for g in grads])
-    return torch.linalg.vector_norm(norms, norm_type)
+    return global_grad_norm(parameters, norm_type)
 
 
 class GradientNormLogger(Callback):

@@ -13,6 +13,7 @@ module's state_dict and ``torch.optim``'s own layout, as unsharded training writ
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -51,6 +52,10 @@ class CheckpointManager:
         # fsdp_params.checkpoint: sharded — every rank writes its shards instead of gathering (loop/shards.py)
         self.shards = ShardStore(ckpt_dir) if self.gathers and parts.distributed and \
             params.fsdp_params["checkpoint"] == "sharded" else None
+        if self.shards is None and params.save_model and params.fsdp_params["checkpoint"] == "sharded" \
+                and distributed.is_main_process():
+            warnings.warn("training_params.fsdp_params.checkpoint: 'sharded' applies to an FSDP2 model under "
+                          "torchrun only; this run writes full checkpoints", stacklevel=5)
         self.writer = CheckpointWriter(report_written=self.enabled)
         self.saved = self.writer.written  # the paths of each finished write, until the loop announces them
         self.top_k = TopK(params.save_top_k if self.enabled else None, params.metric_to_watch,
