@@ -239,11 +239,7 @@ class StopControl:
 
     def finite_everywhere(self, context: PhaseContext, what: str) -> bool:
         """:meth:`finite_before` agreed by every rank (before a checkpoint every rank takes part in)."""
-        finite = self.finite_before(context, what)
-        if self.distributed and distributed.any_rank_true(not finite, context.device) and finite:
-            self.guard.stop(context, "loss or weights (on another rank)")
-            finite = False
-        return finite
+        return self._on_every_rank(self.finite_before(context, what), context, "loss or weights")
 
     def epoch_completed(self, context: PhaseContext, metrics: Mapping[str, Any], loss_names: Sequence[str]) -> bool:
         """At the pass's end: False when a stop came during a batch, or the epoch's losses or the weights are not
@@ -253,8 +249,12 @@ class StopControl:
             return False
         context.stop_training = self.held
         finite = self.guard.epoch_finite(context, metrics, loss_names) and self.guard.weights_finite(context)
+        return self._on_every_rank(finite, context, "weights")  # sharded weights: every rank agrees
+
+    def _on_every_rank(self, finite: bool, context: PhaseContext, what: str) -> bool:
+        """Under torchrun: False on every rank when any rank found non-finite values (a "nan_loss" stop there)."""
         if self.distributed and distributed.any_rank_true(not finite, context.device) and finite:
-            self.guard.stop(context, "weights (on another rank)")  # sharded weights: every rank agrees
+            self.guard.stop(context, f"{what} (on another rank)")
             finite = False
         return finite
 
