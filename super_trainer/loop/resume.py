@@ -131,17 +131,17 @@ def _warn_when_done(path: Path, epochs: int, steps: int, params: Any) -> None:
 def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> None:
     """Weights, optimizers (unless SG's ``load_opt_params`` is False: weights only), scaler and EMA."""
     with_optimizer = parts.params.get("load_opt_params", True)
-    sharded = is_fsdp2(parts.net)
+    fsdp2 = is_fsdp2(parts.net)
     if state.get("sharded"):  # fsdp_params.checkpoint: sharded (loop/shards.py)
         return _load_shards(parts, state, path, with_optimizer)
     if with_optimizer:  # before anything is loaded: a refused checkpoint leaves the model as it was
         parts.optimizers.check(state, path)
-    if sharded:  # every rank read the file: a misfit raises on every rank, before the collectives below
+    if fsdp2:  # every rank read the file: a misfit raises on every rank, before the collectives below
         _check_full_weights(parts.net, state["net"], path)
         if parts.ema is not None and state["ema_net"] is not None:
             _check_full_weights(parts.net, state["ema_net"], path)
     try:
-        if sharded:  # the full tensors (rank 0's) are scattered into every rank's shards: a collective
+        if fsdp2:  # the full tensors (rank 0's) are scattered into every rank's shards: a collective
             load_full_state_dicts(parts.net, parts.optimizer if with_optimizer else None, state["net"],
                                   state["optimizer_state_dict"] if with_optimizer else None)
         else:
@@ -157,7 +157,7 @@ def _load_model_state(parts: RunParts, state: Dict[str, Any], path: Path) -> Non
             parts.ema.load_state_dict(state["ema_net"])
         else:
             warnings.warn(f"{path} has no EMA weights; EMA starts from the restored weights", stacklevel=4)
-            parts.ema.load_state_dict(full_state_dicts(parts.net)[0] or {} if sharded else parts.net.state_dict())
+            parts.ema.load_state_dict(full_state_dicts(parts.net)[0] or {} if fsdp2 else parts.net.state_dict())
 
 
 def _load_shards(parts: RunParts, state: Dict[str, Any], path: Path, with_optimizer: bool) -> None:
