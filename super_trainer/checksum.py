@@ -21,7 +21,7 @@ from typing import IO, Any, Optional
 
 import torch
 
-__all__ = ["save_with_checksum", "verify_checksum", "ChecksumError", "TRAILER_PREFIX"]
+__all__ = ["save_with_checksum", "write_with_checksum", "verify_checksum", "ChecksumError", "TRAILER_PREFIX"]
 
 TRAILER_PREFIX = b"super_trainer:sha256:"
 _TRAILER_LEN = len(TRAILER_PREFIX) + 64
@@ -84,6 +84,14 @@ def save_with_checksum(obj: Any, file: IO[bytes]) -> bool:
     ``file`` need not be seekable. Returns whether the checksum was stored."""
     writer = _HashingWriter(file)
     torch.save(obj, writer)
+    return writer.finish()
+
+
+def write_with_checksum(data: bytes, file: IO[bytes]) -> bool:
+    """What :func:`save_with_checksum` writes, for ``data`` that ``torch.save`` already wrote into memory (the
+    same bytes: the file is identical). Hashing and writing release the GIL for large buffers."""
+    writer = _HashingWriter(file)
+    writer.write(data)
     return writer.finish()
 
 

@@ -16,8 +16,17 @@ import torch
 from conftest import PYTHON, Recorder, make_loader, make_model, only_run, python_env, quiet_params
 from super_trainer import Callback, Trainer
 from super_trainer import checkpoint as ckpt
+from super_trainer import checkpoint_writer
 from super_trainer.checkpoint import CheckpointWriter, copy_to_host, read_checkpoint
+from super_trainer.checkpoint_writer import WRITER_THREAD_NAME
 from super_trainer.loop.stops import Terminated
+
+
+@pytest.fixture(autouse=True)
+def serialize_in_the_background(monkeypatch):
+    """These tests hold or fail ``torch.save`` on the writer's thread: every state, however small, is serialized
+    there (by default states under SERIALIZE_HERE_BYTES are serialized by ``save``; tested at the end)."""
+    monkeypatch.setattr(checkpoint_writer, "SERIALIZE_HERE_BYTES", 0)
 
 
 class HeldWrites:
@@ -364,3 +373,58 @@ def test_signals_while_waiting_for_the_last_write(tmp_path, monkeypatch, signals
     assert reasons == [reason]
     assert read_checkpoint(only_run(tmp_path / "c") / "ckpt_latest.pth")["epoch"] == 1
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored after training
+
+
+# ---- small states: serialized by save(), written by the writer's thread -------------------------------------
+
+def test_a_small_state_is_serialized_at_save_and_written_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_writer, "SERIALIZE_HERE_BYTES", 1 << 20)
+    threads = {"save": [], "write": []}
+    real_save, real_write = torch.save, checkpoint_writer.write_with_checksum
+    gate = threading.Event()
+
+    def recording_save(obj, f, *args, **kwargs):
+        threads["save"].append(threading.current_thread().name)
+        return real_save(obj, f, *args, **kwargs)
+
+    def held_write(data, file):
+        threads["write"].append(threading.current_thread().name)
+        assert gate.wait(10), "test never released the write"
+        return real_write(data, file)
+
+    monkeypatch.setattr(torch, "save", recording_save)
+    monkeypatch.setattr(checkpoint_writer, "write_with_checksum", held_write)
+    weights, history = torch.zeros(4), [{"epoch": 0}]
+    writer = CheckpointWriter()
+    writer.save({"net": {"w": weights}, "history": history}, tmp_path / "small.pth", tmp_path / "copy.pth")
+    assert writer.busy and not (tmp_path / "small.pth").exists()  # the file is still written in the background
+    weights.add_(1.0)  # training goes on while the write is in flight
+    history[0]["epoch"] = 99
+    gate.set()
+    writer.close()
+    assert threads == {"save": [threading.current_thread().name], "write": [WRITER_THREAD_NAME]}
+    for name in ("small.pth", "copy.pth"):
+        state = read_checkpoint(tmp_path / name, required_keys=())  # the checksum is verified
+        assert torch.equal(state["net"]["w"], torch.zeros(4)) and state["history"] == [{"epoch": 0}]
+
+
+def test_small_and_large_paths_write_the_same_bytes(tmp_path, monkeypatch):
+    state = {"net": {"w": torch.arange(6.0), "b": torch.ones(2)}, "epoch": 2, "history": [{"loss": 0.5}]}
+    for threshold, name in ((1 << 20, "here.pth"), (0, "background.pth")):
+        monkeypatch.setattr(checkpoint_writer, "SERIALIZE_HERE_BYTES", threshold)
+        with CheckpointWriter() as writer:
+            writer.save(state, tmp_path / name)
+    assert (tmp_path / "here.pth").read_bytes() == (tmp_path / "background.pth").read_bytes()
+
+
+def test_a_state_over_the_limit_is_copied_and_serialized_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_writer, "SERIALIZE_HERE_BYTES", 64)  # bytes: 17 float32 values are over it
+    held = HeldWrites(monkeypatch)
+    weights = torch.zeros(17)
+    writer = CheckpointWriter()
+    writer.save({"w": weights}, tmp_path / "large.pth")
+    assert held.started.wait(10)  # torch.save runs on the writer's thread
+    weights.add_(1.0)
+    held.release()
+    writer.close()
+    assert torch.equal(torch.load(tmp_path / "large.pth", weights_only=True)["w"], torch.zeros(17))
