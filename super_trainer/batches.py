@@ -107,11 +107,14 @@ class BatchReader:
         self.adapter = adapter
         self.keep_labels = keep_labels
         self.non_blocking = device.type != "cpu"  # only host-to-GPU copies gain from it, and it costs a little
+        self.on_cpu = device.type == "cpu"
 
     def __call__(self, batch: Any) -> Tuple[Any, Any, Dict[str, Any]]:
         if type(batch) in (tuple, list) and len(batch) == 2 and self.adapter is None:  # the common case, kept cheap
             inputs, target = batch
             if type(inputs) is torch.Tensor and type(target) is torch.Tensor:
+                if self.on_cpu and inputs.is_cpu and target.is_cpu:  # what .to() would return, without its cost
+                    return inputs, target, {}
                 if self.non_blocking:
                     return inputs.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True), {}
                 return inputs.to(self.device), target.to(self.device), {}

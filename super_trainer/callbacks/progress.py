@@ -37,6 +37,7 @@ class ProgressBar(Callback):
         self._bar: Optional[tqdm] = None
         self.enabled = False
         self.log_interval = 50
+        self._shown_step = -1  # the optimizer step whose loss the train bar shows
 
     def _open(self, total: Optional[int], desc: str) -> None:
         self._close()
@@ -56,17 +57,22 @@ class ProgressBar(Callback):
     def on_training_start(self, context: PhaseContext) -> None:
         self.enabled = is_main_process()
         self.log_interval = int(context.training_params.get("log_interval", 50))
+        self._shown_step = -1
 
     def on_train_loader_start(self, context: PhaseContext) -> None:
         if self.enabled:
             limit = context.training_params.get("max_train_batches")
             self._open(count_batches(context.train_loader, limit), f"Train epoch {context.epoch}")
 
-    on_train_batch_end = _tick
-
-    def on_train_batch_gradient_step_end(self, context: PhaseContext) -> None:
-        if self._bar is not None and context.global_step % self.log_interval == 0:
-            self._bar.set_postfix(loss=f"{context.loss.item():.4g}", refresh=False)
+    def on_train_batch_end(self, context: PhaseContext) -> None:
+        # one listener per batch (this runs on the hot path): the tick, and the loss once per log_interval steps
+        bar = self._bar
+        if bar is not None:
+            bar.update(1)
+            step = context.global_step
+            if step % self.log_interval == 0 and step != self._shown_step:
+                self._shown_step = step
+                bar.set_postfix(loss=f"{context.loss.item():.4g}", refresh=False)
 
     def on_train_loader_end(self, context: PhaseContext) -> None:
         self._close(context.metrics_dict)

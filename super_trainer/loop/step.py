@@ -47,7 +47,13 @@ class TrainStep:
         self.counted = False  # global_step already counts the running batch
         self.in_custom = False  # the user's train_step is running (it may update through context.optimizers)
         self.updated = False  # the running batch's train_step updated through context.optimizers
+        # the trainer runs the batch's update itself: no train_step, or one that did not update through
+        # context.optimizers (with several optimizers the step always updates them itself); an attribute, not a
+        # property: the loop reads it every batch
+        self.trainer_updates = not parts.optimizers.several
         self.unscaled = False  # the GradScaler unscaled gradients inside the train_step (updated after it)
+        self.bare = False  # forward without entering a context manager (set per epoch)
+        self.unscaling = True  # unscale() has work: averaging (train_step under torchrun), AMP, a short window
         self.sync = GradientSync(parts.net) if parts.distributed and self.custom is not None else None
         self._local: Any = None  # autocast plus DDP's no_sync() for micro-batches that do not step
         self.autocasting = isinstance(parts.autocast, torch.autocast)
@@ -56,26 +62,23 @@ class TrainStep:
 
     def start_epoch(self, n_batches: Optional[int], accumulate: int) -> None:
         self.n_batches, self.accumulate = n_batches, accumulate
+        self.unscaling = self.sync is not None or self.parts.scaler is not None or n_batches is None
         # DDP decides at forward time whether the backward all-reduces: a micro-batch that does not step runs its
         # forward inside no_sync(), so the all-reduce happens once per window, on the stepping micro-batch. FSDP2
         # reduce-scatters every micro-batch instead: its gradients stay sharded (parallel.gradient_sync says why).
         if self._local is None and accumulate > 1 and self.parts.distributed and self.sync is None \
                 and not is_fsdp2(self.parts.net):
             self._local = _LocalAccumulation(self.parts)
+        self.bare = not self.autocasting and self._local is None
 
     def begin(self, batch_idx: int, is_last: bool) -> None:
         """A new micro-batch: the optimizer steps after it when it is its window's last, or the epoch's last."""
         self.batch_idx, self.is_last = batch_idx, is_last
         self.stepping = is_last or (batch_idx + 1) % self.accumulate == 0
         self.counted = self.updated = False
+        self.trainer_updates = not self.optimizers.several
         if self.sync is not None:
             self.sync.broadcast_buffers()
-
-    @property
-    def trainer_updates(self) -> bool:
-        """The trainer runs the batch's update itself: no train_step, or one that did not update through
-        ``context.optimizers`` (with several optimizers the step always updates them itself)."""
-        return not self.updated and not self.optimizers.several
 
     # ---- forward and loss ------------------------------------------------------------------------------
     def forward_loss(self, context: PhaseContext) -> None:
@@ -83,11 +86,16 @@ class TrainStep:
         train_step's loss(es) (its updates through context.optimizers run meanwhile)."""
         if self.custom is not None:
             return self.run_custom(context)
-        model, inputs = self.parts.model, context.inputs
+        if self.bare:  # no autocast, no DDP no_sync(): no context manager to enter (the common CPU path)
+            return self._forward_loss(context)
         with self.parts.autocast if self.stepping or self._local is None else self._local:
-            context.preds = model(inputs) if type(inputs) is torch.Tensor else call_model(model, inputs)
-            context.loss, context.loss_log_items = self.meters.compute_loss(context.criterion, context.preds,
-                                                                            context.target)
+            self._forward_loss(context)
+
+    def _forward_loss(self, context: PhaseContext) -> None:
+        model, inputs = self.parts.model, context.inputs
+        context.preds = model(inputs) if type(inputs) is torch.Tensor else call_model(model, inputs)
+        context.loss, context.loss_log_items = self.meters.compute_loss(context.criterion, context.preds,
+                                                                        context.target)
 
     def run_custom(self, context: PhaseContext) -> None:
         context.preds = None
@@ -108,7 +116,7 @@ class TrainStep:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"context.optimizers[{handle.name!r}].update(loss): loss must be a scalar tensor, got "
                              f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-        self.updated = True
+        self.updated, self.trainer_updates = True, False
         context.optimizer_name = handle.name
         context.loss, context.loss_log_items = loss, loss.detach()
 
@@ -116,7 +124,7 @@ class TrainStep:
     def backward(self, context: PhaseContext, handle: OptimizerHandle) -> None:
         """loss.backward(), scaled by 1/window (accumulation) and by the AMP scaler; with several optimizers only
         into ``handle``'s parameters, so one optimizer's loss never adds to another's gradients."""
-        window = window_size(self.batch_idx, self.n_batches, self.accumulate)
+        window = 1 if self.accumulate == 1 else window_size(self.batch_idx, self.n_batches, self.accumulate)
         loss = context.loss if window == 1 else context.loss / window
         if self.parts.scaler is not None:
             loss = self.parts.scaler.scale(loss)
@@ -130,6 +138,8 @@ class TrainStep:
         """Gradients in true units before on_train_batch_gradient_step_start: averaged over the ranks (a
         train_step under torchrun), the AMP scale removed, and a short last window of a loader without len()
         (scaled by 1/batch_accumulate) corrected."""
+        if not self.unscaling:  # nothing to do: one check per step on the common path
+            return
         params = handle.parameters() if self.sync is not None or self.n_batches is None else []
         if self.sync is not None:
             self.sync.average(params)
