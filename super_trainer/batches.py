@@ -108,9 +108,10 @@ class BatchReader:
         self.keep_labels = keep_labels
         self.non_blocking = device.type != "cpu"  # only host-to-GPU copies gain from it, and it costs a little
         self.on_cpu = device.type == "cpu"
+        self.plain = adapter is None
 
     def __call__(self, batch: Any) -> Tuple[Any, Any, Dict[str, Any]]:
-        if type(batch) in (tuple, list) and len(batch) == 2 and self.adapter is None:  # the common case, kept cheap
+        if self.plain and type(batch) in (tuple, list) and len(batch) == 2:  # the common case, kept cheap
             inputs, target = batch
             if type(inputs) is torch.Tensor and type(target) is torch.Tensor:
                 if self.on_cpu and inputs.is_cpu and target.is_cpu:  # what .to() would return, without its cost

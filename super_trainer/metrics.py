@@ -288,9 +288,9 @@ def update_metrics(collection: MetricCollection, preds: Any, target: Any, contex
     collection.update(preds, target, **{name: getattr(context, name) for name in wanted if hasattr(context, name)})
 
 
-def _rows(items: List[torch.Tensor]) -> torch.Tensor:
-    """Batch items (0-d or (K,)) and restored blocks ((n, K)) as one (batches, K) tensor."""
-    if all(item.dim() <= 1 for item in items):
+def _rows(items: List[torch.Tensor], blocks: bool = True) -> torch.Tensor:
+    """Batch items (0-d or (K,)) and, when ``blocks``, restored blocks ((n, K)) as one (batches, K) tensor."""
+    if not blocks or all(item.dim() <= 1 for item in items):
         return torch.stack(items).reshape(len(items), -1)
     return torch.cat([item if item.dim() == 2 else item.reshape(1, -1) for item in items])
 
@@ -308,28 +308,32 @@ class LossAverager:
         self._items: List[torch.Tensor] = []
         self._samples: List[int] = []  # per batch, when added with a sample count
         self._checked = 0  # items already seen finite by all_finite_since_check
+        self._restored = False  # _items[0] is a (batches, K) block restored by load()
 
     def reset(self) -> None:
         self._items = []
         self._samples = []
         self._checked = 0
+        self._restored = False
 
     def stacked(self) -> Optional[torch.Tensor]:
         """The items so far as one ``(batches, K)`` tensor on the CPU (for a mid-epoch checkpoint)."""
-        return _rows(self._items).cpu() if self._items else None
+        return _rows(self._items, self._restored).cpu() if self._items else None
 
     def load(self, stacked: Optional[torch.Tensor]) -> None:
         """Continue from what ``stacked()`` returned (a resumed epoch's average covers the whole epoch)."""
         self.reset()
         if stacked is not None:
             self._items = [stacked]  # one (batches, K) block; _rows() tells it from the 0-d/(K,) batch items
+            self._restored = True
             self._checked = 1
 
     def all_finite_since_check(self) -> bool:
         """Whether every item added since the last call is finite: one host sync, O(items since then)."""
         fresh = self._items[self._checked:]
+        blocks = self._restored and self._checked == 0
         self._checked = len(self._items)
-        return not fresh or bool(torch.isfinite(_rows(fresh)).all())
+        return not fresh or bool(torch.isfinite(_rows(fresh, blocks)).all())
 
     def add(self, items: torch.Tensor, samples: Optional[int] = None) -> None:
         """Add one batch's detached loss items: a 0-d loss or a ``(K,)`` components tensor; ``samples``: the
@@ -344,7 +348,7 @@ class LossAverager:
         smaller than a batch): the ranks first agree on the number of loss items (one more small all-reduce per
         pass), so such a rank takes part in the sum with zeros."""
         distributed = dist.is_available() and dist.is_initialized()
-        stacked = _rows(self._items).to(torch.float64) if self._items else None
+        stacked = _rows(self._items, self._restored).to(torch.float64) if self._items else None
         if distributed:
             width = _largest_on_any_rank(0 if stacked is None else stacked.shape[1])
             if width == 0:

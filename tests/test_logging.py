@@ -1,6 +1,8 @@
 """TensorBoard event files and experiment.log, read back with tensorboard's own reader (SPEC §5 tags)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -60,6 +62,38 @@ def test_progress_bar_shows_epochs(tmp_path, capsys):
                                    train_loader=make_loader(), valid_loader=make_loader(16))
     err = capsys.readouterr().err
     assert "Train epoch 0" in err and "Train epoch 1" in err and "8/8" in err
+
+
+def test_progress_bar_of_a_long_pass_updates_in_steps_and_ends_exact(tmp_path, monkeypatch):
+    import tqdm.std
+
+    updates, losses, closed = [], [], []
+    real_update, real_postfix, real_close = tqdm.std.tqdm.update, tqdm.std.tqdm.set_postfix, tqdm.std.tqdm.close
+
+    def update(bar, n=1):
+        updates.append((bar.desc, n))
+        return real_update(bar, n)
+
+    def set_postfix(bar, ordered_dict=None, refresh=True, **kwargs):
+        if "loss" in kwargs:
+            losses.append(float(kwargs["loss"]))
+        return real_postfix(bar, ordered_dict, refresh, **kwargs)
+
+    def close(bar):
+        closed.append((bar.desc, bar.n, bar.total))
+        return real_close(bar)
+
+    monkeypatch.setattr(tqdm.std.tqdm, "update", update)
+    monkeypatch.setattr(tqdm.std.tqdm, "set_postfix", set_postfix)
+    monkeypatch.setattr(tqdm.std.tqdm, "close", close)
+    Trainer("long_bar", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=1, progress_bar=True, log_interval=10), train_loader=make_loader(n=8 * 130, batch_size=8),
+        valid_loader=make_loader(16))
+    train = [n for desc, n in updates if desc.startswith("Train")]
+    assert sum(train) == 130 and len(train) == 44  # every 3 batches (at most 50 updates), and the last one at the end
+    assert {(n, total) for desc, n, total in closed if desc.startswith("Train")} == {(130, 130)}  # tqdm may close twice
+    assert 13 <= len(losses) <= 14  # the loss once per log_interval (10) steps of 130
+    assert all(math.isfinite(loss) for loss in losses)
 
 
 def test_silent_mode_prints_nothing(tmp_path, capsys):

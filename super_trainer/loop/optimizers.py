@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.autograd import profiler as _profiler
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..checkpoint import CheckpointError, check_optimizer_fits
@@ -30,6 +31,8 @@ class OptimizerHandle:
         self.optimizer = optimizer
         self.restricted = restricted  # backward writes only this optimizer's gradients (several optimizers)
         self._update: Optional[Callable[["OptimizerHandle", Any], None]] = None  # set while a train_step runs
+        # an optimizer class with a zero_grad of its own always gets it called (one set on the instance too)
+        self._own_zero_grad = type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -38,6 +41,17 @@ class OptimizerHandle:
     def parameters(self) -> List[torch.Tensor]:
         """This optimizer's parameters that are trainable now (a callback may freeze or unfreeze some)."""
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def clear_grads(self) -> None:
+        """``optimizer.zero_grad(set_to_none=True)``, without torch's per-call profiler annotation while no
+        profiler records: the annotation alone costs about 6 us per call on CPU (3 % of a small model's step).
+        Under a profiler, and for an optimizer with its own zero_grad, zero_grad itself is called."""
+        if self._own_zero_grad or _profiler._is_profiler_enabled or "zero_grad" in vars(self.optimizer):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward ``loss`` into this optimizer's parameters and, on the stepping micro-batch, step; with the

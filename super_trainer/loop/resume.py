@@ -189,7 +189,7 @@ class EpochCursor:
 
     def __init__(self, parts: RunParts, meters: Meters, progress: Optional[Dict[str, Any]],
                  rng_after: Optional[Dict[str, Any]], reused_by: Optional[ResumePlan] = None) -> None:
-        self.parts, self.meters = parts, meters
+        self.parts, self.meters, self.context = parts, meters, parts.context
         self.n_batches: Optional[int] = None  # set by start(), once on_train_loader_start has run
         self.progress, self.rng_after = progress, rng_after
         self.reused_by = reused_by  # a resumed epoch after the first: the original had its loader iterator already
@@ -245,7 +245,7 @@ class EpochCursor:
 
     def end(self, batch_idx: int) -> None:
         self.done, self.in_batch = batch_idx + 1, False
-        self.parts.context.batches_seen += 1
+        self.context.batches_seen += 1
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started

@@ -50,7 +50,8 @@ class TrainStep:
         # the trainer runs the batch's update itself: no train_step, or one that did not update through
         # context.optimizers (with several optimizers the step always updates them itself); an attribute, not a
         # property: the loop reads it every batch
-        self.trainer_updates = not parts.optimizers.several
+        self.one_optimizer = not parts.optimizers.several
+        self.trainer_updates = self.one_optimizer
         self.unscaled = False  # the GradScaler unscaled gradients inside the train_step (updated after it)
         self.bare = False  # forward without entering a context manager (set per epoch)
         self.unscaling = True  # unscale() has work: averaging (train_step under torchrun), AMP, a short window
@@ -76,7 +77,7 @@ class TrainStep:
         self.batch_idx, self.is_last = batch_idx, is_last
         self.stepping = is_last or (batch_idx + 1) % self.accumulate == 0
         self.counted = self.updated = False
-        self.trainer_updates = not self.optimizers.several
+        self.trainer_updates = self.one_optimizer
         if self.sync is not None:
             self.sync.broadcast_buffers()
 
@@ -169,7 +170,7 @@ class TrainStep:
                 scaler.update()
         else:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        handle.clear_grads()
         if self.in_custom and self.autocasting:
             # autocast caches its low-precision copies of the weights until the outermost autocast exits, and a
             # train_step runs all its updates inside one: the next forward must not see the old weights

@@ -1,0 +1,91 @@
+"""The per-batch shortcuts of the plain path (docs/performance.md) do what the calls they replace do."""
+from __future__ import annotations
+
+import torch
+
+from conftest import make_loader, make_model, quiet_params
+from super_trainer import Callback, Trainer
+from super_trainer.batches import BatchReader
+from super_trainer.loop.optimizers import OptimizerHandle
+
+
+class CountingSGD(torch.optim.SGD):
+    """An optimizer class with a zero_grad of its own: the trainer must call it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zero_grad_calls = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.zero_grad_calls += 1
+        super().zero_grad(set_to_none)
+
+
+def _grads(model):
+    model(torch.ones(2, 8)).sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+def test_clear_grads_sets_every_grad_to_none_like_zero_grad():
+    model = make_model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
+    handle = OptimizerHandle("default", optimizer, restricted=False)
+    assert all(g is not None for g in _grads(model))
+    handle.clear_grads()
+    assert all(p.grad is None for p in model.parameters())
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})  # a group added later (unfreezing)
+    late = optimizer.param_groups[-1]["params"][0]
+    late.grad = torch.ones(2)
+    handle.clear_grads()
+    assert late.grad is None
+
+
+def test_an_optimizer_with_its_own_zero_grad_gets_it_called():
+    model = make_model()
+    own = CountingSGD(model.parameters(), lr=0.1)
+    handle = OptimizerHandle("default", own, restricted=False)
+    _grads(model)
+    handle.clear_grads()
+    assert own.zero_grad_calls == 1 and all(p.grad is None for p in model.parameters())
+
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    plain.zero_grad = lambda set_to_none=True: calls.append(set_to_none)  # set on the instance
+    OptimizerHandle("default", plain, restricted=False).clear_grads()
+    assert calls == [True]
+
+
+def test_the_trainer_calls_an_optimizers_own_zero_grad_once_per_step(tmp_path):
+    model = make_model()
+    optimizer = CountingSGD(model.parameters(), lr=0.1)
+    Trainer("own_zero_grad", tmp_path).train(model=model, training_params=quiet_params(
+        max_epochs=2, optimizer=optimizer, initial_lr=None), train_loader=make_loader(), valid_loader=make_loader(16))
+    assert optimizer.zero_grad_calls == 2 * len(make_loader())
+
+
+def test_under_a_profiler_zero_grad_keeps_its_annotation(tmp_path):
+    class Profile(Callback):
+        def __init__(self):
+            self.names = []
+
+        def on_train_loader_start(self, context):
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+        def on_train_loader_end(self, context):
+            self.profiler.__exit__(None, None, None)
+            self.names += [event.key for event in self.profiler.key_averages()]
+
+    profile = Profile()
+    Trainer("profiled", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=1, phase_callbacks=[profile]), train_loader=make_loader(), valid_loader=make_loader(16))
+    assert "Optimizer.zero_grad#SGD.zero_grad" in profile.names
+
+
+def test_a_cpu_batch_is_passed_through_unchanged_and_others_are_moved():
+    reader = BatchReader(torch.device("cpu"))
+    inputs, target = torch.ones(2, 3), torch.zeros(2, dtype=torch.long)
+    got_inputs, got_target, extras = reader((inputs, target))
+    assert got_inputs is inputs and got_target is target and extras == {}
+    half = reader([inputs.double(), target])  # a list batch, another dtype: still the same tensors
+    assert half[0].dtype == torch.float64 and half[1] is target
