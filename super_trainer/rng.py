@@ -31,8 +31,11 @@ def seed_everything(seed: int) -> None:
 def get_rng_state() -> Dict[str, Any]:
     """Python, NumPy, torch and CUDA RNG states, made of types ``weights_only`` loading accepts."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
     return {
-        "python": random.getstate(),
+        # the 625 words of Python's Mersenne Twister as one tensor: pickled as 625 ints they were most of a small
+        # checkpoint's serialization time (one persistent_id call per object)
+        "python": (py_version, torch.tensor(py_keys, dtype=torch.int64), py_gauss),
         "numpy": {
             "name": np_name,
             "keys": torch.from_numpy(np_keys.astype(np.int64)),
@@ -48,7 +51,9 @@ def get_rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`get_rng_state` returned."""
     python_state = state["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    keys = python_state[1]  # a tensor; a tuple of ints in checkpoints before 0.3.1
+    random.setstate((python_state[0], tuple(keys.tolist() if isinstance(keys, torch.Tensor) else keys),
+                     python_state[2]))
     np_state = state["numpy"]
     np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))

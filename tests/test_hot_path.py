@@ -1,12 +1,15 @@
 """The per-batch shortcuts of the plain path (docs/performance.md) do what the calls they replace do."""
 from __future__ import annotations
 
+import random
+
 import torch
 
 from conftest import make_loader, make_model, quiet_params
 from super_trainer import Callback, Trainer
 from super_trainer.batches import BatchReader
 from super_trainer.loop.optimizers import OptimizerHandle
+from super_trainer.rng import get_rng_state, set_rng_state
 
 
 class CountingSGD(torch.optim.SGD):
@@ -89,3 +92,17 @@ def test_a_cpu_batch_is_passed_through_unchanged_and_others_are_moved():
     assert got_inputs is inputs and got_target is target and extras == {}
     half = reader([inputs.double(), target])  # a list batch, another dtype: still the same tensors
     assert half[0].dtype == torch.float64 and half[1] is target
+
+
+def test_python_rng_state_round_trips_as_a_tensor_and_from_the_older_tuple(tmp_path):
+    random.seed(7)
+    state = get_rng_state()
+    expected = [random.random() for _ in range(3)]
+    torch.save(state, tmp_path / "rng.pth")
+    set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
+    assert [random.random() for _ in range(3)] == expected
+    random.seed(7)
+    version, keys, gauss = random.getstate()
+    older = dict(get_rng_state(), python=(version, list(keys), gauss))  # how checkpoints before 0.3.1 hold it
+    set_rng_state(older)
+    assert [random.random() for _ in range(3)] == expected
