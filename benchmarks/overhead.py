@@ -20,6 +20,9 @@ Method (see benchmarks/README.md):
 - Whole fit: wall time from building the model to the end of training (``Trainer.train`` returning: logger
   setup, params YAML, every checkpoint write, first epoch included), median over rounds. The hand loop builds the
   same model and optimizer and writes nothing.
+- ``tiny_hand_grads_to_none``: the hand loop setting the gradients to None itself instead of calling
+  ``opt.zero_grad(set_to_none=True)``, as the trainer does while no profiler records (zero_grad's per-call
+  profiler annotation is ~15 us of a tiny step). The trainer's own overhead is its step over this row's.
 - Peers: the tiny workload also runs in PyTorch-Ignite (``create_supervised_trainer``) and Lightning
   (``lightning.pytorch.Trainer`` defaults, accelerator cpu) when they are importable; missing ones are skipped
   with a printed line. They are not dependencies of super_trainer.
@@ -129,14 +132,18 @@ class BatchEndNoop(Callback):
 Timings = Tuple[List[float], float]
 
 
-def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int, compile: bool = False) -> Timings:
-    """The reference loop: batch loop + one host sync per epoch."""
+def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int, compile: bool = False,
+              grads_to_none: bool = False) -> Timings:
+    """The reference loop: batch loop + one host sync per epoch. ``grads_to_none``: set the gradients to None
+    directly instead of ``opt.zero_grad(set_to_none=True)`` (what the trainer does while no profiler records;
+    zero_grad's per-call profiler annotation is most of its cost)."""
     fit_start = clock()
     device = torch.device("cpu")
     model = make_mlp(sizes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     forward = torch.compile(model) if compile else model
     criterion = torch.nn.CrossEntropyLoss()  # the object the trainer builds for loss="CrossEntropyLoss"
+    params = [p for group in opt.param_groups for p in group["params"]]
     seconds = []
     for _ in range(epochs):
         model.train()
@@ -148,7 +155,11 @@ def hand_loop(sizes: Sequence[int], batches: Batches, epochs: int, compile: bool
             loss = criterion(out, y)
             loss.backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            if grads_to_none:
+                for p in params:
+                    p.grad = None
+            else:
+                opt.zero_grad(set_to_none=True)
             running += loss.detach()
         float(running)
         seconds.append(clock() - started)
@@ -387,6 +398,8 @@ def build_groups(quick: bool, names: Sequence[str], log: Callable[[str], None]) 
         Variant(f"tiny_{N_CALLBACKS}_idle_cb", dict(QUIET), idle, target="added vs tiny_quiet < 2%",
                 check=_added_vs("tiny_quiet", f"tiny_{N_CALLBACKS}_idle_cb", 2.0)),
         Variant(f"tiny_{N_CALLBACKS}_batch_end_cb", dict(QUIET), listening, target="(informational)"),
+        Variant("tiny_hand_grads_to_none", target="(hand loop without zero_grad)", runner=lambda sizes, batches,
+                epochs, root, name: hand_loop(sizes, batches, epochs, grads_to_none=True)),
         *peers,
     ])
     # One short epoch: the fixed per-run work (setup, files, the last checkpoint) weighs most here.
