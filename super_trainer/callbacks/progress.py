@@ -79,11 +79,8 @@ class ProgressBar(Callback):
             self._open(count_batches(context.train_loader, limit), f"Train epoch {context.epoch}")
 
     def on_train_batch_end(self, context: PhaseContext) -> None:
-        # on the hot path, so counted inline: at an update, also the loss once per log_interval steps
-        self._pending += 1
-        if self._pending >= self._every and self._bar is not None:
-            self._bar.update(self._pending)
-            self._pending = 0
+        self._tick(context)
+        if self._pending == 0 and self._bar is not None:  # the bar was just updated: the loss once per log_interval
             interval = context.global_step // self.log_interval
             if interval != self._shown_interval:
                 self._shown_interval = interval

@@ -44,7 +44,8 @@ class OptimizerHandle:
 
     def clear_grads(self) -> None:
         """``optimizer.zero_grad(set_to_none=True)``, without torch's per-call profiler annotation while no
-        profiler records: the annotation alone costs about 6 us per call on CPU (3 % of a small model's step).
+        profiler records: the annotation costs about 6 us per call on CPU in isolation, 12-15 us inside a small
+        model's step (7 % of it).
         Under a profiler, and for an optimizer with its own zero_grad, zero_grad itself is called."""
         if self._own_zero_grad or _profiler._is_profiler_enabled or "zero_grad" in vars(self.optimizer):
             self.optimizer.zero_grad(set_to_none=True)

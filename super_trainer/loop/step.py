@@ -158,7 +158,7 @@ class TrainStep:
             return False
         if context.skip_step:
             context.skip_step = False
-            optimizer.zero_grad(set_to_none=True)
+            handle.clear_grads()
             if scaler is not None and not self.in_custom:
                 scaler.update()  # ends this step's unscale_ bookkeeping
             return False
@@ -191,7 +191,7 @@ class TrainStep:
                           f"{self.n_batches}: the gradients of its last, unfinished accumulation window are dropped",
                           stacklevel=3)
         for handle in self.optimizers:
-            handle.optimizer.zero_grad(set_to_none=True)
+            handle.clear_grads()
 
 
 class _LocalAccumulation:
