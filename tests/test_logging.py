@@ -96,6 +96,29 @@ def test_progress_bar_of_a_long_pass_updates_in_steps_and_ends_exact(tmp_path, m
     assert all(math.isfinite(loss) for loss in losses)
 
 
+def test_progress_bar_starts_no_thread_and_redraws_after_a_slow_batch(tmp_path, capsys):
+    """tqdm's monitor thread (started per bar, joined at its close) is off: the bar redraws at its own updates."""
+    import threading
+    import time
+
+    from tqdm._monitor import TMonitor
+
+    seen = []
+
+    class SlowWatch(Callback):
+        def on_train_batch_end(self, context):
+            seen.extend(type(t).__name__ for t in threading.enumerate() if isinstance(t, TMonitor))
+            if context.batch_idx == 1:
+                time.sleep(0.15)  # longer than tqdm's mininterval (0.1 s): the next update redraws
+
+    Trainer("bar_thread", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=1, progress_bar=True, phase_callbacks=[SlowWatch()]), train_loader=make_loader(n=32, batch_size=8),
+        valid_loader=make_loader(16))
+    assert seen == []
+    err = capsys.readouterr().err
+    assert "2/4" in err and "4/4" in err  # drawn at the update after the slow batch, and exact at the end
+
+
 def test_silent_mode_prints_nothing(tmp_path, capsys):
     Trainer("silent", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=1, progress_bar=True,
                                                                                         silent_mode=True),
