@@ -21,6 +21,7 @@ import torch
 from ..distributed import is_main_process
 from ..images import make_grid, to_hwc_uint8, write_png
 from .base import Callback, PhaseContext, Priority
+from .event_file import EventFile
 from .sg_logger_api import SGLoggerAPI, sg_step, sg_value, to_chw
 
 __all__ = ["BaseLogger", "TensorBoardLogger", "param_group_names", "named_param_groups"]
@@ -224,9 +225,9 @@ class BaseLogger(SGLoggerAPI, Callback):
 class TensorBoardLogger(BaseLogger):
     """BaseLogger plus TensorBoard event files in the run dir.
 
-    Scalars are queued and handed to TensorBoard's writer at epoch-level events (and at least every
-    ``flush_secs`` seconds), then flushed synchronously: the writer's background thread encodes records in
-    Python, and running it during the batch loop would compete with training for the GIL.
+    Scalars are queued and written to the event file (:class:`~super_trainer.callbacks.event_file.EventFile`, on
+    this thread) at epoch-level events and at least every ``flush_secs`` seconds: encoding a record is Python work,
+    which the batch loop need not pay for at every step.
     """
 
     def __init__(self, log_dir: Optional[str] = None, flush_secs: float = 30.0) -> None:
@@ -245,11 +246,9 @@ class TensorBoardLogger(BaseLogger):
         self._new_writer()
 
     def _new_writer(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imported on first use: it pulls in tensorboard
-
         if self.writer is not None:
             self.writer.close()
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self._purge_step)
+        self.writer = EventFile(self.log_dir, purge_step=self._purge_step)
 
     def _write_scalars(self, values: Dict[str, float], step: int, unit: str) -> None:
         super()._write_scalars(values, step, unit)
@@ -278,7 +277,7 @@ class TensorBoardLogger(BaseLogger):
             for tag, value, step in self._pending:
                 self.writer.add_scalar(tag, value, step)
             self._pending.clear()
-            self.writer.flush()  # waits for the writer thread, so it is idle when batches run again
+            self.writer.flush()
         self._last_flush = time.monotonic()
 
     def on_training_start(self, context: PhaseContext) -> None:
