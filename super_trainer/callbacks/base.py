@@ -35,6 +35,7 @@ from __future__ import annotations
 import difflib
 import enum
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from ..context import PhaseContext
@@ -337,12 +338,16 @@ FOREIGN_HOOKS: Dict[str, str] = {
     "on_load_checkpoint": "load_state_dict(state)",
 }
 _warned_hooks: Set[Tuple[type, str]] = set()
+_hook_checked_classes: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
 def warn_unknown_hooks(callback: object) -> None:
     """Warn once per class and name about ``on_*`` methods that are not events: the trainer never calls them
     (typically a hook name from another trainer, e.g. Lightning's ``on_train_epoch_end``)."""
     cls = type(callback)
+    if cls in _hook_checked_classes:  # dir() of a class is ~10 us; a run builds the same classes again
+        return
+    _hook_checked_classes.add(cls)
     for name in dir(cls):
         if not name.startswith("on_") or name in EVENTS or (cls, name) in _warned_hooks:
             continue
