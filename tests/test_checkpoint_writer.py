@@ -428,3 +428,113 @@ def test_a_state_over_the_limit_is_copied_and_serialized_in_the_background(tmp_p
     held.release()
     writer.close()
     assert torch.equal(torch.load(tmp_path / "large.pth", weights_only=True)["w"], torch.zeros(17))
+
+
+# ---- the run's last checkpoint: held, then written on the calling thread ------------------------------------
+
+def _recording_writes(monkeypatch):
+    """Records the thread of every checkpoint file write (small states: their bytes)."""
+    threads = []
+    real_write = checkpoint_writer.write_with_checksum
+
+    def write(data, file):
+        threads.append(threading.current_thread().name)
+        return real_write(data, file)
+
+    monkeypatch.setattr(checkpoint_writer, "write_with_checksum", write)
+    return threads
+
+
+def test_a_held_small_state_is_written_by_flush_on_the_calling_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_writer, "SERIALIZE_HERE_BYTES", 1 << 20)
+    threads = _recording_writes(monkeypatch)
+    weights = torch.zeros(4)
+    writer = CheckpointWriter(report_written=True)
+    writer.save_many([({"w": weights}, [tmp_path / "last.pth", tmp_path / "best.pth"])], hold=True)
+    weights.add_(1.0)  # serialized at save: later changes are not written
+    assert not writer.busy and threads == [] and not (tmp_path / "last.pth").exists()
+    writer.flush()
+    assert threads == [threading.current_thread().name] and list(writer.written) == [[tmp_path / "last.pth",
+                                                                                        tmp_path / "best.pth"]]
+    for name in ("last.pth", "best.pth"):
+        assert torch.equal(read_checkpoint(tmp_path / name, required_keys=())["w"], torch.zeros(4))
+    writer.close()
+    assert threads == [threading.current_thread().name]  # no writer thread was ever needed
+
+
+def test_a_held_state_over_the_limit_is_written_in_the_background(tmp_path, monkeypatch):
+    held = HeldWrites(monkeypatch)  # SERIALIZE_HERE_BYTES is 0 here: every state is "large"
+    writer = CheckpointWriter()
+    writer.save_many([({"w": torch.ones(3)}, [tmp_path / "large.pth"])], hold=True)
+    assert held.started.wait(10) and writer.busy  # on the writer's thread, not held back
+    held.release()
+    writer.close()
+    assert torch.equal(torch.load(tmp_path / "large.pth", weights_only=True)["w"], torch.ones(3))
+
+
+def test_a_held_state_is_written_when_the_interpreter_exits(tmp_path):
+    path = tmp_path / "held.pth"
+    script = (
+        "import torch\n"
+        "from super_trainer.checkpoint import CheckpointWriter\n"
+        f"CheckpointWriter().save_many([({{'v': torch.arange(10)}}, [{str(path)!r}])], hold=True)\n"
+        "raise SystemExit(3)\n"  # never flushed
+    )
+    proc = subprocess.run([PYTHON, "-c", script], env=python_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert torch.equal(read_checkpoint(path, required_keys=())["v"], torch.arange(10))
+
+
+def test_a_runs_last_checkpoint_is_written_on_the_training_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_writer, "SERIALIZE_HERE_BYTES", 1 << 20)
+    threads = _recording_writes(monkeypatch)
+    recorder = Recorder()
+    result = Trainer("last", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=2, phase_callbacks=[recorder]), train_loader=make_loader(), valid_loader=make_loader(16))
+    # epoch 0's checkpoint (latest and best) in the background; the last one, which training waits for, here
+    assert threads == [WRITER_THREAD_NAME, threading.current_thread().name]
+    assert [paths for _, _, paths in recorder.saved] == [
+        [result.latest_ckpt_path, result.best_ckpt_path]] * 2  # both announced, the last before on_training_end
+    assert recorder.events[-1] == "on_training_end" and recorder.saved[-1][0] == len(recorder.events) - 1
+    assert read_checkpoint(result.latest_ckpt_path)["epoch"] == 2
+
+
+@pytest.mark.parametrize("signals,raised,reason", [
+    ((signal.SIGINT,), None, "interrupted"),
+    ((signal.SIGINT, signal.SIGINT), KeyboardInterrupt, "interrupted"),
+    ((signal.SIGTERM, signal.SIGINT), Terminated, "terminated"),
+], ids=["ctrl-c", "ctrl-c-twice", "sigterm-then-ctrl-c"])
+def test_signals_during_the_last_write_on_the_training_thread(tmp_path, monkeypatch, signals, raised, reason):
+    """The last checkpoint, written on the training thread, is not cut: a first signal during it sets the stop
+    reason, a second is raised once the file is complete."""
+    monkeypatch.setattr(checkpoint_writer, "SERIALIZE_HERE_BYTES", 1 << 20)
+    real_write, done = checkpoint_writer.write_with_checksum, []
+
+    def write(data, file):
+        for signum in signals:
+            os.kill(os.getpid(), signum)  # handled on this (the main) thread, at its next bytecode
+            time.sleep(0.05)
+        real_write(data, file)
+        done.append(True)
+
+    monkeypatch.setattr(checkpoint_writer, "write_with_checksum", write)
+    reasons = []
+
+    class End(Callback):
+        def on_training_end(self, context):
+            reasons.append(context.stop_reason)
+
+    def train():
+        return Trainer("sig", tmp_path).train(model=make_model(), training_params=quiet_params(
+            max_epochs=1, phase_callbacks=[End()]), train_loader=make_loader(), valid_loader=make_loader(16))
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    if raised is None:
+        assert train().stop_reason == reason
+    else:
+        with pytest.raises(KeyboardInterrupt) as info:
+            train()
+        assert type(info.value) is raised
+    assert done == [True] and reasons == [reason]
+    assert read_checkpoint(only_run(tmp_path / "sig") / "ckpt_latest.pth")["epoch"] == 1
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

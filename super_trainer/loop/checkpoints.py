@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .. import distributed
 from ..callbacks.lr import TorchSchedulerCallback
@@ -134,9 +134,10 @@ class CheckpointManager:
         value = lookup_metric(self.meters.last_valid, self.params.metric_to_watch)
         self.top_due = self.top_k.offer(value, context.epoch, context.global_step if in_pass else None)
 
-    def save_epoch(self, context: PhaseContext) -> None:
+    def save_epoch(self, context: PhaseContext, last: bool = False) -> None:
         """At a completed epoch's end: ckpt_latest always; ckpt_best / the top-k file when the epoch's validation
-        asks; ckpt_epoch_N when N is listed. Nothing when the pass ended at a step already checkpointed there."""
+        asks; ckpt_epoch_N when N is listed. Nothing when the pass ended at a step already checkpointed there.
+        ``last``: no epoch follows, so :meth:`finish` writes it (a small state on the training thread)."""
         if self.closed_at_step:
             self.closed_at_step = False
             return
@@ -152,7 +153,7 @@ class CheckpointManager:
             paths.append(self.ckpt_dir / f"ckpt_epoch_{done}.pth")
             self.writer.flush()  # the previous ckpt_epoch file is on disk before counting what to prune
             remove = epoch_checkpoints_to_prune(self.ckpt_dir, self.params.max_keep_ckpts, adding=paths[-1])
-        self._write(state, paths, remove)
+        self._write(state, paths, remove, last)
 
     def mid_epoch_due(self, context: PhaseContext, is_last: bool) -> bool:
         """A mid-epoch checkpoint is due once global_step reaches a new multiple of save_ckpt_every_n_steps (not
@@ -163,11 +164,12 @@ class CheckpointManager:
         step = context.global_step
         return bool(self.every) and not is_last and step % self.every == 0 and step != self.last_step
 
-    def save_progress(self, epoch: EpochCursor, final: bool = False) -> None:
+    def save_progress(self, epoch: EpochCursor, final: bool = False, last: bool = False) -> None:
         """ckpt_latest in the middle of an epoch (and ckpt_best / a top-k file after a validation there): the state
         after ``epoch.done`` batches of the running epoch, with what a resume needs to continue exactly (SPEC §7
         "Mid-epoch checkpoints"). ``final``: the pass ends here (max_steps, or a stop decided at a validation), so
-        the epoch's close writes nothing more."""
+        the epoch's close writes nothing more (it is written in the background still: a test pass may follow).
+        ``last``: nothing follows but the end of training (a signal), so :meth:`finish` writes it."""
         context = self.parts.context
         self.last_step, self.initial, self.closed_at_step = context.global_step, None, final
         if not self.params.save_model:
@@ -180,11 +182,12 @@ class CheckpointManager:
         state = self.state(epochs_done=context.epoch)
         state["epoch_progress"] = progress
         if self.enabled:
-            self._write(state, [self.latest])
+            self._write(state, [self.latest], last=last)
 
-    def _write(self, state: Dict[str, Any], paths: List[Path], remove: List[Path] = ()) -> None:
+    def _write(self, state: Dict[str, Any], paths: List[Path], remove: List[Path] = (), last: bool = False) -> None:
         """Hand ``state`` to the writer for ``paths`` plus ckpt_best and the top-k file a validation asked for;
-        files beyond max_keep_ckpts and save_top_k are deleted once the new ones are written."""
+        files beyond max_keep_ckpts and save_top_k are deleted once the new ones are written. ``last``: the
+        writer holds it for :meth:`finish`."""
         paths, remove = list(paths), list(remove)
         jobs = [(state, paths)]
         if self.top_due is not None:  # a full resumable checkpoint: the training weights, as ckpt_latest
@@ -199,8 +202,9 @@ class CheckpointManager:
         elif self.best_due:
             paths.append(best)
         self.best_due, self.top_due = False, None
-        # copied now (training may change the state next), written in the background
-        self.writer.save_many(jobs, remove=remove)
+        # copied (or serialized) now, since training may change the state next; written in the background, or
+        # the run's last by finish(), which waits for it anyway
+        self.writer.save_many(jobs, remove=remove, hold=last)
 
     def landed(self) -> Iterator[List[Path]]:
         """The paths of each checkpoint whose files are complete on disk since the last call, oldest first."""
@@ -216,15 +220,19 @@ class CheckpointManager:
             logger.warning("Ctrl-C or SIGTERM came during a backward pass or optimizer step; %s holds the last "
                            "checkpointed state", self.latest)
         elif epoch.done > epoch.resumed_at and stops.finite_everywhere(context, "the Ctrl-C/SIGTERM checkpoint"):
-            self.save_progress(epoch)
+            self.save_progress(epoch, last=True)
 
-    def finish(self) -> Optional[BaseException]:
-        """Write the initial state if no other checkpoint was saved, wait for the write in flight; return its
-        exception (already logged by the writer) instead of raising it, so that on_training_end still fires."""
+    def finish(self, holding_signals: Callable[[], ContextManager[Any]]) -> Optional[BaseException]:
+        """Write the initial state if no other checkpoint was saved, wait for the write in flight and write the
+        held last one (a second Ctrl-C or SIGTERM waits for that write's end: ``holding_signals``); return an
+        exception instead of raising it, so that on_training_end still fires."""
         try:
             if self.initial is not None:
-                self.writer.save(self.initial, self.latest)
+                self.writer.save_many([(self.initial, [self.latest])], hold=True)
                 self.initial = None
+            self.writer.wait()  # a background write: a second signal interrupts this wait (the write goes on)
+            with holding_signals():
+                self.writer.flush()  # the held last checkpoint: milliseconds that a second signal must not cut
             self.writer.close()
         except KeyboardInterrupt as err:
             logger.warning("Ctrl-C while waiting for the last checkpoint write; it still completes before exit")

@@ -66,7 +66,7 @@ class TrainingLoop:
                         self.test_all()
                     self.record_history()
                     fire.on_epoch_end(ctx)
-                    self.checkpoints.save_epoch(ctx)
+                    self.checkpoints.save_epoch(ctx, last=self.is_last_epoch())
                     if ctx.stop_training:
                         break
         except KeyboardInterrupt:
@@ -199,10 +199,24 @@ class TrainingLoop:
         """Sets context.epoch to each epoch to run, from the first (the checkpoint's on a resume) while it is below
         max_epochs (read each time: a callback may extend the run) and max_steps is not reached."""
         epoch = self.ctx.epoch
-        while epoch < self.settings.current_max_epochs() and not self.cadence.steps_done(self.ctx):
+        while self.more_epochs(epoch):
             self.ctx.trainer_update(epoch=epoch)
             yield epoch
             epoch += 1
+
+    def is_last_epoch(self) -> bool:
+        """At an epoch's checkpoint: no epoch follows (a stop, max_epochs or max_steps reached; a bad max_epochs
+        that a callback wrote raises right after the checkpoint)."""
+        try:
+            return self.ctx.stop_training or not self.more_epochs(self.ctx.epoch + 1)
+        except ValueError:
+            return True
+
+    def more_epochs(self, epoch: int) -> bool:
+        """Whether ``epoch`` runs: below max_epochs (read each time: a callback may extend the run), and max_steps
+        not reached. Nothing that runs between an epoch's checkpoint and this check can change the answer, so the
+        checkpoint knows whether it is the run's last."""
+        return epoch < self.settings.current_max_epochs() and not self.cadence.steps_done(self.ctx)
 
     # ---- validation, test, history --------------------------------------------------------------------
     def validate(self, in_pass: bool = False) -> None:
@@ -251,7 +265,7 @@ class TrainingLoop:
     def finish_writes(self) -> Optional[BaseException]:
         """The last write lands and every finished one is announced; the first error, returned (not raised) so
         that on_training_end still fires."""
-        error = self.checkpoints.finish()
+        error = self.checkpoints.finish(self.stops.holding_signals)
         try:
             self.announce_saved()
         except BaseException as err:  # an on_checkpoint_saved callback's error: reported like a failed write

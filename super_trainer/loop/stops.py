@@ -16,12 +16,13 @@ The rules (SPEC §1, §7; the table in docs/events.md):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import threading
 from types import FrameType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,6 +55,8 @@ class DeferredInterrupt:
         self.requested = False  # a first signal came (an attribute: the loop reads it every batch)
         self.taken = False  # the loop stopped for a signal (this process's, or another rank's)
         self._previous: Dict[int, Any] = {}
+        self._holding = False  # inside holding(): a second signal waits for the block's end
+        self._second_held = False
 
     @property
     def reason(self) -> str:
@@ -62,8 +65,27 @@ class DeferredInterrupt:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signum is not None:  # the second signal: the user does not want to wait for the batch to end
-            raise Terminated if self.signum == signal.SIGTERM else KeyboardInterrupt
+            if self._holding:
+                self._second_held = True
+                return
+            self._raise_second()
         self.signum, self.requested = signum, True
+
+    def _raise_second(self) -> None:
+        raise Terminated if self.signum == signal.SIGTERM else KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """A block that a second signal must not cut (writing the last checkpoint on the training thread, a few
+        milliseconds): one that comes inside it is raised at its end."""
+        self._holding, self._second_held = True, False
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._second_held:
+            self._second_held = False
+            self._raise_second()
 
     def __enter__(self) -> "DeferredInterrupt":
         self.signum, self.requested, self.taken, self._previous = None, False, False, {}
@@ -188,6 +210,10 @@ class StopControl:
             context.stop_training, context.stop_reason = True, self.interrupt.reason
             self.interrupt.taken = True
         self.interrupt.__exit__()
+
+    def holding_signals(self) -> ContextManager[None]:
+        """A block a second signal must not cut (the last checkpoint's write): one that comes is raised at its end."""
+        return self.interrupt.holding()
 
     def interrupted(self) -> bool:
         """A first signal came (evaluation passes check this between batches). Under DDP a pass runs to its end
