@@ -18,11 +18,10 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Callable, Optional, Set, Union
+from typing import IO, Callable, Optional, Set, Tuple, Union
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_copy", "remove_stale_temp_files", "STALE_FOREIGN_SECONDS"]
 
@@ -56,11 +55,10 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], make_dirs: 
     elif not directory.is_dir():
         raise _missing_dir(path)
     _sweep_once(directory)
-    mode = _mode_for(path)
+    mode = _existing_mode(path)
     try:
         with _lock:  # created and registered at once: a sweep by another thread never sees it unregistered
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.w{os.getpid()}@{_HOST}.", suffix=".tmp",
-                                            dir=directory)
+            fd, tmp_name = _create_temp(path)
             _in_flight.add(os.path.basename(tmp_name))
     except FileNotFoundError:
         raise _missing_dir(path) from None
@@ -69,7 +67,8 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], make_dirs: 
             raise _disk_full(path, err) from err
         raise
     try:
-        os.fchmod(fd, mode)
+        if mode is not None:  # replacing a file: keep its mode (a new one has 0o666 minus the umask already)
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as tmp:
             write(tmp)
             tmp.flush()
@@ -173,28 +172,26 @@ def _process_start_time(pid: int) -> Optional[float]:
         return None
 
 
-def _mode_for(path: Path) -> int:
-    """The permission bits ``open(path, "w")`` would leave: the existing file's, else 0o666 minus the umask."""
+def _existing_mode(path: Path) -> Optional[int]:
+    """The permission bits of the file being replaced (None when there is none)."""
     try:
-        existing = os.stat(path)
+        return os.stat(path).st_mode & 0o7777
     except OSError:
-        return 0o666 & ~_umask()
-    return existing.st_mode & 0o7777
+        return None
 
 
-def _umask() -> int:
-    # /proc gives it without changing it; os.umask() can only be read by setting it (racy with other threads).
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    with _lock:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
+def _create_temp(path: Path) -> Tuple[int, str]:
+    """A new temp file beside ``path``, opened for writing, named after this writer (host, pid) and a random part.
+    Created with mode 0o666, so the kernel applies the umask, as ``open(path, "w")`` would (``mkstemp`` makes 0o600,
+    and reading the umask costs a parse of /proc or a racy set-and-restore)."""
+    prefix = os.path.join(path.parent, f".{path.name}.w{os.getpid()}@{_HOST}.")
+    for _ in range(100):
+        name = f"{prefix}{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no unused temp file name beside {path}")
 
 
 def _missing_dir(path: Path) -> FileNotFoundError:

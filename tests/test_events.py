@@ -216,6 +216,26 @@ def test_priority_order_is_by_value_and_stable():
         CallbackHandler([make("bad", "URGENT")])
 
 
+def test_receivers_follow_each_objects_own_event_attributes():
+    """The events a class overrides are worked out once per class; an event attribute of one object (PhaseCallback
+    sets one; here a plain function, and None to silence an inherited method) counts for that object only."""
+    calls = []
+
+    class Ends(Callback):
+        def on_training_end(self, context):
+            calls.append("class")
+
+    plain, silenced, extra = Ends(), Ends(), Ends()
+    silenced.on_training_end = None
+    extra.on_epoch_end = lambda context: calls.append("own")
+    handler = CallbackHandler([plain, silenced, extra])
+    assert len(handler.receivers("on_training_end")) == 2 and len(handler.receivers("on_epoch_end")) == 1
+    handler.on_epoch_end(PhaseContext())
+    handler.on_training_end(PhaseContext())
+    assert calls == ["own", "class", "class"]
+    assert len(CallbackHandler([Ends()]).receivers("on_epoch_end")) == 0  # the object's attribute stayed its own
+
+
 def test_describe_lists_receivers_with_priority():
     class Warm(Callback):
         priority = Priority.VERY_HIGH

@@ -32,13 +32,12 @@ docs/events.md has the full table, including what a stop, an exception and Ctrl-
 """
 from __future__ import annotations
 
-import difflib
 import enum
-import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..context import PhaseContext
+from .hook_names import warn_unknown_hooks
 
 __all__ = [
     "EVENTS",
@@ -285,6 +284,24 @@ def _receives(callback: object, event: str) -> bool:
     return getattr(method, "__func__", method) is not getattr(Callback, event)
 
 
+_class_events: "weakref.WeakKeyDictionary[type, FrozenSet[str]]" = weakref.WeakKeyDictionary()
+
+
+def _received_events(callback: object) -> FrozenSet[str]:
+    """The events ``callback`` receives (:func:`_receives`), worked out once per class: only an instance attribute
+    named after an event (PhaseCallback sets one) needs a look per object."""
+    cls = type(callback)
+    if getattr(cls, "__getattr__", None) is not None:  # attributes made on the fly: ask each time
+        return frozenset(e for e in EVENTS if _receives(callback, e))
+    events = _class_events.get(cls)
+    if events is None:
+        events = _class_events[cls] = frozenset(e for e in EVENTS if _receives(cls, e))
+    own = [name for name in getattr(callback, "__dict__", {}) if name in EVENTS]
+    if own:
+        events = (events - set(own)) | {e for e in own if _receives(callback, e)}
+    return events
+
+
 def _ignore(context: PhaseContext) -> None:
     """What an event with no receivers calls."""
 
@@ -319,46 +336,6 @@ def _fire_all(receivers: Tuple[Callable[[PhaseContext], None], ...]) -> Callable
     return fire
 
 
-#: Hook names from other trainers (Lightning, Keras, HF) and the event that does their job here.
-FOREIGN_HOOKS: Dict[str, str] = {
-    "on_fit_start": "on_training_start", "on_train_start": "on_training_start",
-    "on_train_begin": "on_training_start", "on_fit_end": "on_training_end", "on_train_end": "on_training_end",
-    "on_exception": "on_training_end (context.exception is set)",
-    "on_train_epoch_start": "on_train_loader_start", "on_epoch_begin": "on_train_loader_start",
-    "on_epoch_start": "on_train_loader_start", "on_train_epoch_end": "on_train_loader_end or on_epoch_end",
-    "on_train_batch_begin": "on_train_batch_start", "on_before_backward": "on_train_batch_loss_end",
-    "on_after_backward": "on_train_batch_backward_end",
-    "on_before_optimizer_step": "on_train_batch_gradient_step_start",
-    "on_before_zero_grad": "on_train_batch_gradient_step_end", "on_step_end": "on_train_batch_gradient_step_end",
-    "on_validation_start": "on_validation_loader_start", "on_validation_epoch_start": "on_validation_loader_start",
-    "on_validation_end": "on_validation_loader_end", "on_validation_epoch_end": "on_validation_loader_end",
-    "on_test_start": "on_test_loader_start", "on_test_epoch_start": "on_test_loader_start",
-    "on_test_end": "on_test_loader_end", "on_test_epoch_end": "on_test_loader_end",
-    "on_save_checkpoint": "state_dict() (or on_checkpoint_saved, once the files are written)",
-    "on_load_checkpoint": "load_state_dict(state)",
-}
-_warned_hooks: Set[Tuple[type, str]] = set()
-_hook_checked_classes: "weakref.WeakSet[type]" = weakref.WeakSet()
-
-
-def warn_unknown_hooks(callback: object) -> None:
-    """Warn once per class and name about ``on_*`` methods that are not events: the trainer never calls them
-    (typically a hook name from another trainer, e.g. Lightning's ``on_train_epoch_end``)."""
-    cls = type(callback)
-    if cls in _hook_checked_classes:  # dir() of a class is ~10 us; a run builds the same classes again
-        return
-    _hook_checked_classes.add(cls)
-    for name in dir(cls):
-        if not name.startswith("on_") or name in EVENTS or (cls, name) in _warned_hooks:
-            continue
-        if not callable(getattr(cls, name, None)):
-            continue
-        _warned_hooks.add((cls, name))
-        closest = FOREIGN_HOOKS.get(name) or next(iter(difflib.get_close_matches(name, EVENTS, n=1, cutoff=0)), "")
-        warnings.warn(f"{cls.__name__}.{name} is not a super_trainer event and will never be called; "
-                      f"the closest event is {closest} (events: docs/events.md)", stacklevel=4)
-
-
 class CallbackHandler(Callback):
     """Forwards each event to the callbacks that override it, lowest priority value first.
 
@@ -377,14 +354,15 @@ class CallbackHandler(Callback):
             if not isinstance(callback, Callback) and not any(_receives(callback, e) for e in EVENTS):
                 raise TypeError(f"{callback!r} is not a Callback: callbacks subclass super_trainer.Callback")
             resolve_priority(getattr(callback, "priority", Priority.NORMAL), callback)
-            warn_unknown_hooks(callback)
+            warn_unknown_hooks(callback, EVENTS)
         self.callbacks.extend(callbacks)
         ordered = sorted(  # sorted() is stable, so equal priorities keep the given order
             self.callbacks, key=lambda cb: resolve_priority(getattr(cb, "priority", Priority.NORMAL), cb)
         )
         self.callbacks = ordered
+        received = {id(cb): _received_events(cb) for cb in ordered}
         self._dispatch = {
-            event: tuple(getattr(cb, event) for cb in ordered if _receives(cb, event)) for event in EVENTS
+            event: tuple(getattr(cb, event) for cb in ordered if event in received[id(cb)]) for event in EVENTS
         }
         for event, receivers in self._dispatch.items():
             # Instance attributes shadow the class-level forwarders with the cheapest callable that does the

@@ -39,10 +39,11 @@ class EventFile:
     (a resumed run's)."""
 
     def __init__(self, log_dir: Path, purge_step: Optional[int] = None) -> None:
+        from tensorboard.compat.proto import summary_pb2
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.record_writer import RecordWriter
 
-        self._event = Event
+        self._event, self._summary_pb2 = Event, summary_pb2
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_counter)}"
         self.path = Path(log_dir) / name
         self._records = RecordWriter(open(self.path, "wb"))
@@ -59,9 +60,10 @@ class EventFile:
         self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        from torch.utils.tensorboard.summary import scalar
-
-        self.add_summary(scalar(tag, value), step)
+        """The ``simple_value`` summary torch's ``summary.scalar`` builds for a number (built here directly: the
+        logger only passes Python floats)."""
+        summary = self._summary_pb2.Summary
+        self.add_summary(summary(value=[summary.Value(tag=tag, simple_value=float(value))]), step)
 
     def add_text(self, tag: str, text: str, step: int) -> None:
         from torch.utils.tensorboard.summary import text as text_summary

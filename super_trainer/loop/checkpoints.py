@@ -123,7 +123,9 @@ class CheckpointManager:
         before any other checkpoint (a stop, Ctrl-C or an exception in the first epoch), so ckpt_latest is loadable
         whatever happens without a write at every start. The first check of the callbacks' states runs here."""
         if self.enabled:
-            self.initial = copy_to_host(self.state(context.epoch))
+            state = self.state(context.epoch)
+            params = state.pop("training_params")  # built for this state alone: nothing changes it, no copy needed
+            self.initial = dict(copy_to_host(state), training_params=params)
         elif self.gathers:
             self.state(context.epoch)  # this rank's part of rank 0's gather
 
