@@ -48,7 +48,8 @@ from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .named_optimizers import build_optimizers
 from .optimizers import step_takes_closure
 from .parallel import check_given_model, place_model, shard_if_requested
-from .params import TrainingParams, resolve_training_params, write_params_yaml
+from .params import TrainingParams, resolve_training_params
+from .params_yaml import write_params_yaml
 from .sharding import check_same_batch_count, shard_loaders
 from .params_runs import derive_max_epochs, run_horizon
 from .registry import CALLBACKS, close_matches, parse_spec

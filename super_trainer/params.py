@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import copy
 import difflib
-import enum
 import math
 import numbers
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 import warnings
-from pathlib import Path
 from typing import Any, FrozenSet, Mapping, Optional
 
 import numpy as np
 import torch
-import yaml
 
 from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .elastic import normalize_resume
-from .files import atomic_write_text
 from .fsdp import checked_fsdp_params
 from .param_defaults import (DEFAULT_TRAINING_PARAMS, EMA_DEFAULTS, HYDRA_KEYS, MIXED_PRECISION_VALUES, REQUIRED,
                              SG_LOGGERS, SG_NO_OP_VALUES, SG_RECIPE_KEYS, SG_UNSUPPORTED_DEFAULTS,
@@ -30,8 +26,7 @@ from .params_runs import settle_max_epochs, validate_run_keys
 from .registry import close_matches, to_plain
 
 __all__ = ["DEFAULT_TRAINING_PARAMS", "SG_UNSUPPORTED_DEFAULTS", "SG_NO_OP_VALUES", "SG_RECIPE_KEYS", "REQUIRED",
-           "TrainingParams", "resolve_training_params", "NAMED_OPTIMIZER_KEYS", "is_named_optimizers",
-           "write_params_yaml"]
+           "TrainingParams", "resolve_training_params", "NAMED_OPTIMIZER_KEYS", "is_named_optimizers"]
 
 
 class TrainingParams(dict):
@@ -347,28 +342,3 @@ def _warn_about_warmup(params: TrainingParams) -> None:
     if given and mode != "yolov5_warmup":
         warnings.warn(f"training_params.{' and '.join(given)} take effect only with warmup_mode 'yolov5_warmup'; with "
                       f"warmup_mode {mode!r} they are ignored, as SuperGradients 3.7 ignores them", stacklevel=4)
-
-
-_PLAIN = frozenset((bool, int, float, str))
-
-
-def write_params_yaml(params: Mapping[str, Any], path: Path) -> None:
-    """The resolved training_params as the run dir's ``training_params.yaml``; objects that YAML cannot hold are
-    written as their repr."""
-    def plain(value: Any) -> Any:
-        if value is None or type(value) in _PLAIN:  # first: isinstance on typing.Mapping is a slow ABC check
-            return value
-        if isinstance(value, Mapping):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, enum.Enum):  # e.g. a Phase (a str enum): its name, as OmegaConf writes it
-            return value.name
-        for kind in (bool, int, float, str):  # subclasses (numpy's bool_ is not one) as their plain value
-            if isinstance(value, kind):
-                return kind(value)
-        return repr(value)
-
-    # PyYAML's C dumper writes the same text as OmegaConf.to_yaml, 40x faster (about 1 ms, not 30)
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    atomic_write_text(path, yaml.dump(plain(dict(params)), Dumper=dumper, sort_keys=False, allow_unicode=True))
