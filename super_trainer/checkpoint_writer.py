@@ -312,7 +312,8 @@ _HOLDING: "set[CheckpointWriter]" = set()  # writers with a held job, until it i
 
 def wait_for_writes() -> None:
     """Wait until every CheckpointWriter's write in flight is on disk (their errors stay for their next
-    ``save``/``flush``/``close``). Runs at interpreter exit, so no started write is lost to a normal exit."""
+    ``save``/``flush``/``close``), then write every held job (``save_many(hold=True)``; an error is logged). Runs at
+    interpreter exit, so no saved checkpoint is lost to a normal exit."""
     for writer in list(_LIVE_WRITERS):
         writer._idle.wait()
     for writer in list(_HOLDING):  # a held last checkpoint whose run never reached its end (an exit mid-run)
