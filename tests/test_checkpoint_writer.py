@@ -326,6 +326,31 @@ def test_cuda_tensors_are_copied_through_pinned_memory(tmp_path):
         assert state["net"]["w"].device.type == "cpu" and bool((state["net"]["w"] == value).all())
 
 
+def _one_epoch_run(tmp_path, name):
+    """A one-epoch ``train()`` to call, and the stop reasons its on_training_end sees."""
+    reasons = []
+
+    class End(Callback):
+        def on_training_end(self, context):
+            reasons.append(context.stop_reason)
+
+    def train():
+        return Trainer(name, tmp_path).train(model=make_model(), training_params=quiet_params(
+            max_epochs=1, phase_callbacks=[End()]), train_loader=make_loader(), valid_loader=make_loader(16))
+
+    return train, reasons
+
+
+def _expect_end(train, raised, reason):
+    """``train()`` returns with ``reason`` as its stop reason, or (``raised`` given) raises exactly ``raised``."""
+    if raised is None:
+        assert train().stop_reason == reason
+        return
+    with pytest.raises(KeyboardInterrupt) as info:
+        train()
+    assert type(info.value) is raised
+
+
 @pytest.mark.parametrize("signals,raised,reason", [
     ((signal.SIGINT,), None, "interrupted"),
     ((signal.SIGTERM,), None, "terminated"),
@@ -352,22 +377,9 @@ def test_signals_while_waiting_for_the_last_write(tmp_path, monkeypatch, signals
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    reasons = []
-
-    class End(Callback):
-        def on_training_end(self, context):
-            reasons.append(context.stop_reason)
-
-    def train():
-        return Trainer("c", tmp_path).train(model=make_model(), training_params=quiet_params(
-            max_epochs=1, phase_callbacks=[End()]), train_loader=make_loader(), valid_loader=make_loader(16))
-
-    if raised is None:
-        assert train().stop_reason == reason
-    else:
-        with pytest.raises(KeyboardInterrupt) as info:
-            train()
-        assert type(info.value) is raised
+    train, reasons = _one_epoch_run(tmp_path, "c")
+    _expect_end(train, raised, reason)
+    if raised is not None:
         gate.set()
         wait_for_writes()
     assert reasons == [reason]
@@ -518,23 +530,10 @@ def test_signals_during_the_last_write_on_the_training_thread(tmp_path, monkeypa
         done.append(True)
 
     monkeypatch.setattr(checkpoint_writer, "write_with_checksum", write)
-    reasons = []
-
-    class End(Callback):
-        def on_training_end(self, context):
-            reasons.append(context.stop_reason)
-
-    def train():
-        return Trainer("sig", tmp_path).train(model=make_model(), training_params=quiet_params(
-            max_epochs=1, phase_callbacks=[End()]), train_loader=make_loader(), valid_loader=make_loader(16))
+    train, reasons = _one_epoch_run(tmp_path, "sig")
 
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    if raised is None:
-        assert train().stop_reason == reason
-    else:
-        with pytest.raises(KeyboardInterrupt) as info:
-            train()
-        assert type(info.value) is raised
+    _expect_end(train, raised, reason)
     assert done == [True] and reasons == [reason]
     assert read_checkpoint(only_run(tmp_path / "sig") / "ckpt_latest.pth")["epoch"] == 1
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
