@@ -66,6 +66,10 @@ def _number(params: Mapping[str, Any], key: str, positive: bool = True, optional
         raise _error(key, f"must be {allowed}, got {value!r}")
 
 
+def _fresh(default: Any) -> Any:
+    return default if default is None or type(default) in (bool, int, float, str) else copy.deepcopy(default)
+
+
 def resolve_training_params(given: Any) -> TrainingParams:
     """Merge ``given`` (dict or DictConfig) over the defaults and validate; ValueError names the bad key."""
     if isinstance(given, TrainingParams):  # already resolved (the Trainer resolves first, to choose the run dir)
@@ -79,7 +83,9 @@ def resolve_training_params(given: Any) -> TrainingParams:
         raise ValueError(f"training_params must be a dict or DictConfig, got {type(given).__name__}")
     given = {k: v for k, v in given.items() if k not in HYDRA_KEYS}
     _check_keys(given)
-    params = TrainingParams(copy.deepcopy(DEFAULT_TRAINING_PARAMS))  # no run shares a mutable default
+    # no run shares a mutable default (copied only where not given: a deepcopy of every default was most of this)
+    params = TrainingParams({key: given[key] if key in given else _fresh(value)
+                             for key, value in DEFAULT_TRAINING_PARAMS.items()})
     params.update(given)
     settle_max_epochs(params, REQUIRED)  # optional when max_steps is given
     for key, value in params.items():
