@@ -163,8 +163,9 @@ class CheckpointWriter:
     (the trainer fires ``on_checkpoint_saved`` from it). A failed job is not reported.
 
     ``save_many(..., hold=True)`` is for a run's last checkpoint, which the caller waits for anyway: a small state
-    is serialized and then held, and the next ``flush``, ``close`` or ``save`` writes it on the calling thread, saving the hand-offs to the writer's thread and that thread's start and end (~0.6 ms of a
-    short run). A larger state is written in the background as usual.
+    is serialized and then held, and the next ``flush``, ``close`` or ``save`` writes it on the calling thread,
+    saving the hand-offs to the writer's thread and that thread's start and end (~0.6 ms of a short run). A larger
+    state is written in the background as usual.
     """
 
     def __init__(self, reuse_buffers: bool = True, make_dirs: bool = False, report_written: bool = False) -> None:
