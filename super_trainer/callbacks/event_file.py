@@ -39,11 +39,13 @@ class EventFile:
     (a resumed run's)."""
 
     def __init__(self, log_dir: Path, purge_step: Optional[int] = None) -> None:
-        from tensorboard.compat.proto import summary_pb2
+        # imported here, on first use: they pull in tensorboard
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard import summary
 
-        self._event, self._summary_pb2 = Event, summary_pb2
+        self._event, self._summary, self._summaries = Event, Summary, summary
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_counter)}"
         self.path = Path(log_dir) / name
         self._records = RecordWriter(open(self.path, "wb"))
@@ -62,27 +64,21 @@ class EventFile:
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """The ``simple_value`` summary torch's ``summary.scalar`` builds for a number (built here directly: the
         logger only passes Python floats)."""
-        summary = self._summary_pb2.Summary
-        self.add_summary(summary(value=[summary.Value(tag=tag, simple_value=float(value))]), step)
+        proto = self._summary
+        self.add_summary(proto(value=[proto.Value(tag=tag, simple_value=float(value))]), step)
 
     def add_text(self, tag: str, text: str, step: int) -> None:
-        from torch.utils.tensorboard.summary import text as text_summary
-
-        self.add_summary(text_summary(tag, text), step)
+        self.add_summary(self._summaries.text(tag, text), step)
 
     def add_image(self, tag: str, image: Any, step: int, dataformats: str = "CHW") -> None:
-        from torch.utils.tensorboard.summary import image as image_summary
-
-        self.add_summary(image_summary(tag, image, dataformats=dataformats), step)
+        self.add_summary(self._summaries.image(tag, image, dataformats=dataformats), step)
 
     def add_histogram(self, tag: str, values: Any, step: int, bins: Any = "auto") -> None:
         """``bins`` as numpy.histogram takes it (a count, edges or a method name such as "auto"), or SummaryWriter's
         "tensorflow" (TensorFlow's fixed exponential buckets)."""
-        from torch.utils.tensorboard.summary import histogram
-
         if isinstance(bins, str) and bins == "tensorflow":
             bins = _tensorflow_bins()
-        self.add_summary(histogram(tag, values, bins), step)
+        self.add_summary(self._summaries.histogram(tag, values, bins), step)
 
     def flush(self) -> None:
         self._records.flush()

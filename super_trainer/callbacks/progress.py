@@ -16,6 +16,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", TqdmExperimentalWarning)
     from tqdm.auto import tqdm
 
+from ..batches import count_batches
+from ..distributed import is_main_process
+from .base import Callback, PhaseContext, Priority
+
+__all__ = ["ProgressBar"]
+
 
 class _Bar(tqdm):  # type: ignore[misc,valid-type]
     """tqdm (text or notebook) without its monitor thread: tqdm starts that thread with the first open bar and joins
@@ -24,12 +30,6 @@ class _Bar(tqdm):  # type: ignore[misc,valid-type]
     bar still redraws at the first update after ``mininterval``."""
 
     monitor_interval = 0
-
-from ..batches import count_batches
-from ..distributed import is_main_process
-from .base import Callback, PhaseContext, Priority
-
-__all__ = ["ProgressBar"]
 
 
 def _postfix(metrics: Dict[str, Any]) -> Dict[str, str]:
