@@ -42,7 +42,7 @@ from .checks import check_loader, sample_target, warn_if_unbounded
 from .losses import build_criterion, known_loss_names, resolve_metric_direction
 from .loop.parts import Meters, RunParts
 from .metrics import build_metrics, check_default_metrics, metric_titles
-from .modules import convert_sync_bn, forward_module, unwrap_model
+from .modules import convert_sync_bn, forward_module, move_to, unwrap_model
 from .loop.optimizers import OptimizerSet
 from .lr_modes import normalize_lr_mode, normalize_warmup_mode
 from .named_optimizers import build_optimizers
@@ -305,7 +305,7 @@ def build_run(inputs: RunInputs, device: torch.device, ckpt_dir: Path, experimen
         inputs.test_loaders or {}), params.seed, params.distributed_sampler)  # each rank its own share
     if params.seed is not None:
         seed_everything(params.seed)
-    net = convert_sync_bn(unwrap_model(inputs.model).to(device), params, is_distributed, device)
+    net = convert_sync_bn(move_to(unwrap_model(inputs.model), device), params, is_distributed, device)
     net = shard_if_requested(net, device, params, is_distributed)  # before the optimizer takes its parameters
     optimizers = OptimizerSet(build_optimizers(net, params))
     optimizer = optimizers.first.optimizer

@@ -5,6 +5,7 @@ torch.compile) is peeled off by :func:`unwrap_model` before saving or loading.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Dict, Mapping
 
@@ -25,6 +26,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def move_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``; on the CPU skipped when every parameter and buffer is there already (``to`` visits
+    every module and tensor: ~0.1 ms of a short run). Elsewhere always called: a module may keep other tensors
+    (a torchmetrics metric's states) that only its ``_apply`` moves."""
+    if device.type == "cpu" and all(t.device.type == "cpu" for t in itertools.chain(model.parameters(),
+                                                                                     model.buffers())):
+        return model
+    return model.to(device)
 
 
 def is_compiled(model: Any) -> bool:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import random
+import struct
 
+import numpy as np
 import torch
 
 from conftest import make_loader, make_model, quiet_params
 from super_trainer import Callback, Trainer
 from super_trainer.batches import BatchReader
 from super_trainer.loop.optimizers import OptimizerHandle
-from super_trainer.rng import get_rng_state, set_rng_state
+from super_trainer.rng import _numpy_state, get_rng_state, set_rng_state
 
 
 class CountingSGD(torch.optim.SGD):
@@ -94,15 +96,42 @@ def test_a_cpu_batch_is_passed_through_unchanged_and_others_are_moved():
     assert half[0].dtype == torch.float64 and half[1] is target
 
 
-def test_python_rng_state_round_trips_as_a_tensor_and_from_the_older_tuple(tmp_path):
+def test_rng_state_round_trips_as_bytes_and_from_the_older_layouts(tmp_path):
     random.seed(7)
+    np.random.seed(8)
+    torch.manual_seed(9)
     state = get_rng_state()
-    expected = [random.random() for _ in range(3)]
+    assert all(isinstance(v, bytes) for v in (state["python"][1], state["numpy"]["keys"], state["torch"]))
+    expected = ([random.random() for _ in range(3)], np.random.rand(3).tolist(), torch.rand(3).tolist())
     torch.save(state, tmp_path / "rng.pth")
     set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
-    assert [random.random() for _ in range(3)] == expected
-    random.seed(7)
-    version, keys, gauss = random.getstate()
-    older = dict(get_rng_state(), python=(version, list(keys), gauss))  # how checkpoints before 0.3.1 hold it
-    set_rng_state(older)
-    assert [random.random() for _ in range(3)] == expected
+    assert ([random.random() for _ in range(3)], np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
+    version, words, gauss = state["python"]
+    keys = list(struct.unpack("<625I", words))
+    numpy_keys = torch.from_numpy(np.frombuffer(state["numpy"]["keys"], dtype="<u4").astype(np.int64))
+    for python_keys in (torch.tensor(keys), tuple(keys)):  # as 0.3.1 (tensors) and earlier checkpoints hold them
+        older = dict(state, python=(version, python_keys, gauss), numpy=dict(state["numpy"], keys=numpy_keys),
+                     torch=torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+        set_rng_state(older)
+        assert ([random.random() for _ in range(3)], np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_numpy_state_is_read_again_whenever_the_generator_moved():
+    np.random.seed(3)
+    first = get_rng_state()["numpy"]
+    assert _numpy_state.usable  # the raw read (reuse of an unmoved state) works on this NumPy
+    assert get_rng_state()["numpy"] == first  # unchanged: the same state
+    np.random.randint(10)
+    moved = get_rng_state()["numpy"]
+    assert (moved["keys"], moved["pos"]) != (first["keys"], first["pos"])
+    np.random.standard_normal()  # leaves a second Gaussian value pending
+    pending = get_rng_state()["numpy"]
+    assert pending["has_gauss"] == 1
+    np.random.standard_normal()  # takes the pending value: no word of the generator moves
+    taken = get_rng_state()["numpy"]
+    assert taken["has_gauss"] == 0 and taken["keys"] == pending["keys"] and taken["pos"] == pending["pos"]
+    expected = np.random.get_state()
+    assert (taken["pos"], taken["has_gauss"], taken["cached_gaussian"]) == (expected[2], expected[3], expected[4])
+    assert taken["keys"] == expected[1].astype("<u4").tobytes()
+    np.random.set_state(("MT19937", np.frombuffer(first["keys"], dtype="<u4"), first["pos"], 0, 0.0))
+    assert get_rng_state()["numpy"] == first  # put back: read again, equal to the first read

@@ -18,6 +18,7 @@ import enum
 import logging
 import time
 import warnings
+from collections import abc
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -362,6 +363,9 @@ KEPT_BY_CHECKPOINT = {
 _RESUME_KEYS = ("resume", "resume_path", "resume_weights_only", "run_id")  # they choose what is resumed
 
 
+_PLAIN_TYPES = frozenset((bool, int, float, str))
+
+
 def plain_params(params: Mapping[str, Any]) -> Dict[str, Any]:
     """The resolved training_params as plain values, stored in every checkpoint (weights_only-loadable and
     comparable between processes): numbers, strings, lists and dicts as they are, other objects as ``<TypeName>``
@@ -370,11 +374,12 @@ def plain_params(params: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    if value is None or type(value) in (bool, int, float, str):
+    kind = type(value)
+    if value is None or kind in _PLAIN_TYPES:
         return value
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, abc.Mapping):  # collections.abc: typing.Mapping's check is ~10x slower
         return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if kind is list or isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, enum.Enum):
         return value.name
