@@ -348,7 +348,11 @@ class LossAverager:
         smaller than a batch): the ranks first agree on the number of loss items (one more small all-reduce per
         pass), so such a rank takes part in the sum with zeros."""
         distributed = dist.is_available() and dist.is_initialized()
-        stacked = _rows(self._items, self._restored).to(torch.float64) if self._items else None
+        rows = _rows(self._items, self._restored) if self._items else None
+        if not distributed and rows is not None and not (self._samples and len(self._samples) == rows.shape[0]):
+            # one process, unweighted (training's batch means): one reduction in float64 and one sync
+            return [total / rows.shape[0] for total in rows.sum(dim=0, dtype=torch.float64).tolist()]
+        stacked = rows.to(torch.float64) if rows is not None else None
         if distributed:
             width = _largest_on_any_rank(0 if stacked is None else stacked.shape[1])
             if width == 0:

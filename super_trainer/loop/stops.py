@@ -176,7 +176,8 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         for (device, dtype), group in groups.items():
             wide = None if dtype in (torch.float32, torch.float64) else torch.float32
             flags.setdefault(device, []).append(torch.stack(torch._foreach_norm(group, dtype=wide)).isfinite().all())
-    return all(bool(torch.stack(device_flags).all()) for device_flags in flags.values())
+    return all(bool(device_flags[0] if len(device_flags) == 1 else torch.stack(device_flags).all())
+               for device_flags in flags.values())
 
 
 class StopControl:
