@@ -93,21 +93,22 @@ class _NumpyState:
     it differs (another NumPy layout, a big-endian machine, ``np.random.set_bit_generator``), every call reads."""
 
     def __init__(self) -> None:
-        self.raw: Optional[bytes] = None  # the raw words and position of the last read
-        self.state: Optional[Dict[str, Any]] = None  # that read, as stored (has_gauss 0: reusable)
+        # (raw words and position, the state stored for them) of the last reusable read (no Gaussian pending); one
+        # attribute, replaced whole, so a reader in another thread never pairs one read's words with another's state
+        self.last: Optional[Tuple[bytes, Dict[str, Any]]] = None
         self.usable: Optional[bool] = None  # the raw read matches get_state() (checked at the first call)
 
     def __call__(self) -> Dict[str, Any]:
         raw = self._raw() if self.usable is not False else None
-        if raw is not None and raw == self.raw and self.state is not None:
-            return dict(self.state)
+        last = self.last
+        if raw is not None and last is not None and raw == last[0]:
+            return dict(last[1])
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         state = {"name": name, "keys": keys.astype("<u4").tobytes(), "pos": int(pos), "has_gauss": int(has_gauss),
                  "cached_gaussian": float(gauss)}
         if self.usable is None:
             self.usable = raw is not None and raw == state["keys"] + int(pos).to_bytes(4, "little", signed=True)
-        reusable = self.usable and not has_gauss
-        self.raw, self.state = (raw, state) if reusable else (None, None)
+        self.last = (raw, state) if self.usable and not has_gauss else None
         return dict(state)
 
     @staticmethod
