@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import enum
 import math
 import numbers
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 import warnings
-from typing import Any, FrozenSet, Mapping, Optional
+from typing import Any, Callable, FrozenSet, Mapping, Optional
 
 import numpy as np
 import torch
@@ -64,6 +65,29 @@ def _number(params: Mapping[str, Any], key: str, positive: bool = True, optional
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
         allowed = ("a number > 0" if positive else "a number") + (" or None" if optional else "")
         raise _error(key, f"must be {allowed}, got {value!r}")
+
+
+_PLAIN_TYPES = frozenset((bool, int, float, str))
+
+
+def plain_value(value: Any, other: Callable[[Any], str]) -> Any:
+    """``value`` (a training_params entry) as plain data: None, bools, numbers and strings as they are (subclasses
+    such as numpy scalars as their plain type), mappings as dicts with str keys, lists and tuples as lists, enums
+    as their name, and any other object as ``other(value)`` (the params YAML writes its repr, a checkpoint its
+    type's name)."""
+    kind = type(value)
+    if value is None or kind in _PLAIN_TYPES:  # first: most entries, and the cheapest check
+        return value
+    if kind is dict or isinstance(value, MappingABC):  # collections.abc: typing.Mapping's check is ~10x slower
+        return {str(k): plain_value(v, other) for k, v in value.items()}
+    if kind is list or isinstance(value, (list, tuple)):
+        return [plain_value(v, other) for v in value]
+    if isinstance(value, enum.Enum):  # e.g. a Phase (a str enum): its name, as OmegaConf writes it
+        return value.name
+    for plain in (bool, int, float, str):  # subclasses (numpy's bool_ is not one) as their plain value
+        if isinstance(value, plain):
+            return plain(value)
+    return other(value)
 
 
 def _fresh(default: Any) -> Any:

@@ -9,7 +9,6 @@ same byte for byte (tests/test_params_yaml.py compares it with ``yaml.dump`` of 
 """
 from __future__ import annotations
 
-import enum
 import math
 import re
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 
 from .files import atomic_write_text
+from .params import plain_value
 
 __all__ = ["write_params_yaml", "params_yaml_text"]
 
-_PLAIN = frozenset((bool, int, float, str))
 # PyYAML's C dumper writes the same text as OmegaConf.to_yaml, 40x faster
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
@@ -114,15 +113,4 @@ def _float_text(value: float) -> str:
 
 
 def _plain(value: Any) -> Any:
-    if value is None or type(value) in _PLAIN:  # first: isinstance on typing.Mapping is a slow ABC check
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):  # e.g. a Phase (a str enum): its name, as OmegaConf writes it
-        return value.name
-    for kind in (bool, int, float, str):  # subclasses (numpy's bool_ is not one) as their plain value
-        if isinstance(value, kind):
-            return kind(value)
-    return repr(value)
+    return plain_value(value, repr)

@@ -14,11 +14,9 @@ RNG (random transforms inside them) lives in their processes and cannot be resto
 """
 from __future__ import annotations
 
-import enum
 import logging
 import time
 import warnings
-from collections import abc
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -29,6 +27,7 @@ from ..batches import numbered
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..fsdp import full_state_dicts, is_fsdp2, load_full_state_dicts
 from ..metrics import load_metric_states, metric_states
+from ..params import plain_value
 from ..rng import get_rng_state, set_rng_state
 from .optimizers import optimizers_built
 from .parts import Meters, RunParts
@@ -363,9 +362,6 @@ KEPT_BY_CHECKPOINT = {
 _RESUME_KEYS = ("resume", "resume_path", "resume_weights_only", "run_id")  # they choose what is resumed
 
 
-_PLAIN_TYPES = frozenset((bool, int, float, str))
-
-
 def plain_params(params: Mapping[str, Any]) -> Dict[str, Any]:
     """The resolved training_params as plain values, stored in every checkpoint (weights_only-loadable and
     comparable between processes): numbers, strings, lists and dicts as they are, other objects as ``<TypeName>``
@@ -374,18 +370,10 @@ def plain_params(params: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    kind = type(value)
-    if value is None or kind in _PLAIN_TYPES:
-        return value
-    if kind is dict or isinstance(value, abc.Mapping):  # collections.abc: typing.Mapping's check is ~10x slower
-        return {str(k): _plain(v) for k, v in value.items()}
-    if kind is list or isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.name
-    for kind in (bool, int, float, str):  # numpy scalars and other subclasses: their plain value
-        if isinstance(value, kind):
-            return kind(value)
+    return plain_value(value, _type_name)
+
+
+def _type_name(value: Any) -> str:
     name = getattr(value, "__name__", None)  # a class or function
     return f"<{name if isinstance(name, str) else type(value).__name__}>"
 
