@@ -39,7 +39,7 @@ class TrainingLoop:
         self.step = TrainStep(parts, meters, self.optimizer_update)
         self.read_batch = parts.read_batch
         guard = NonFiniteGuard(parts.params.stop_on_non_finite_loss, parts.params.log_interval, meters.train_loss)
-        self.stops = StopControl(parts.context, guard, parts.distributed, self.stop_can_change)
+        self.stops = StopControl(parts.context, guard, parts.distributed, self.step.stop_can_change)
         self.cadence = Cadence(parts.params, bool(parts.test_loaders))
         self.cursor: Optional[EpochCursor] = None  # the running epoch's
         self.epoch_results: Dict[str, Any] = {}  # the running epoch's "train" and (last) "valid" metrics, "seconds"
@@ -80,6 +80,7 @@ class TrainingLoop:
             stops.closing(ctx)                          # a signal while it landed counts; handlers restored
             ctx.stop_reason = _final_reason(ctx, write_error)
             fire.on_training_end(ctx)
+            ctx.exception = None  # for on_training_end only: kept, the exception's frames would hold it in a cycle
         if write_error is not None:
             raise write_error
         return ctx.stop_reason
@@ -146,13 +147,6 @@ class TrainingLoop:
             self.update_weights(handle)
         finally:
             self.ctx.optimizer_name = None
-
-    def stop_can_change(self) -> bool:
-        """Whether anything between a batch's start and its backward can set stop_training: a train_step or a
-        listener of on_train_batch_start / on_train_batch_loss_end (under DDP the ranks agree again only then)."""
-        fire = self.fire
-        return self.step.custom is not None or bool(
-            fire.receivers("on_train_batch_start") or fire.receivers("on_train_batch_loss_end"))
 
     def close_epoch(self, epoch: EpochCursor) -> bool:
         """The train pass's metrics and lrs onto the context, the stop decision, then on_train_loader_end."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -39,7 +40,10 @@ class TrainStep:
         self.optimizers = parts.optimizers
         self.first = parts.optimizers.first  # the optimizer the trainer updates by itself
         self.custom = parts.train_step  # None: forward + criterion
-        self.update = update  # the loop's update with its events, run by context.optimizers[name].update(loss)
+        # the loop's update with its events, run by context.optimizers[name].update(loss); held weakly: the loop
+        # owns this step, and a reference back would be a cycle that keeps a finished run's model, optimizer state
+        # and loss tensors alive until the garbage collector runs
+        self._update = weakref.WeakMethod(update)
         self.accumulate = int(parts.params.batch_accumulate)
         self.with_closure = step_takes_closure(parts.optimizer)
         self.n_batches: Optional[int] = None  # batches in the running epoch; None when the loader has no len()
@@ -98,10 +102,17 @@ class TrainStep:
         context.loss, context.loss_log_items = self.meters.compute_loss(context.criterion, context.preds,
                                                                         context.target)
 
+    def stop_can_change(self) -> bool:
+        """Whether anything between a batch's start and its backward can set stop_training: a train_step or a
+        listener of on_train_batch_start / on_train_batch_loss_end (under DDP the ranks agree again only then)."""
+        fire = self.parts.callbacks
+        return self.custom is not None or bool(
+            fire.receivers("on_train_batch_start") or fire.receivers("on_train_batch_loss_end"))
+
     def run_custom(self, context: PhaseContext) -> None:
         context.preds = None
         self.in_custom, self.unscaled = True, False
-        self.optimizers.bind(self.update)
+        self.optimizers.bind(self._update())
         try:
             with self.parts.autocast:
                 out = self.custom(context)
