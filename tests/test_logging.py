@@ -119,6 +119,39 @@ def test_progress_bar_starts_no_thread_and_redraws_after_a_slow_batch(tmp_path, 
     assert "2/4" in err and "4/4" in err  # drawn at the update after the slow batch, and exact at the end
 
 
+@pytest.mark.parametrize("on_terminal", [True, False])
+def test_progress_bar_follows_the_width_only_on_a_terminal(tmp_path, monkeypatch, on_terminal):
+    """A real pseudo-terminal as stderr: the bar asks tqdm to follow its width; a plain file: a fixed width."""
+    import io
+    import os
+    import sys
+
+    import super_trainer.callbacks.progress as progress
+
+    opened = []
+
+    class Recording(progress._Bar):
+        def __init__(self, *args, **kwargs):
+            opened.append(kwargs["dynamic_ncols"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(progress, "_Bar", Recording)
+    if on_terminal:
+        leader, follower = os.openpty()
+        stream = os.fdopen(follower, "w")
+    else:
+        leader, stream = None, io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        Trainer("width", tmp_path).train(model=make_model(), training_params=quiet_params(
+            max_epochs=1, progress_bar=True), train_loader=make_loader(), valid_loader=make_loader(16))
+    finally:
+        stream.close()
+        if leader is not None:
+            os.close(leader)
+    assert opened == [on_terminal, on_terminal]  # the train and the validation bar
+
+
 def test_silent_mode_prints_nothing(tmp_path, capsys):
     Trainer("silent", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=1, progress_bar=True,
                                                                                         silent_mode=True),

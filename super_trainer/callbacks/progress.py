@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Dict, Optional
 
@@ -32,6 +33,13 @@ class _Bar(tqdm):  # type: ignore[misc,valid-type]
     monitor_interval = 0
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def _postfix(metrics: Dict[str, Any]) -> Dict[str, str]:
     return {k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -55,10 +63,15 @@ class ProgressBar(Callback):
         self._shown_interval = -1  # the log_interval period whose loss the train bar shows
         self._pending = 0  # batches done that the bar does not show yet
         self._every = 1  # batches per bar update
+        # follow the terminal's width only on a terminal: elsewhere (a log file, a pipe, a notebook) there is no
+        # width to follow, and tqdm would ask the OS for one at every redraw (an ioctl that fails, then the
+        # environment: ~30 us each with cold caches)
+        self._terminal = False
 
     def _open(self, total: Optional[int], desc: str) -> None:
         self._close()
-        self._bar = _Bar(total=total, desc=desc, leave=desc.startswith("Train"), dynamic_ncols=True, miniters=1)
+        self._bar = _Bar(total=total, desc=desc, leave=desc.startswith("Train"), dynamic_ncols=self._terminal,
+                         miniters=1)
         self._pending, self._every = 0, max(1, -(-(total or 0) // UPDATES_PER_PASS))  # ceil: <= 50 updates
 
     def _close(self, metrics: Optional[Dict[str, Any]] = None) -> None:
@@ -79,6 +92,7 @@ class ProgressBar(Callback):
 
     def on_training_start(self, context: PhaseContext) -> None:
         self.enabled = is_main_process()
+        self._terminal = _is_terminal(sys.stderr)  # where tqdm writes
         self.log_interval = int(context.training_params.get("log_interval", 50))
         self._shown_interval = -1
 
