@@ -48,7 +48,8 @@ class CheckpointManager:
         self.every = params.save_ckpt_every_n_steps or 0  # mid-epoch checkpoints every N optimizer steps
         self.enabled = bool(params.save_model) and distributed.is_main_process()
         # FSDP2: every rank takes part in gathering the state (a collective); only rank 0 (enabled) writes it
-        self.gathers = bool(params.save_model) and is_fsdp2(parts.net)
+        self.fsdp2 = is_fsdp2(parts.net)  # fixed for the run: asked once, not per checkpoint (a walk of the modules)
+        self.gathers = bool(params.save_model) and self.fsdp2
         # fsdp_params.checkpoint: sharded — every rank writes its shards instead of gathering (loop/shards.py)
         self.shards = ShardStore(ckpt_dir) if self.gathers and parts.distributed and \
             params.fsdp_params["checkpoint"] == "sharded" else None
@@ -112,7 +113,7 @@ class CheckpointManager:
         parts = self.parts
         if self.shards is not None:
             return None, {"optimizer_type": type(parts.optimizer).__name__, "optimizer_state_dict": None}
-        if not is_fsdp2(parts.net):
+        if not self.fsdp2:
             return parts.net.state_dict(), parts.optimizers.checkpoint_state()
         net, optimizer = full_state_dicts(parts.net, parts.optimizer)  # several optimizers: refused with FSDP2
         return net, {"optimizer_type": type(parts.optimizer).__name__, "optimizer_state_dict": optimizer}
