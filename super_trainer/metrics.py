@@ -288,16 +288,17 @@ def update_metrics(collection: MetricCollection, preds: Any, target: Any, contex
     collection.update(preds, target, **{name: getattr(context, name) for name in wanted if hasattr(context, name)})
 
 
-def _rows(items: List[torch.Tensor], blocks: bool = True) -> torch.Tensor:
-    """Batch items (0-d or (K,)) and, when ``blocks``, restored blocks ((n, K)) as one (batches, K) tensor."""
-    if not blocks or all(item.dim() <= 1 for item in items):
-        return torch.stack(items).reshape(len(items), -1)
-    return torch.cat([item if item.dim() == 2 else item.reshape(1, -1) for item in items])
+def _rows(items: List[torch.Tensor]) -> torch.Tensor:
+    """Batch items (0-d or (K,)) as one (batches, K) tensor."""
+    return torch.stack(items).reshape(len(items), -1)
 
 
 class LossAverager:
     """Mean of per-batch loss items over an epoch. Batches only append a detached tensor (no host sync, no
     arithmetic on the hot path); the mean is taken once, in float64, when the epoch's metrics are read.
+
+    The items a finiteness check has read are kept as the ``(n, K)`` block it stacked for that read, so the epoch's
+    mean stacks each item once (not again at the end), and a long epoch keeps one tensor per check, not per batch.
 
     A batch added with its number of samples counts by it (SuperGradients' ``loss_avg_meter.update(items,
     len(inputs))``): evaluation does so, so a smaller last batch, and the ranks' differently cut shares under
@@ -305,35 +306,43 @@ class LossAverager:
     last one), which keeps the hot path free of a size lookup."""
 
     def __init__(self) -> None:
-        self._items: List[torch.Tensor] = []
+        self._blocks: List[torch.Tensor] = []  # (n, K) rows already checked: stacked by a check, or restored
+        self._items: List[torch.Tensor] = []  # items added since the last check
         self._samples: List[int] = []  # per batch, when added with a sample count
-        self._checked = 0  # items already seen finite by all_finite_since_check
-        self._restored = False  # _items[0] is a (batches, K) block restored by load()
 
     def reset(self) -> None:
+        self._blocks = []
         self._items = []
         self._samples = []
-        self._checked = 0
-        self._restored = False
+
+    def _all_rows(self) -> Optional[torch.Tensor]:
+        """Every batch's items so far as one ``(batches, K)`` tensor (None before the first batch)."""
+        if self._items:
+            fresh = _rows(self._items)
+            return torch.cat([*self._blocks, fresh]) if self._blocks else fresh
+        if not self._blocks:
+            return None
+        return self._blocks[0] if len(self._blocks) == 1 else torch.cat(self._blocks)
 
     def stacked(self) -> Optional[torch.Tensor]:
         """The items so far as one ``(batches, K)`` tensor on the CPU (for a mid-epoch checkpoint)."""
-        return _rows(self._items, self._restored).cpu() if self._items else None
+        rows = self._all_rows()
+        return rows.cpu() if rows is not None else None
 
     def load(self, stacked: Optional[torch.Tensor]) -> None:
         """Continue from what ``stacked()`` returned (a resumed epoch's average covers the whole epoch)."""
         self.reset()
         if stacked is not None:
-            self._items = [stacked]  # one (batches, K) block; _rows() tells it from the 0-d/(K,) batch items
-            self._restored = True
-            self._checked = 1
+            self._blocks = [stacked]  # read finite before it was written
 
     def all_finite_since_check(self) -> bool:
         """Whether every item added since the last call is finite: one host sync, O(items since then)."""
-        fresh = self._items[self._checked:]
-        blocks = self._restored and self._checked == 0
-        self._checked = len(self._items)
-        return not fresh or bool(torch.isfinite(_rows(fresh, blocks)).all())
+        if not self._items:
+            return True
+        block = _rows(self._items)
+        self._blocks.append(block)
+        self._items = []
+        return bool(torch.isfinite(block).all())
 
     def add(self, items: torch.Tensor, samples: Optional[int] = None) -> None:
         """Add one batch's detached loss items: a 0-d loss or a ``(K,)`` components tensor; ``samples``: the
@@ -348,7 +357,7 @@ class LossAverager:
         smaller than a batch): the ranks first agree on the number of loss items (one more small all-reduce per
         pass), so such a rank takes part in the sum with zeros."""
         distributed = dist.is_available() and dist.is_initialized()
-        rows = _rows(self._items, self._restored) if self._items else None
+        rows = self._all_rows()
         if not distributed and rows is not None and not (self._samples and len(self._samples) == rows.shape[0]):
             # one process, unweighted (training's batch means): one reduction in float64 and one sync
             return [total / rows.shape[0] for total in rows.sum(dim=0, dtype=torch.float64).tolist()]

@@ -1,6 +1,7 @@
 """The per-batch shortcuts of the plain path (docs/performance.md) do what the calls they replace do."""
 from __future__ import annotations
 
+import math
 import random
 import struct
 
@@ -135,3 +136,51 @@ def test_numpy_state_is_read_again_whenever_the_generator_moved():
     assert taken["keys"] == expected[1].astype("<u4").tobytes()
     np.random.set_state(("MT19937", np.frombuffer(first["keys"], dtype="<u4"), first["pos"], 0, 0.0))
     assert get_rng_state()["numpy"] == first  # put back: read again, equal to the first read
+
+
+def test_loss_averager_equals_a_plain_mean_whatever_checks_and_restores_come_between():
+    """Checked items are kept as the blocks the checks stacked: the epoch's mean, the stacked record and the
+    finiteness answers equal those of one list of every item (random sequences, 0-d and (K,) items)."""
+    from super_trainer.metrics import LossAverager
+
+    rng = random.Random(5)
+    for case in range(300):
+        width = rng.choice([None, 1, 3])
+        weighted = rng.random() < 0.3
+        averager, every, samples, checked = LossAverager(), [], [], 0
+        for _ in range(rng.randint(1, 40)):
+            action = rng.random()
+            if action < 0.7:
+                shape = () if width is None else (width,)
+                item = torch.randn(shape, dtype=torch.float32)
+                if rng.random() < 0.05:
+                    item = item.clone().fill_(rng.choice([float("nan"), float("inf")]))
+                count = rng.randint(1, 9)
+                averager.add(item, count if weighted else None)
+                every.append(item.reshape(-1).double())
+                samples.append(count)
+            elif action < 0.9:
+                fresh = every[checked:]
+                expected = all(bool(torch.isfinite(row).all()) for row in fresh)
+                assert averager.all_finite_since_check() == expected, case
+                checked = len(every)
+            else:  # a mid-epoch checkpoint and its resume: the record restores into a fresh averager
+                record = averager.stacked()
+                if record is not None:
+                    assert torch.allclose(record.double(), torch.stack(every), rtol=0, atol=0, equal_nan=True), case
+                    restored = LossAverager()
+                    restored.load(record)
+                    averager, samples, weighted, checked = restored, [], False, len(every)
+        rows = torch.stack(every) if every else None
+        if rows is None:
+            assert averager.average() == [] and averager.stacked() is None
+            continue
+        if weighted:
+            weights = torch.tensor(samples, dtype=torch.float64)
+            expected = ((rows * weights[:, None]).sum(0) / weights.sum()).tolist()
+        else:
+            expected = (rows.sum(0) / rows.shape[0]).tolist()
+        got = averager.average()
+        assert len(got) == len(expected), case
+        for a, b in zip(got, expected):
+            assert (math.isnan(a) and math.isnan(b)) or a == b or math.isclose(a, b, rel_tol=1e-12), (case, a, b)
