@@ -199,7 +199,7 @@ class RunLock:
     def acquire(self) -> None:
         if not self.enabled:
             return
-        self._created = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
+        self._created = _missing_dirs(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(10):  # retried only when the file was replaced between open and lock (its owner released)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -219,9 +219,10 @@ class RunLock:
             warnings.warn(f"run dir {self.directory}: taking over the lock left by pid {previous.get('pid')} on "
                           f"{previous.get('host')!r} (started {previous.get('started')}), which no longer runs",
                           stacklevel=3)
+        # the owner's record only names who holds the lock (the flock is the lock, and the kernel drops it when its
+        # owner dies): no fsync, which would cost a disk flush at every start and protect nothing a crash needs
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(_owner()).encode())
-        os.fsync(fd)
 
     def _lock(self, fd: int) -> Optional[dict]:
         """Lock ``fd`` without waiting; returns the previous owner's record (None when there was none)."""
@@ -268,6 +269,17 @@ class RunLock:
 
 
 _HELD: set = set()  # run dirs this process holds (for the pid fallback, which cannot tell two Trainers apart)
+
+
+def _missing_dirs(directory: Path) -> List[Path]:
+    """``directory`` and those of its parents that do not exist, deepest first (the walk stops at the first that
+    exists: its own parents exist too)."""
+    missing = []
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
 
 
 def _owner() -> dict:
