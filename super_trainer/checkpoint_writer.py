@@ -188,12 +188,13 @@ class CheckpointWriter:
         self.save_many([(state, paths)])
 
     def save_many(self, jobs: Sequence[Tuple[Mapping[str, Any], Sequence[PathLike]]],
-                  remove: Sequence[PathLike] = (), hold: bool = False) -> None:
+                  remove: Sequence[PathLike] = (), hold: bool = False, on_host: bool = False) -> None:
         """``save`` for several states at once, in one background job (e.g. ckpt_latest and a ckpt_best holding
         other weights): a tensor shared by the states is copied and held once. Written in the order given.
         ``remove``: files deleted (when present) once every write of the job succeeded, e.g. checkpoints beyond
         a keep limit, so a failed write never leaves fewer complete checkpoints than before. ``hold``: a small
-        state waits for the next :meth:`flush` (see the class docstring)."""
+        state waits for the next :meth:`flush` (see the class docstring). ``on_host``: the states are already a
+        private host copy (:func:`copy_to_host`) that nothing changes: written as they are, not copied again."""
         if self._closed:
             raise RuntimeError("CheckpointWriter.save called after close()")
         planned = [(state, [Path(p) for p in paths]) for state, paths in jobs]
@@ -214,6 +215,8 @@ class CheckpointWriter:
                 self._held = (host_jobs, removed)
                 _HOLDING.add(self)  # a strong reference: the atexit hook writes it if nothing else does
                 return
+        elif on_host:
+            host_jobs = [(dict(state), paths) for state, paths in planned]
         else:
             copier = _HostCopier(self._buffers)
             self._buffers = []

@@ -484,6 +484,35 @@ def test_a_held_state_over_the_limit_is_written_in_the_background(tmp_path, monk
     assert torch.equal(torch.load(tmp_path / "large.pth", weights_only=True)["w"], torch.ones(3))
 
 
+class FailsAtBatch(Callback):
+    def on_train_batch_end(self, context):
+        if context.batch_idx == 2:
+            raise RuntimeError("boom")
+
+
+def test_a_failure_before_the_first_checkpoint_writes_the_step_0_copy_without_copying_it_again(tmp_path, monkeypatch):
+    """The step-0 state is copied to host memory once, at the start; a failure in the first epoch writes that copy
+    (for a large state a second copy would double the host memory, maybe at an out-of-memory failure)."""
+    copies = []
+    real_init = checkpoint_writer._HostCopier.__init__
+
+    def counting_init(self, *args, **kwargs):
+        copies.append(threading.current_thread().name)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_writer._HostCopier, "__init__", counting_init)
+    model = make_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer("fails", tmp_path).train(model=model, training_params=quiet_params(
+            max_epochs=2, phase_callbacks=[FailsAtBatch()]), train_loader=make_loader(48, 8))
+    assert len(copies) == 1  # the step-0 copy; SERIALIZE_HERE_BYTES is 0 here, so the state counts as large
+    written = read_checkpoint(only_run(tmp_path / "fails") / "ckpt_latest.pth")
+    assert written["epoch"] == 0 and written["global_step"] == 0
+    assert all(torch.equal(written["net"][k], v) for k, v in initial.items())
+    assert not any(torch.equal(model.state_dict()[k], v) for k, v in initial.items() if v.dim() == 2)  # it trained
+
+
 def test_a_held_state_is_written_when_the_interpreter_exits(tmp_path):
     path = tmp_path / "held.pth"
     script = (

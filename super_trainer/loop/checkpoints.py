@@ -231,7 +231,7 @@ class CheckpointManager:
         exception instead of raising it, so that on_training_end still fires."""
         try:
             if self.initial is not None:
-                self.writer.save_many([(self.initial, [self.latest])], hold=True)
+                self.writer.save_many([(self.initial, [self.latest])], hold=True, on_host=True)  # copied at start
                 self.initial = None
             self.writer.wait()  # a background write: a second signal interrupts this wait (the write goes on)
             with holding_signals():
