@@ -71,8 +71,8 @@ _PLAIN_TYPES = frozenset((bool, int, float, str))
 
 
 def plain_value(value: Any, other: Callable[[Any], str]) -> Any:
-    """``value`` (a training_params entry) as plain data: None, bools, numbers and strings as they are (subclasses
-    such as numpy scalars as their plain type), mappings as dicts with str keys, lists and tuples as lists, enums
+    """``value`` (a training_params entry) as plain data: None, bools, numbers and strings as they are (subclasses,
+    and numpy scalars and 0-d arrays, as their plain type), mappings as dicts with str keys, lists and tuples as lists, enums
     as their name, and any other object as ``other(value)`` (the params YAML writes its repr, a checkpoint its
     type's name)."""
     kind = type(value)
@@ -84,6 +84,8 @@ def plain_value(value: Any, other: Callable[[Any], str]) -> Any:
         return [plain_value(v, other) for v in value]
     if isinstance(value, enum.Enum):  # e.g. a Phase (a str enum): its name, as OmegaConf writes it
         return value.name
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():  # np.float32(0.1), np.int64(7)
+        return plain_value(value.item(), other)  # numpy's own bool, int, float or str
     for plain in (bool, int, float, str):  # subclasses (numpy's bool_ is not one) as their plain value
         if isinstance(value, plain):
             return plain(value)

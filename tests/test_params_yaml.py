@@ -58,3 +58,19 @@ def test_any_mix_of_values_and_keys_is_written_as_pyyaml_writes_it(seed):
 
 def test_an_empty_mapping():
     assert params_yaml_text({}) == _pyyaml({}) == "{}\n"
+
+
+def test_numpy_scalars_are_written_as_the_numbers_they_hold(tmp_path):
+    """np.float32 and np.int64 are no float/int subclasses: written as their values, not as a repr or a type name
+    (in the YAML and in the checkpoint's record a resume compares)."""
+    from super_trainer.loop.resume import plain_params
+
+    params = {"lr": np.float32(0.25), "epochs": np.int64(7), "flag": np.bool_(True), "name": np.str_("x"),
+              "zero_d": np.array(1.5), "vector": np.array([1.0, 2.0])}
+    loaded = yaml.safe_load(params_yaml_text(params))
+    assert {k: loaded[k] for k in ("lr", "epochs", "flag", "name", "zero_d")} == {
+        "lr": 0.25, "epochs": 7, "flag": True, "name": "x", "zero_d": 1.5}
+    assert isinstance(loaded["vector"], str)  # an array is an object: its repr
+    record = plain_params(params)
+    assert [type(record[k]) for k in ("lr", "epochs", "flag", "name", "zero_d")] == [float, int, bool, str, float]
+    assert record["vector"] == "<ndarray>"
