@@ -203,3 +203,23 @@ def test_tensorboard_has_one_point_per_step_after_ctrl_c_and_resume(tmp_path):
     assert [e.step for e in events.Scalars("Step/Train/loss")] == list(range(1, 13))  # no step twice
     assert [e.step for e in events.Scalars("Train/CrossEntropyLoss")] == [0, 1, 2]  # the partial epoch 1 once
     assert [e.step for e in events.Scalars("Valid/Accuracy")] == [0, 1, 2]
+
+
+def test_the_train_passs_points_are_on_disk_when_an_evaluation_starts(tmp_path):
+    """Step-level points are queued during the pass and written before validation runs (it may take long)."""
+    from super_trainer.callbacks.base import Priority
+
+    seen = []
+
+    class ReadAtValidationStart(Callback):
+        priority = Priority.VERY_LOW  # after the logger's own on_validation_loader_start
+
+        def on_validation_loader_start(self, context):
+            events = EventAccumulator(str(context.ckpt_dir))
+            events.Reload()
+            seen.append([e.step for e in events.Scalars("Step/Train/loss")])
+
+    Trainer("tb_before_valid", tmp_path).train(model=make_model(), training_params=quiet_params(
+        max_epochs=2, sg_logger="tensorboard", log_interval=2, phase_callbacks=[ReadAtValidationStart()]),
+        train_loader=make_loader(32, 8), valid_loader=make_loader(16, 8))
+    assert seen == [[2, 4], [2, 4, 6, 8]]

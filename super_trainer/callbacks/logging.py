@@ -148,7 +148,8 @@ class BaseLogger(SGLoggerAPI, Callback):
             self._file.flush()
 
     def flush(self) -> None:
-        """Make everything logged so far visible on disk (called at the end of every epoch-level event)."""
+        """Make everything logged so far visible on disk (called at the end of every epoch-level event, and before
+        an evaluation pass)."""
         if self._file is not None:
             self._file.flush()
 
@@ -191,7 +192,11 @@ class BaseLogger(SGLoggerAPI, Callback):
         for (name, _), lr in zip(groups, lrs):
             scalars[f"LR/{name}"] = lr
         self._epoch_train_scalars = scalars  # written at on_epoch_end: a partial epoch is not an epoch's point
-        self.flush()
+
+    def on_validation_loader_start(self, context: PhaseContext) -> None:
+        self.flush()  # the train pass's points are on disk while the evaluation runs (it may take long)
+
+    on_test_loader_start = on_validation_loader_start
 
     def on_epoch_end(self, context: PhaseContext) -> None:
         scalars, self._epoch_train_scalars = self._epoch_train_scalars, None
