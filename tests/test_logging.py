@@ -64,11 +64,18 @@ def test_progress_bar_shows_epochs(tmp_path, capsys):
     assert "Train epoch 0" in err and "Train epoch 1" in err and "8/8" in err
 
 
-def test_progress_bar_of_a_long_pass_updates_in_steps_and_ends_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mininterval", [0.0, None])
+def test_progress_bar_of_a_long_pass_updates_in_steps_and_ends_exact(tmp_path, monkeypatch, mininterval):
+    """At most 50 updates, exact at the end; the loss is read only for a redraw, at most once per log_interval
+    (mininterval 0: every update redraws; tqdm's default 0.1 s: a fast pass redraws rarely, and reads no loss
+    for the updates it does not draw)."""
     import tqdm.std
 
-    updates, losses, closed = [], [], []
+    import super_trainer.callbacks.progress as progress
+
+    updates, losses, closed, draws = [], [], [], []
     real_update, real_postfix, real_close = tqdm.std.tqdm.update, tqdm.std.tqdm.set_postfix, tqdm.std.tqdm.close
+    real_display = tqdm.std.tqdm.display
 
     def update(bar, n=1):
         updates.append((bar.desc, n))
@@ -76,24 +83,39 @@ def test_progress_bar_of_a_long_pass_updates_in_steps_and_ends_exact(tmp_path, m
 
     def set_postfix(bar, ordered_dict=None, refresh=True, **kwargs):
         if "loss" in kwargs:
-            losses.append(float(kwargs["loss"]))
+            losses.append((float(kwargs["loss"]), len(draws)))
         return real_postfix(bar, ordered_dict, refresh, **kwargs)
 
     def close(bar):
         closed.append((bar.desc, bar.n, bar.total))
         return real_close(bar)
 
+    def display(bar, *args, **kwargs):
+        if bar.desc.startswith("Train") and not bar.disable:
+            draws.append(bar.n)
+        return real_display(bar, *args, **kwargs)
+
+    class Bar(progress._Bar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, **({} if mininterval is None else {"mininterval": mininterval}))
+
+    monkeypatch.setattr(progress, "_Bar", Bar)
     monkeypatch.setattr(tqdm.std.tqdm, "update", update)
     monkeypatch.setattr(tqdm.std.tqdm, "set_postfix", set_postfix)
     monkeypatch.setattr(tqdm.std.tqdm, "close", close)
+    monkeypatch.setattr(tqdm.std.tqdm, "display", display)
     Trainer("long_bar", tmp_path).train(model=make_model(), training_params=quiet_params(
         max_epochs=1, progress_bar=True, log_interval=10), train_loader=make_loader(n=8 * 130, batch_size=8),
         valid_loader=make_loader(16))
     train = [n for desc, n in updates if desc.startswith("Train")]
     assert sum(train) == 130 and len(train) == 44  # every 3 batches (at most 50 updates), and the last one at the end
     assert {(n, total) for desc, n, total in closed if desc.startswith("Train")} == {(130, 130)}  # tqdm may close twice
-    assert 13 <= len(losses) <= 14  # the loss once per log_interval (10) steps of 130
-    assert all(math.isfinite(loss) for loss in losses)
+    assert all(math.isfinite(loss) for loss, _ in losses)
+    if mininterval == 0.0:
+        assert 13 <= len(losses) <= 14  # the loss once per log_interval (10) steps of 130
+    # each loss read is drawn before the next read: the draw count grows between reads, and after the last one
+    counts = [count for _, count in losses]
+    assert all(a < b for a, b in zip(counts, counts[1:])) and (not counts or len(draws) > counts[-1])
 
 
 def test_progress_bar_starts_no_thread_and_redraws_after_a_slow_batch(tmp_path, capsys):

@@ -44,15 +44,23 @@ def _postfix(metrics: Dict[str, Any]) -> Dict[str, str]:
     return {k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def _redraws_now(bar: Any) -> bool:
+    """Whether ``bar.update`` redraws now: tqdm redraws at an update once ``mininterval`` has passed since its last
+    draw (``miniters`` is 1 here)."""
+    last = getattr(bar, "last_print_t", None)
+    return last is None or bar._time() - last >= bar.mininterval
+
+
 #: A bar of a pass with a known length advances in at most this many updates (tqdm.update every batch cost
 #: ~2 us per step of a small model; the count moves in steps of 2 % of the pass, and ends exact).
 UPDATES_PER_PASS = 50
 
 
 class ProgressBar(Callback):
-    """One bar per pass. The loss shown on the train bar refreshes every ``log_interval`` optimizer steps
-    (reading it syncs the device, so not every batch). A bar advances in at most 50 updates (every batch for a
-    loader without len()), and shows the exact count when its pass ends."""
+    """One bar per pass. The loss shown on the train bar is read when the bar redraws, at most once per
+    ``log_interval`` optimizer steps (reading it syncs the device, so not every batch; a loss no redraw would show
+    is not read). A bar advances in at most 50 updates (every batch for a loader without len()), and shows the
+    exact count when its pass ends."""
 
     priority = Priority.VERY_LOW
 
@@ -102,12 +110,17 @@ class ProgressBar(Callback):
             self._open(count_batches(context.train_loader, limit), f"Train epoch {context.epoch}")
 
     def on_train_batch_end(self, context: PhaseContext) -> None:
-        self._tick(context)
-        if self._pending == 0 and self._bar is not None:  # the bar was just updated: the loss once per log_interval
-            interval = context.global_step // self.log_interval
-            if interval != self._shown_interval:
-                self._shown_interval = interval
-                self._bar.set_postfix(loss=f"{context.loss.item():.4g}", refresh=False)
+        self._pending += 1
+        bar = self._bar
+        if self._pending < self._every or bar is None:
+            return
+        # the loss is read (a device sync) only for a redraw, and at most once per log_interval steps
+        interval = context.global_step // self.log_interval
+        if interval != self._shown_interval and _redraws_now(bar):
+            self._shown_interval = interval
+            bar.set_postfix(loss=f"{context.loss.item():.4g}", refresh=False)
+        bar.update(self._pending)
+        self._pending = 0
 
     def on_train_loader_end(self, context: PhaseContext) -> None:
         self._close(context.metrics_dict)
