@@ -184,3 +184,23 @@ def test_loss_averager_equals_a_plain_mean_whatever_checks_and_restores_come_bet
         assert len(got) == len(expected), case
         for a, b in zip(got, expected):
             assert (math.isnan(a) and math.isnan(b)) or a == b or math.isclose(a, b, rel_tol=1e-12), (case, a, b)
+
+
+def test_all_finite_answers_as_an_elementwise_check_for_any_mix_of_dtypes_and_bad_values():
+    """One sum of 2-norms per device: any NaN, +Inf or -Inf (also +Inf in one tensor and -Inf in another, which
+    must not cancel) makes it False; weights of ordinary size never do."""
+    from super_trainer.loop.stops import all_finite
+
+    rng = random.Random(3)
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    for case in range(400):
+        tensors = []
+        for _ in range(rng.randint(1, 6)):
+            tensor = (torch.randn(rng.choice([(1,), (3,), (4, 5)])) * 10 ** rng.randint(0, 4)).to(rng.choice(dtypes))
+            if rng.random() < 0.15:
+                tensor.view(-1)[rng.randrange(tensor.numel())] = rng.choice([float("nan"), float("inf"), -float("inf")])
+            tensors.append(tensor)
+        expected = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert all_finite(tensors) == expected, case
+    assert not all_finite([torch.full((2,), float("inf")), torch.full((2,), -float("inf"))])
+    assert all_finite([torch.full((1000,), 1e15)])

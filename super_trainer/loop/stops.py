@@ -164,20 +164,22 @@ def _weights(context: PhaseContext) -> List[torch.Tensor]:
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """No NaN/Inf in ``tensors``: a NaN/Inf value makes its tensor's 2-norm NaN/Inf. One fused ``_foreach_norm``
-    per device and dtype (the fastest reduction on CPU; half-precision norms in float32, where they cannot
-    overflow) and one host sync per device. Only weights beyond ~1e19 also count as non-finite (their squares
-    overflow float32)."""
+    """No NaN/Inf in ``tensors``: a NaN/Inf value makes its tensor's 2-norm NaN/Inf, and the sum of the norms with
+    it (norms are >= 0: nothing cancels an Inf). One fused ``_foreach_norm`` per device and dtype (the fastest
+    reduction on CPU; half-precision norms in float32, where they cannot overflow), one sum and one host sync per
+    device. Only weights beyond ~1e19 also count as non-finite (their squares overflow float32; a sum of finite
+    norms, each below ~2e19, stays finite)."""
     groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    flags: Dict[torch.device, List[torch.Tensor]] = {}
+    sums: Dict[torch.device, List[torch.Tensor]] = {}
     with torch.no_grad():
         for (device, dtype), group in groups.items():
             wide = None if dtype in (torch.float32, torch.float64) else torch.float32
-            flags.setdefault(device, []).append(torch.stack(torch._foreach_norm(group, dtype=wide)).isfinite().all())
-    return all(bool(device_flags[0] if len(device_flags) == 1 else torch.stack(device_flags).all())
-               for device_flags in flags.values())
+            norms = torch._foreach_norm(group, dtype=wide)
+            sums.setdefault(device, []).append(torch.stack(norms).sum() if len(norms) > 1 else norms[0])
+        return all(math.isfinite((found[0] if len(found) == 1 else torch.stack([t.double() for t in found]).sum())
+                                 .item()) for found in sums.values())
 
 
 class StopControl:
