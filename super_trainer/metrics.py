@@ -336,13 +336,15 @@ class LossAverager:
             self._blocks = [stacked]  # read finite before it was written
 
     def all_finite_since_check(self) -> bool:
-        """Whether every item added since the last call is finite: one host sync, O(items since then)."""
+        """Whether every item added since the last call is finite: one host sync, O(items since then). A NaN or
+        Inf item makes the items' float64 sum NaN or Inf, and finite loss items cannot overflow it (float32 ones
+        sum to at most ~1e40; float64 ones would need values beyond ~1e306)."""
         if not self._items:
             return True
         block = _rows(self._items)
         self._blocks.append(block)
         self._items = []
-        return bool(torch.isfinite(block).all())
+        return math.isfinite(block.sum(dtype=torch.float64).item())
 
     def add(self, items: torch.Tensor, samples: Optional[int] = None) -> None:
         """Add one batch's detached loss items: a 0-d loss or a ``(K,)`` components tensor; ``samples``: the

@@ -184,6 +184,13 @@ def test_loss_averager_equals_a_plain_mean_whatever_checks_and_restores_come_bet
         assert len(got) == len(expected), case
         for a, b in zip(got, expected):
             assert (math.isnan(a) and math.isnan(b)) or a == b or math.isclose(a, b, rel_tol=1e-12), (case, a, b)
+    huge = LossAverager()  # the largest finite float32 losses: their sum stays finite in float64
+    for _ in range(50):
+        huge.add(torch.tensor(3.4e38))
+    assert huge.all_finite_since_check()
+    huge.add(torch.tensor(-float("inf")))
+    huge.add(torch.tensor(float("inf")))
+    assert not huge.all_finite_since_check()
 
 
 def test_all_finite_answers_as_an_elementwise_check_for_any_mix_of_dtypes_and_bad_values():

@@ -64,9 +64,11 @@ def test_nan_guard_can_be_switched_off(tmp_path):
 
 def test_nan_guard_adds_no_per_step_host_sync(tmp_path, monkeypatch):
     """The guard reads the device once every log_interval steps, never per batch."""
+    from super_trainer.metrics import LossAverager
+
     calls = []
-    real_isfinite = torch.isfinite
-    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(1) or real_isfinite(t))
+    real_read = LossAverager.all_finite_since_check  # the guard's one read (a host sync) of the losses
+    monkeypatch.setattr(LossAverager, "all_finite_since_check", lambda self: calls.append(1) or real_read(self))
     Trainer("sync", tmp_path).train(model=make_model(), training_params=quiet_params(max_epochs=1, log_interval=4),
                                     train_loader=make_loader(128, 8), valid_loader=None)
     assert len(calls) == 16 // 4  # 16 steps, one check per 4 steps
