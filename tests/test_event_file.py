@@ -65,3 +65,21 @@ def test_purge_step_drops_points_of_an_earlier_file(tmp_path):
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
     points = [(e.step, e.value) for e in _read(tmp_path).Scalars("Step/loss")]
     assert points == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_scalars_of_one_step_in_one_event_read_back_as_separate_points(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "each").mkdir()
+    grouped, single = EventFile(tmp_path / "one"), EventFile(tmp_path / "each")
+    points = [("Step/Train/loss", 2.5), ("Step/LR/default", 0.1), ("Step/Train/loss", 2.25)]  # a tag twice
+    for step in (50, 100):
+        grouped.add_scalars(points, step)
+        for tag, value in points:
+            single.add_scalar(tag, value, step)
+    grouped.close()
+    single.close()
+    mine, theirs = _read(tmp_path / "one"), _read(tmp_path / "each")
+    for tag in ("Step/Train/loss", "Step/LR/default"):
+        assert [(e.step, e.value) for e in mine.Scalars(tag)] == [(e.step, e.value) for e in theirs.Scalars(tag)]
+    assert [(e.step, e.value) for e in mine.Scalars("Step/Train/loss")] == [(50, 2.5), (50, 2.25), (100, 2.5),
+                                                                             (100, 2.25)]

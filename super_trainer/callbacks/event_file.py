@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional, Tuple
 
 __all__ = ["EventFile"]
 
@@ -64,8 +64,15 @@ class EventFile:
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         """The ``simple_value`` summary torch's ``summary.scalar`` builds for a number (built here directly: the
         logger only passes Python floats)."""
+        self.add_scalars([(tag, value)], step)
+
+    def add_scalars(self, points: Iterable[Tuple[str, float]], step: int) -> None:
+        """Several ``(tag, value)`` points of one step as one event (one summary holding a value per point, as
+        TensorFlow's summary ops write them): readers see the same points as from one ``add_scalar`` each, for one
+        record's cost."""
         proto = self._summary
-        self.add_summary(proto(value=[proto.Value(tag=tag, simple_value=float(value))]), step)
+        values = [proto.Value(tag=tag, simple_value=float(value)) for tag, value in points]
+        self.add_summary(proto(value=values), step)
 
     def add_text(self, tag: str, text: str, step: int) -> None:
         self.add_summary(self._summaries.text(tag, text), step)

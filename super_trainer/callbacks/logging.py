@@ -9,6 +9,7 @@ and SG's ``add_config``/``add_checkpoint``/``add_file`` (callbacks/sg_logger_api
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -279,8 +280,8 @@ class TensorBoardLogger(BaseLogger):
     def flush(self) -> None:
         super().flush()
         if self.writer is not None:
-            for tag, value, step in self._pending:
-                self.writer.add_scalar(tag, value, step)
+            for step, points in itertools.groupby(self._pending, key=lambda point: point[2]):
+                self.writer.add_scalars([(tag, value) for tag, value, _ in points], step)  # one event per step
             self._pending.clear()
             self.writer.flush()
         self._last_flush = time.monotonic()
