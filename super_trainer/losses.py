@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .metrics import loss_names
-from .modules import compile_kwargs
+from .modules import compile_kwargs, move_to
 from .registry import LOSSES, parse_spec
 from .sg_compat import as_named_spec
 from .steps import ModelOwnLoss, uses_model_loss
@@ -44,7 +44,7 @@ def build_criterion(params: Mapping[str, Any], device: torch.device) -> Callable
         except TypeError as err:
             raise ValueError(f"training_params.criterion_params: {err}") from None
     if isinstance(criterion, nn.Module):
-        criterion = criterion.to(device)
+        criterion = move_to(criterion, device)  # on the CPU: no walk when nothing needs moving
     if params.get("torch_compile_loss"):
         logger.info("torch_compile_loss: compiling the loss with %s", params.get("torch_compile_options") or {})
         criterion = torch.compile(criterion, **compile_kwargs(params))
