@@ -147,9 +147,10 @@ class PhaseContext:
     FIELDS: Tuple[str, ...] = tuple(FIELD_DOCS)
 
     def __init__(self, **kwargs: Any) -> None:
-        self.__dict__[_OWNED] = {}
-        for name in self.FIELDS:
-            setattr(self, name, None)
+        # every field None: the locked ones in the owned dict, the others as plain attributes (set directly: one
+        # dict update instead of a setattr per field)
+        self.__dict__[_OWNED] = dict.fromkeys(LOCKED)
+        self.__dict__.update(_PLAIN_FIELDS)
         self.stop_training = False
         self.skip_step = False
         self.epoch_start_step = 0
@@ -191,3 +192,4 @@ def _declare_locked_fields() -> None:
 
 
 _declare_locked_fields()
+_PLAIN_FIELDS = dict.fromkeys(name for name in PhaseContext.FIELDS if name not in LOCKED)

@@ -226,15 +226,15 @@ class RunLock:
 
     def _lock(self, fd: int) -> Optional[dict]:
         """Lock ``fd`` without waiting; returns the previous owner's record (None when there was none)."""
-        previous = _read_owner(fd)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return _read_owner(fd)
             except BlockingIOError:
-                raise RunLockedError(self._message(_read_owner(fd) or previous)) from None
+                raise RunLockedError(self._message(_read_owner(fd))) from None
             except OSError:  # a file system without flock: fall back to the pid check below
                 pass
+        previous = _read_owner(fd)
         alive = previous and previous.get("host") == socket.gethostname() and _alive(previous.get("pid"))
         if alive and (not _is_us(previous) or self.directory in _HELD):
             raise RunLockedError(self._message(previous))
