@@ -14,8 +14,10 @@ Method (see benchmarks/README.md):
 - Synchronous: time of ``save_checkpoint(state, path)`` (serialize, fsync, rename; building the state dict is
   not timed, in either case): the training thread waits for all of it, as it did before ``CheckpointWriter``.
 - Writer: time of ``writer.save(state, path)`` — the host copy of every tensor plus starting the thread: all the
-  training thread waits for. The first save allocates the host buffers; later saves reuse them (as every
-  checkpoint after a run's first does), so the first is reported on its own and the ratio uses the later ones.
+  training thread waits for. The first save maps fresh host memory; later ones (every checkpoint after a run's
+  first) get memory the allocator already has from the previous copy, which is faster, so the first is reported
+  on its own and the ratio uses the later ones. (On a GPU the pinned buffers are kept from one save to the next;
+  CPU copies are never kept: see ``checkpoint_writer._HostCopier``.)
   The background write is then timed until ``flush()`` returns, while the training
   thread keeps running training steps; their median time is compared with steps run with no write in flight (on a
   machine with few cores the background thread competes with training for the CPU, which this shows).
@@ -138,8 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"medians of {reps} repetitions")
     print()
     print(f"  synchronous save_checkpoint (training waits):        {1e3 * sync:9.1f} ms")
-    print(f"  CheckpointWriter.save, first (allocates host memory): {1e3 * stall_s[0]:9.1f} ms")
-    print(f"  CheckpointWriter.save, later (reuses it):            {1e3 * stall:9.1f} ms   (training waits: host copy)")
+    print(f"  CheckpointWriter.save, first (fresh host memory):    {1e3 * stall_s[0]:9.1f} ms")
+    print(f"  CheckpointWriter.save, later:                        {1e3 * stall:9.1f} ms   (training waits: host copy)")
     print(f"  stall ratio sync / writer (later saves):             {sync / stall:8.1f} x   (target >= 5x; "
           f"first save {sync / stall_s[0]:.1f} x)")
     print(f"  background write until flush() returns:              {1e3 * statistics.median(background_s):9.1f} ms")
