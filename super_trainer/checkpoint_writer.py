@@ -97,8 +97,8 @@ class _HostCopier:
         index = len(self.buffers)
         buffer = self._pool[index] if index < len(self._pool) else None
         fits = buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype
-        if not fits or buffer.is_pinned() != pinned:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+        if not fits or not buffer.is_pinned():
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self.buffers.append(buffer)
         return buffer
 

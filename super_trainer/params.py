@@ -72,9 +72,9 @@ _PLAIN_TYPES = frozenset((bool, int, float, str))
 
 def plain_value(value: Any, other: Callable[[Any], str]) -> Any:
     """``value`` (a training_params entry) as plain data: None, bools, numbers and strings as they are (subclasses,
-    and numpy scalars and 0-d arrays, as their plain type), mappings as dicts with str keys, lists and tuples as lists, enums
-    as their name, and any other object as ``other(value)`` (the params YAML writes its repr, a checkpoint its
-    type's name)."""
+    and numpy scalars and 0-d arrays, as their plain type), mappings as dicts with str keys, lists and tuples as
+    lists, enums as their name, and any other object as ``other(value)`` (the params YAML writes its repr, a
+    checkpoint its type's name)."""
     kind = type(value)
     if value is None or kind in _PLAIN_TYPES:  # first: most entries, and the cheapest check
         return value

@@ -110,17 +110,16 @@ class ProgressBar(Callback):
             self._open(count_batches(context.train_loader, limit), f"Train epoch {context.epoch}")
 
     def on_train_batch_end(self, context: PhaseContext) -> None:
-        self._pending += 1
-        bar = self._bar
-        if self._pending < self._every or bar is None:
-            return
-        # the loss is read (a device sync) only for a redraw, and at most once per log_interval steps
+        if self._pending + 1 >= self._every and self._bar is not None:  # this tick updates the bar
+            self._show_loss(context)
+        self._tick(context)
+
+    def _show_loss(self, context: PhaseContext) -> None:
+        """Before an update that redraws: the loss on the bar, read (a device sync) at most once per log_interval."""
         interval = context.global_step // self.log_interval
-        if interval != self._shown_interval and _redraws_now(bar):
+        if interval != self._shown_interval and _redraws_now(self._bar):
             self._shown_interval = interval
-            bar.set_postfix(loss=f"{context.loss.item():.4g}", refresh=False)
-        bar.update(self._pending)
-        self._pending = 0
+            self._bar.set_postfix(loss=f"{context.loss.item():.4g}", refresh=False)
 
     def on_train_loader_end(self, context: PhaseContext) -> None:
         self._close(context.metrics_dict)

@@ -178,8 +178,9 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
             wide = None if dtype in (torch.float32, torch.float64) else torch.float32
             norms = torch._foreach_norm(group, dtype=wide)
             sums.setdefault(device, []).append(torch.stack(norms).sum() if len(norms) > 1 else norms[0])
-        return all(math.isfinite((found[0] if len(found) == 1 else torch.stack([t.double() for t in found]).sum())
-                                 .item()) for found in sums.values())
+        totals = [found[0] if len(found) == 1 else torch.stack([t.double() for t in found]).sum()
+                  for found in sums.values()]  # one per device: several dtypes summed in float64
+    return all(math.isfinite(total.item()) for total in totals)
 
 
 class StopControl:
